@@ -1,0 +1,77 @@
+"""The one place a kernel backend is chosen for a tensor: "torch", "cpu" (csrc/) or "triton".
+
+Each kernel backend module exposes forward / backward / fused with the contract in reference.py.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import warnings
+
+import torch
+
+BACKENDS = ("auto", "torch", "cpu", "triton")
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_warned_fallback = set()
+
+
+def _module(name):
+    if name == "cpu":
+        return importlib.import_module("frpo_kernels.cpu")
+    return importlib.import_module("frpo_kernels.triton.ops")
+
+
+def _triton_interpreted():
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def resolve(backend: str, logits: torch.Tensor) -> str:
+    """Name of the backend that will run for these logits; raises ValueError if unusable."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "torch":
+        return "torch"
+    if backend == "auto":
+        if logits.dtype not in KERNEL_DTYPES:
+            return "torch"
+        wanted = "triton" if logits.device.type == "cuda" else "cpu" if logits.device.type == "cpu" else None
+        if wanted is None:
+            return "torch"
+        ok, why = _availability(wanted, logits)
+        if not ok:
+            if wanted not in _warned_fallback:
+                _warned_fallback.add(wanted)
+                warnings.warn(f"frpo_kernels: {wanted} kernels unavailable ({why}); using the slower "
+                              "torch reference", RuntimeWarning, stacklevel=3)
+            return "torch"
+        return wanted
+    if logits.dtype not in KERNEL_DTYPES:
+        raise TypeError(f"backend={backend!r} takes logits of dtype float32, bfloat16 or float16, "
+                        f"got {logits.dtype}; use backend='torch' for {logits.dtype}")
+    ok, why = _availability(backend, logits)
+    if not ok:
+        raise ValueError(f"backend={backend!r} is not available: {why}")
+    return backend
+
+
+def _availability(name, logits):
+    if name == "cpu":
+        if logits.device.type != "cpu":
+            return False, f"the cpu backend takes CPU tensors, logits are on {logits.device}"
+    elif name == "triton":
+        if logits.device.type != "cuda" and not (_triton_interpreted() and logits.device.type == "cpu"):
+            return False, ("the triton backend needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1 "
+                           f"set before Python starts); logits are on {logits.device}")
+    try:
+        module = _module(name)
+    except ImportError as exc:
+        return False, f"cannot import it ({exc})"
+    return module.availability()
+
+
+def kernels(name: str):
+    """The kernel module (forward/backward/fused) of a resolved backend name."""
+    if name == "torch":
+        from frpo_kernels import reference
+        return reference
+    return _module(name)

@@ -1,0 +1,110 @@
+"""Argument checks for the public API: every bad input becomes a ValueError/TypeError that names
+the argument, before any kernel touches memory."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from frpo_kernels.objective import IS_LEVELS, LOSS_TYPES
+
+
+def check_logits_and_ids(logits, ids, ids_name="completion_ids"):
+    if not isinstance(logits, torch.Tensor) or not logits.is_floating_point():
+        raise TypeError(f"logits must be a floating-point tensor, got {_describe(logits)}")
+    if logits.dim() != 3:
+        raise ValueError(f"logits must have shape [B, T, V], got {tuple(logits.shape)}")
+    for name, size in zip("BTV", logits.shape):
+        if size == 0:
+            raise ValueError(f"logits has {name} = 0 (shape {tuple(logits.shape)}); nothing to compute")
+    if not isinstance(ids, torch.Tensor) or ids.dtype.is_floating_point or ids.dtype == torch.bool \
+            or ids.is_complex():
+        raise TypeError(f"{ids_name} must be an integer tensor, got {_describe(ids)}")
+    if tuple(ids.shape) != tuple(logits.shape[:2]):
+        raise ValueError(f"{ids_name} must have shape {tuple(logits.shape[:2])} (logits' [B, T]), "
+                         f"got {tuple(ids.shape)}")
+    if ids.device != logits.device:
+        raise ValueError(f"{ids_name} is on {ids.device} but logits are on {logits.device}")
+    vocab = logits.shape[-1]
+    if bool(((ids < 0) | (ids >= vocab)).any()):
+        raise ValueError(f"{ids_name} has entries outside [0, {vocab}) (V = logits.shape[-1]): "
+                         f"min {int(ids.min())}, max {int(ids.max())}")
+
+
+def check_temperature(temperature):
+    if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature <= 0:
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+
+
+def check_token_tensor(name, value, shape, device, allow_none=True):
+    if value is None:
+        if allow_none:
+            return
+        raise ValueError(f"{name} is required")
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor of shape {shape}, got {_describe(value)}")
+    if tuple(value.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(value.shape)}")
+    if value.device != device:
+        raise ValueError(f"{name} is on {value.device} but logits are on {device}")
+
+
+def check_finite_per_sequence(name, value, batch, device):
+    check_token_tensor(name, value, (batch,), device, allow_none=False)
+    if not value.is_floating_point() and value.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{name} must be a float tensor, got {value.dtype}")
+    if not bool(torch.isfinite(value).all()):
+        raise ValueError(f"{name} contains NaN or inf")
+
+
+def check_groups(batch, group_size, group_ids, device, jackknife, needs_pairs_reason=None):
+    if (group_size is None) == (group_ids is None):
+        raise ValueError("pass exactly one of group_size (contiguous groups) and group_ids ([B] ids)")
+    if group_size is not None:
+        if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+            raise ValueError(f"group_size must be a positive int, got {group_size!r}")
+        if batch % group_size:
+            raise ValueError(f"group_size={group_size} does not divide the batch size B={batch}")
+        if jackknife and group_size == 1:
+            raise ValueError("group_size=1 with jackknife=True: the leave-one-out mean needs >= 2 "
+                             "members per group (use jackknife=False or larger groups)")
+        return
+    check_token_tensor("group_ids", group_ids, (batch,), device, allow_none=False)
+    if group_ids.dtype.is_floating_point or group_ids.dtype == torch.bool:
+        raise TypeError(f"group_ids must be an integer tensor, got {group_ids.dtype}")
+    if jackknife:
+        _, counts = torch.unique(group_ids, return_counts=True)
+        if bool((counts < 2).any()):
+            raise ValueError("group_ids has a group of size 1 with jackknife=True: the leave-one-out "
+                             "mean needs >= 2 members per group (use jackknife=False)")
+
+
+def check_options(loss_type, lam, beta, epsilon_low, epsilon_high, delta, importance_sampling_level,
+                  max_completion_length):
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    if importance_sampling_level not in IS_LEVELS:
+        raise ValueError(f"importance_sampling_level must be one of {IS_LEVELS}, "
+                         f"got {importance_sampling_level!r}")
+    _check_number("lam", lam, lambda x: x > 0, "> 0")
+    _check_number("beta", beta, lambda x: True, "finite")
+    _check_number("epsilon_low", epsilon_low, lambda x: x >= 0, ">= 0")
+    _check_number("epsilon_high", epsilon_high, lambda x: x >= 0, ">= 0")
+    if delta is not None:
+        _check_number("delta", delta, lambda x: x > 1, "> 1")
+    if max_completion_length is not None and (
+            isinstance(max_completion_length, bool) or not isinstance(max_completion_length, int)
+            or max_completion_length < 1):
+        raise ValueError(f"max_completion_length must be a positive int, got {max_completion_length!r}")
+
+
+def _check_number(name, value, ok, what):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or not ok(value):
+        raise ValueError(f"{name} must be a finite number {what}, got {value!r}")
+
+
+def _describe(value):
+    if isinstance(value, torch.Tensor):
+        return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
+    return type(value).__name__

@@ -1,0 +1,1 @@
+"""autograd.Functions over the kernel backends (one file per op)."""

@@ -1,0 +1,75 @@
+"""Per-token log-probabilities through a kernel backend, as autograd.Functions.
+
+Two paths: `token_logprobs` (forward kernel now, backward kernel in backward: two passes) and
+`fused_loss` (forward and gradient in one pass, when dloss/dlogp is known once a row is read).
+"""
+from __future__ import annotations
+
+import torch
+
+from frpo_kernels import reference
+from frpo_kernels.backends import kernels
+
+
+class TokenLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, ids, mask, temperature, with_entropy, backend):
+        logp, lse, entropy = kernels(backend).forward(logits, ids, mask, temperature, with_entropy)
+        ctx.save_for_backward(logits, ids, mask, lse, entropy)
+        ctx.temperature, ctx.backend = temperature, backend
+        ctx.mark_non_differentiable(lse)
+        if entropy is None:
+            entropy = lse.new_zeros(())
+        return logp, lse, entropy
+
+    @staticmethod
+    def backward(ctx, dlogp, _dlse, dentropy):
+        logits, ids, mask, lse, entropy = ctx.saved_tensors
+        if dlogp is None:
+            dlogp = torch.zeros_like(lse)
+        if entropy is None or dentropy is None or not bool(dentropy.any()):
+            entropy = dentropy = None
+        grad = kernels(ctx.backend).backward(
+            logits, ids, mask, lse, dlogp.float().contiguous(), entropy,
+            None if dentropy is None else dentropy.float().contiguous(), ctx.temperature, False)
+        return grad, None, None, None, None, None
+
+
+def token_logprobs(logits, ids, mask, temperature, with_entropy, backend):
+    """(logp, entropy or None) [B, T]; differentiable w.r.t. logits on every backend."""
+    if backend == "torch":
+        logp, _, entropy = reference.forward(logits, ids, mask, temperature, with_entropy)
+        return logp, entropy
+    logp, _, entropy = TokenLogprobs.apply(logits, ids, mask, temperature, with_entropy, backend)
+    return logp, (entropy if with_entropy else None)
+
+
+class _PrecomputedGradient(torch.autograd.Function):
+    """Returns `value`; its gradient w.r.t. logits is `grad_logits` scaled by the upstream grad."""
+
+    @staticmethod
+    def forward(ctx, logits, value, grad_logits):
+        ctx.save_for_backward(grad_logits)
+        return value.detach().clone()
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (grad_logits,) = ctx.saved_tensors
+        if grad_out.numel() == 1 and bool(grad_out == 1):
+            return grad_logits, None, None
+        return grad_logits * grad_out.to(grad_logits.dtype), None, None
+
+
+def fused_loss(logits, ids, mask, temperature, coef, kl_coef, ref_logps, with_entropy, backend,
+               value_from_logp, inplace=False):
+    """Loss whose token gradient is coef + kl_coef * (1 - exp(ref - logp)), in one pass over V.
+
+    value_from_logp(logp) -> scalar loss value (no gradient needed); returns (loss, logp, entropy).
+    """
+    logp, _, entropy, grad_logits = kernels(backend).fused(
+        logits.detach(), ids, mask, temperature, coef.float().contiguous(),
+        None if kl_coef is None else kl_coef.float().contiguous(),
+        None if ref_logps is None else ref_logps.float().contiguous(), with_entropy, inplace)
+    value = value_from_logp(logp)
+    loss = _PrecomputedGradient.apply(logits, value, grad_logits)
+    return loss, logp, entropy

