@@ -86,7 +86,8 @@ def loss(logits, completion_ids, completion_mask=None, *, advantages=None, rewar
             result = result + (kl_coef * k3_kl(logp, ref)).sum()
     if not return_metrics:
         return result
-    return result, _metrics(logp.detach(), entropy, mask, ref, details, groups, cfg)
+    return result, _metrics(logp.detach(), None if entropy is None else entropy.detach(), mask, ref,
+                            details, groups, cfg)
 
 
 def _metrics(logp, entropy, mask, ref, details, groups, cfg):
