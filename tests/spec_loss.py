@@ -1,0 +1,120 @@
+"""An independent float64 spec of the published formulas, written as plain loops.
+
+It shares no code with frpo_kernels: a second reading of the issue's formulas, slow but obvious.
+"""
+import math
+
+import torch
+
+
+def spec_token_logp(logits, ids, temperature):
+    batch, length, _ = logits.shape
+    out = torch.zeros(batch, length, dtype=torch.float64)
+    rows = []
+    for b in range(batch):
+        row = []
+        for t in range(length):
+            z = logits[b, t].double() / temperature
+            row.append(z[ids[b, t]] - torch.logsumexp(z, dim=0))
+        rows.append(torch.stack(row))
+    return torch.stack(rows) if rows else out
+
+
+def spec_group_members(batch, group_size, group_ids):
+    if group_ids is None:
+        return [list(range(g, g + group_size)) for g in range(0, batch, group_size)]
+    members = {}
+    for i, g in enumerate(group_ids.tolist()):
+        members.setdefault(g, []).append(i)
+    return [members[g] for g in sorted(members)]
+
+
+def spec_advantages(rewards, groups, scale):
+    adv = [None] * len(rewards)
+    for members in groups:
+        vals = [rewards[i] for i in members]
+        mean = sum(vals) / len(vals)
+        std = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) if scale else None
+        for i in members:
+            adv[i] = (rewards[i] - mean) / (std + 1e-4) if scale else rewards[i] - mean
+    return adv
+
+
+def spec_loss(logits, ids, mask, *, advantages=None, rewards=None, group_size=None, group_ids=None,
+              old_logps=None, ref_logps=None, loss_type="frpo", lam=1.0, beta=0.0, epsilon_low=0.2,
+              epsilon_high=0.2, delta=None, jackknife=True, baseline=True,
+              importance_sampling_level="token", scale_rewards=False, temperature=1.0,
+              max_completion_length=None):
+    batch, length, _ = logits.shape
+    groups = spec_group_members(batch, group_size, group_ids)
+    if advantages is None:
+        adv = spec_advantages([float(r) for r in rewards.double()], groups, scale_rewards)
+    else:
+        adv = [float(a) for a in advantages.double()]
+    logp = spec_token_logp(logits, ids, temperature)
+    old = logp.detach() if old_logps is None else old_logps.double()
+    m = mask.double()
+
+    def ratios(i):
+        if importance_sampling_level == "token":
+            rs = [torch.exp(logp[i, t] - old[i, t]) for t in range(length)]
+        else:
+            n = max(float(m[i].sum()), 1.0)
+            r = torch.exp(sum(m[i, t] * (logp[i, t] - old[i, t]) for t in range(length)) / n)
+            rs = [r] * length
+        out = []
+        for r in rs:
+            c2 = torch.clamp(r, 1 - epsilon_low, 1 + epsilon_high)
+            c1 = r if delta is None else torch.clamp(r, max=delta)
+            out.append((c1, c2))
+        return out
+
+    def kl(i, t):
+        d = ref_logps[i, t].double() - logp[i, t]
+        return torch.exp(d) - d - 1
+
+    T = [max(float(m[i].sum()), 1.0) for i in range(batch)]
+    if loss_type != "frpo":
+        per_tok = []
+        for i in range(batch):
+            rc = ratios(i)
+            row = []
+            for t in range(length):
+                c1, c2 = rc[t]
+                val = -torch.minimum(c1 * adv[i], c2 * adv[i])
+                if beta != 0:
+                    val = val + beta * kl(i, t)
+                row.append(m[i, t] * val)
+            per_tok.append(row)
+        if loss_type == "grpo":
+            return sum(sum(per_tok[i]) / T[i] for i in range(batch)) / batch
+        if loss_type in ("bnpo", "dapo"):
+            return sum(sum(r) for r in per_tok) / max(float(m.sum()), 1.0)
+        lmax = max_completion_length or length
+        return sum(sum(r) for r in per_tok) / (batch * lmax)
+
+    s, o = [], []
+    for i in range(batch):
+        w = math.exp(-adv[i] / lam)
+        rc = ratios(i)
+        s.append(sum(m[i, t] * torch.minimum(rc[t][0] * w, rc[t][1] * w) for t in range(length)) / T[i])
+        o.append(sum(m[i, t] * torch.minimum(rc[t][0], rc[t][1]) for t in range(length)) / T[i])
+    terms = []
+    for members in groups:
+        n = len(members)
+        u = sum(s[i] for i in members) / n
+        log_u = torch.log(torch.clamp(u, min=1e-12))
+        if not jackknife:
+            terms.append(log_u)
+            continue
+        total = sum(s[i] for i in members)
+        loo = [torch.log(torch.clamp((total - s[i]) / (n - 1), min=1e-12)) for i in members]
+        terms.append(n * log_u - (n - 1) * sum(loo) / n)
+    robust = sum(terms) / len(groups)
+    if baseline:
+        robust = robust - sum(sum(o[i] for i in g) / len(g) for g in groups) / len(groups)
+    result = max(lam, 1.0) * robust
+    if beta != 0:
+        result = result + beta * sum(
+            sum(m[i, t] * kl(i, t) for t in range(length)) / T[i] for i in range(batch)) / batch
+    return result
