@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from frpo_kernels import checks
+from frpo_kernels.distributed import BatchSpan
 from frpo_kernels.backends import resolve
 from frpo_kernels.groups import advantages_from_rewards, make_groups
 from frpo_kernels.objective import LossConfig, k3_kl, kl_weights, policy_loss
@@ -18,12 +19,22 @@ def loss(logits, completion_ids, completion_mask=None, *, advantages=None, rewar
          group_size=None, group_ids=None, old_logps=None, ref_logps=None, loss_type="frpo",
          lam=1.0, beta=0.0, epsilon_low=0.2, epsilon_high=0.2, delta=None, jackknife=True,
          baseline=True, importance_sampling_level="token", scale_rewards=False, temperature=1.0,
-         max_completion_length=None, backend="auto", return_metrics=False):
+         max_completion_length=None, backend="auto", return_metrics=False, process_group=None):
     """FRPO (arXiv 2602.08813) or a GRPO-family loss from completion logits.
 
     logits [B, T, V] predict completion_ids [B, T]; completion_mask [B, T] (None: all tokens).
     Exactly one of advantages/rewards [B] and one of group_size/group_ids. Returns the scalar loss,
     or (loss, metrics) with return_metrics=True. Formulas: see README.md, "The loss".
+
+    process_group (torch.distributed): groups may span the ranks of this group. Each rank passes its
+    own rows; the global batch is the rank-major concatenation of all ranks' rows (batch sizes and T
+    may differ per rank; token tensors are right-padded with mask 0 to the largest T). group_ids are
+    global ids; group_size means contiguous groups over the global batch. The returned value is, on
+    every rank, the single-process loss of the global batch; its gradient is world_size times the
+    single-process gradient w.r.t. this rank's logits, so DDP's gradient average over ranks equals
+    the single-process gradient. Only O(B*T) tensors are gathered; the fused kernel path stays on
+    (its token gradient carries the world_size factor). Every rank must call loss() with the same
+    options (loss_type, beta, advantages vs rewards, old_logps given or not, return_metrics).
     """
     checks.check_logits_and_ids(logits, completion_ids)
     batch, length, _ = logits.shape
@@ -36,7 +47,9 @@ def loss(logits, completion_ids, completion_mask=None, *, advantages=None, rewar
         raise ValueError("pass exactly one of advantages and rewards (each of shape [B])")
     checks.check_finite_per_sequence("advantages" if rewards is None else "rewards",
                                      rewards if advantages is None else advantages, batch, device)
-    checks.check_groups(batch, group_size, group_ids, device, jackknife and loss_type == "frpo")
+    span = None if process_group is None else BatchSpan.create(process_group, batch, length, device)
+    if span is None:
+        checks.check_groups(batch, group_size, group_ids, device, jackknife and loss_type == "frpo")
     checks.check_token_tensor("old_logps", old_logps, (batch, length), device)
     checks.check_token_tensor("ref_logps", ref_logps, (batch, length), device)
     if beta != 0 and ref_logps is None:
@@ -50,6 +63,14 @@ def loss(logits, completion_ids, completion_mask=None, *, advantages=None, rewar
     mask = torch.ones(batch, length, dtype=dtype, device=device) if completion_mask is None \
         else completion_mask.to(dtype)
     row_mask = mask != 0
+    if span is not None:  # from here on, the O(B*T) tensors describe the global batch
+        group_ids, group_size = span.group_ids(batch, group_size, group_ids,
+                                               jackknife and loss_type == "frpo"), None
+        mask, batch, length = span.gather(mask), span.total, span.length
+        rewards = None if rewards is None else span.gather(rewards.to(dtype))
+        advantages = None if advantages is None else span.gather(advantages.to(dtype))
+        ref_logps = None if ref_logps is None else span.gather(ref_logps.to(dtype))
+        old_logps = None if old_logps is None else span.gather(old_logps.to(dtype))
     groups = make_groups(batch, group_size, group_ids, device)
     if advantages is None:
         if scale_rewards and bool((groups.counts < 2).any()):
@@ -68,24 +89,42 @@ def loss(logits, completion_ids, completion_mask=None, *, advantages=None, rewar
             probe = torch.zeros(batch, length, dtype=dtype, device=device, requires_grad=True)
             policy_value, details = policy_loss(probe, probe.detach(), mask, advantages, groups, cfg)
             (coef,) = torch.autograd.grad(policy_value, probe)
+        local_kl_coef, local_ref, kernel_kl_coef = kl_coef, ref, kl_coef
+        if span is not None:  # this rank's rows; the gradient carries the world_size factor
+            coef = span.local(coef) * span.world
+            local_ref = None if ref is None else span.local(ref)
+            local_kl_coef = None if kl_coef is None else span.local(kl_coef)
+            kernel_kl_coef = None if kl_coef is None else local_kl_coef * span.world
 
         def value_from_logp(logp):
             value = policy_value.detach()
-            return value if kl_coef is None else value + (kl_coef * k3_kl(logp.to(dtype), ref)).sum()
+            if kl_coef is None:
+                return value
+            kl = (local_kl_coef * k3_kl(logp.to(dtype), local_ref)).sum()
+            return value + (kl if span is None else span.all_sum(kl))
 
         result, logp, entropy = fused_loss(logits, completion_ids, row_mask, float(temperature), coef,
-                                           kl_coef, ref, return_metrics, name, value_from_logp)
+                                           kernel_kl_coef, local_ref, return_metrics, name,
+                                           value_from_logp)
         logp = logp.to(dtype)
+        if span is not None and return_metrics:
+            logp = span.gather(logp.detach())
     else:
         logp, entropy = _token_logprobs(logits, completion_ids, row_mask, float(temperature),
                                         return_metrics, name)
         logp = logp.to(dtype)
+        if span is not None:
+            logp = span.gather(logp)  # this rank's rows keep their gradient
         old = logp.detach() if old_logps is None else old_logps.to(dtype)
         result, details = policy_loss(logp, old, mask, advantages, groups, cfg)
         if kl_coef is not None:
             result = result + (kl_coef * k3_kl(logp, ref)).sum()
+        if span is not None:
+            result = span.scale_gradient(result)
     if not return_metrics:
         return result
+    if span is not None and entropy is not None:
+        entropy = span.gather(entropy.detach())
     return result, _metrics(logp.detach(), None if entropy is None else entropy.detach(), mask, ref,
                             details, groups, cfg)
 
