@@ -1,0 +1,55 @@
+"""Launch configurations of the Triton kernels: a short explicit list, chosen by V and dtype.
+
+The list is what the AOT compile test (tests/test_triton_compile.py) and the report compile, so
+every configuration a user can hit is checked for compile errors and register spills.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    name: str
+    rows: int        # rows per program (power of two); > 1 only where V is small
+    block_v: int     # tile width over V (power of two)
+    num_warps: int
+    num_stages: int = 1  # a streaming reduction: latency is hidden by occupancy, not smem stages
+
+    def meta(self):
+        return {"ROWS": self.rows, "BLOCK_V": self.block_v}
+
+    def launch(self):
+        return {"num_warps": self.num_warps, "num_stages": self.num_stages}
+
+
+CONFIGS = (
+    # Every config gives each thread 16 elements of a tile: at 32 per thread the fused kernel's
+    # 2-D tiles (ROWS > 1) spill on sm_90 (STACK:8 at 128 registers).
+    KernelConfig("rows16_v256", rows=16, block_v=256, num_warps=8),
+    KernelConfig("rows4_v1024", rows=4, block_v=1024, num_warps=8),
+    KernelConfig("row_v2048", rows=1, block_v=2048, num_warps=4),
+    KernelConfig("row_v4096", rows=1, block_v=4096, num_warps=8),
+    KernelConfig("row_v8192", rows=1, block_v=8192, num_warps=16),
+)
+_BY_NAME = {c.name: c for c in CONFIGS}
+
+
+def select_config(V: int, dtype: torch.dtype) -> KernelConfig:
+    """The configuration for rows of V logits of this dtype.
+
+    Small V: several rows per program so a program still moves >= 4k elements per tile. Large V:
+    one row per program, 16 KiB tiles for fp32 and bf16/fp16 alike (fewer loop trips for 2-byte
+    types); registers and spills: python -m frpo_kernels.triton.report.
+    """
+    if V <= 256:
+        return _BY_NAME["rows16_v256"]
+    if V <= 1024:
+        return _BY_NAME["rows4_v1024"]
+    if V <= 8192:
+        return _BY_NAME["row_v2048"]
+    if dtype == torch.float32:
+        return _BY_NAME["row_v4096"]
+    return _BY_NAME["row_v8192"]

@@ -1,0 +1,146 @@
+"""Triton kernels for per-token log-probs over [B, T, V] logits: forward, backward and fused.
+
+Each program owns ROWS rows (ROWS > 1 only where V is small) and walks V in BLOCK_V tiles with an
+online max / sum-exp in fp32; the contract they implement is frpo_kernels/reference.py.
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _rows(N, T, stride_b, stride_t, mask_ptr, HAS_MASK: tl.constexpr, ROWS: tl.constexpr):
+    """This program's row indices, which of them are live (in range, not masked), and the element
+    offset of each row. The row index is int64 before it meets a stride: B*T*V may exceed 2**31."""
+    row = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    live = row < N
+    if HAS_MASK:
+        live = live & (tl.load(mask_ptr + row, mask=live, other=0) != 0)
+    offset = (row // T) * stride_b + (row % T) * stride_t
+    return row, live, offset
+
+
+@triton.jit
+def _log_sum_exp(logits_ptr, offset, live, V, inv_temperature,
+                 WITH_ENTROPY: tl.constexpr, ROWS: tl.constexpr, BLOCK_V: tl.constexpr):
+    """(lse, entropy) of softmax(logits * inv_temperature) per row, one read of each row.
+
+    Online: running max m, s = sum exp(z - m), a = sum exp(z - m) * (z - m); entropy = log s - a / s
+    (taken relative to the max so that a large lse does not cancel a small entropy).
+    """
+    m = tl.full([ROWS], float("-inf"), tl.float32)
+    s = tl.zeros([ROWS], tl.float32)
+    a = tl.zeros([ROWS], tl.float32)
+    # Programs whose rows are all masked read nothing.
+    v_end = tl.where(tl.max(live.to(tl.int32), axis=0) > 0, V, 0)
+    for v0 in range(0, v_end, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        ok = live[:, None] & (cols < V)[None, :]
+        z = tl.load(logits_ptr + offset[:, None] + cols[None, :], mask=ok, other=float("-inf"))
+        z = z.to(tl.float32) * inv_temperature
+        m_new = tl.maximum(m, tl.max(z, axis=1))
+        # While a row has seen only -inf, shift by 0 instead: exp(-inf - -inf) would be NaN.
+        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        rescale = tl.exp(m - shift)
+        e = tl.exp(z - shift[:, None])
+        s_tile = tl.sum(e, axis=1)
+        if WITH_ENTROPY:
+            # 0 * -inf is NaN: -inf logits contribute nothing to the entropy.
+            a_tile = tl.sum(tl.where(e > 0, e * (z - shift[:, None]), 0.0), axis=1)
+            step = tl.where(s > 0, m - shift, 0.0)
+            a = rescale * (a + s * step) + a_tile
+        s = s * rescale + s_tile
+        m = shift
+    lse = m + tl.log(s)
+    entropy = tl.log(s) - a / s
+    return lse, entropy
+
+
+@triton.jit
+def _gradient_sweep(logits_ptr, offset, grad_ptr, grad_offset, in_range, live, target, lse, dlogp,
+                    entropy, dentropy, V, inv_temperature, WITH_ENTROPY_GRAD: tl.constexpr,
+                    ROWS: tl.constexpr, BLOCK_V: tl.constexpr):
+    """grad = (dlogp * (onehot - p) - dentropy * p * (log p + H)) / T over each row in range; rows
+    that are not live (masked) get 0 and are not read.
+
+    Every tile is loaded before it is stored, so grad_ptr may alias logits_ptr (in-place)."""
+    for v0 in range(0, V, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        in_row = (cols < V)[None, :]
+        z = tl.load(logits_ptr + offset[:, None] + cols[None, :], mask=live[:, None] & in_row,
+                    other=float("-inf"))
+        log_p = z.to(tl.float32) * inv_temperature - lse[:, None]
+        p = tl.exp(log_p)
+        g = tl.where(cols[None, :] == target[:, None], dlogp[:, None], 0.0) - dlogp[:, None] * p
+        if WITH_ENTROPY_GRAD:
+            g -= dentropy[:, None] * p * (tl.where(p > 0, log_p, 0.0) + entropy[:, None])
+        g = tl.where(live[:, None], g * inv_temperature, 0.0)
+        tl.store(grad_ptr + grad_offset[:, None] + cols[None, :], g.to(grad_ptr.dtype.element_ty),
+                 mask=in_range[:, None] & in_row)
+
+
+@triton.jit
+def forward_kernel(logits_ptr, stride_b, stride_t, ids_ptr, mask_ptr, logp_ptr, lse_ptr,
+                   entropy_ptr, N, T, V, inv_temperature, HAS_MASK: tl.constexpr,
+                   WITH_ENTROPY: tl.constexpr, ROWS: tl.constexpr, BLOCK_V: tl.constexpr):
+    """(logp, lse[, entropy]) per row; masked rows get 0."""
+    row, live, offset = _rows(N, T, stride_b, stride_t, mask_ptr, HAS_MASK, ROWS)
+    lse, entropy = _log_sum_exp(logits_ptr, offset, live, V, inv_temperature, WITH_ENTROPY, ROWS,
+                                BLOCK_V)
+    target = tl.load(ids_ptr + row, mask=live, other=0)
+    z_target = tl.load(logits_ptr + offset + target, mask=live, other=0.0).to(tl.float32)
+    in_range = row < N
+    tl.store(logp_ptr + row, tl.where(live, z_target * inv_temperature - lse, 0.0), mask=in_range)
+    tl.store(lse_ptr + row, tl.where(live, lse, 0.0), mask=in_range)
+    if WITH_ENTROPY:
+        tl.store(entropy_ptr + row, tl.where(live, entropy, 0.0), mask=in_range)
+
+
+@triton.jit
+def backward_kernel(logits_ptr, stride_b, stride_t, ids_ptr, mask_ptr, lse_ptr, dlogp_ptr,
+                    entropy_ptr, dentropy_ptr, grad_ptr, grad_stride_b, grad_stride_t, N, T, V,
+                    inv_temperature, HAS_MASK: tl.constexpr, WITH_ENTROPY_GRAD: tl.constexpr,
+                    ROWS: tl.constexpr, BLOCK_V: tl.constexpr):
+    """grad_logits from the saved lse (and entropy) and the upstream dlogp (and dentropy)."""
+    row, live, offset = _rows(N, T, stride_b, stride_t, mask_ptr, HAS_MASK, ROWS)
+    grad_offset = (row // T) * grad_stride_b + (row % T) * grad_stride_t
+    target = tl.load(ids_ptr + row, mask=live, other=0)
+    lse = tl.load(lse_ptr + row, mask=live, other=0.0)
+    dlogp = tl.load(dlogp_ptr + row, mask=live, other=0.0)
+    entropy = lse
+    dentropy = lse
+    if WITH_ENTROPY_GRAD:
+        entropy = tl.load(entropy_ptr + row, mask=live, other=0.0)
+        dentropy = tl.load(dentropy_ptr + row, mask=live, other=0.0)
+    _gradient_sweep(logits_ptr, offset, grad_ptr, grad_offset, row < N, live, target, lse, dlogp,
+                    entropy, dentropy, V, inv_temperature, WITH_ENTROPY_GRAD, ROWS, BLOCK_V)
+
+
+@triton.jit
+def fused_kernel(logits_ptr, stride_b, stride_t, ids_ptr, mask_ptr, coef_ptr, kl_coef_ptr, ref_ptr,
+                 logp_ptr, lse_ptr, entropy_ptr, grad_ptr, grad_stride_b, grad_stride_t, N, T, V,
+                 inv_temperature, HAS_MASK: tl.constexpr, HAS_KL: tl.constexpr,
+                 WITH_ENTROPY: tl.constexpr, ROWS: tl.constexpr, BLOCK_V: tl.constexpr):
+    """Forward, then dlogp = coef + kl_coef * (1 - exp(ref - logp)), then the gradient sweep.
+
+    The sweep re-reads the rows this program has just read: on a GPU they are still in L2, so
+    DRAM sees one read and one write of each row."""
+    row, live, offset = _rows(N, T, stride_b, stride_t, mask_ptr, HAS_MASK, ROWS)
+    lse, entropy = _log_sum_exp(logits_ptr, offset, live, V, inv_temperature, WITH_ENTROPY, ROWS,
+                                BLOCK_V)
+    target = tl.load(ids_ptr + row, mask=live, other=0)
+    # Read the target logit before the sweep: with grad_ptr == logits_ptr the sweep overwrites it.
+    z_target = tl.load(logits_ptr + offset + target, mask=live, other=0.0).to(tl.float32)
+    logp = tl.where(live, z_target * inv_temperature - lse, 0.0)
+    dlogp = tl.load(coef_ptr + row, mask=live, other=0.0)
+    if HAS_KL:
+        kl_coef = tl.load(kl_coef_ptr + row, mask=live, other=0.0)
+        ref = tl.load(ref_ptr + row, mask=live, other=0.0)
+        dlogp += tl.where(live, kl_coef * (1.0 - tl.exp(ref - logp)), 0.0)
+    in_range = row < N
+    tl.store(logp_ptr + row, logp, mask=in_range)
+    tl.store(lse_ptr + row, tl.where(live, lse, 0.0), mask=in_range)
+    if WITH_ENTROPY:
+        tl.store(entropy_ptr + row, tl.where(live, entropy, 0.0), mask=in_range)
+    grad_offset = (row // T) * grad_stride_b + (row % T) * grad_stride_t
+    _gradient_sweep(logits_ptr, offset, grad_ptr, grad_offset, in_range, live, target, lse, dlogp, lse,
+                    lse, V, inv_temperature, False, ROWS, BLOCK_V)
