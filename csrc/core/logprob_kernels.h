@@ -1,0 +1,71 @@
+// Torch-free per-token log-prob kernels: log-softmax at the target id, log-sum-exp, entropy and the
+// logits gradient, one row of V logits at a time, on raw pointers (see frpo_kernels/reference.py).
+#pragma once
+
+#include <cstdint>
+
+namespace frpo {
+
+enum class DType : int { F32 = 0, BF16 = 1, F16 = 2 };
+
+// Logits [batch, length, vocab]: element (b, t, v) at data + b*stride_b + t*stride_t + v (elements).
+struct LogitsView {
+  const void* data = nullptr;
+  DType dtype = DType::F32;
+  int64_t batch = 0, length = 0, vocab = 0;
+  int64_t stride_b = 0, stride_t = 0;
+};
+
+// Gradient [batch, length, vocab] of the logits' dtype; may be the logits' own storage (in place).
+// streaming: write with non-temporal stores (for outputs far larger than the caches).
+struct GradView {
+  void* data = nullptr;
+  int64_t stride_b = 0, stride_t = 0;
+  bool streaming = false;
+};
+
+// Per-token inputs shared by every kernel; all [batch * length] arrays are contiguous, row r = b*length + t.
+// Preconditions (checked by the caller): 0 <= ids[r] < vocab for every unmasked row, inv_temperature > 0.
+struct TokenInputs {
+  const int64_t* ids = nullptr;
+  const bool* mask = nullptr;  // nullptr: every row counts; mask[r] false: outputs 0, gradient row 0
+  float inv_temperature = 1.f;
+};
+
+struct ForwardOut {
+  float* logp = nullptr;
+  float* lse = nullptr;
+  float* entropy = nullptr;  // nullptr: entropy not computed
+};
+
+// Backward: grad = dlogp*(onehot(id) - p)/T - dentropy*p*(log p + H)/T; entropy/dentropy may be nullptr.
+struct BackwardIn {
+  const float* lse = nullptr;
+  const float* dlogp = nullptr;
+  const float* entropy = nullptr;
+  const float* dentropy = nullptr;
+};
+
+// Fused: dlogp = coef + kl_coef*(1 - exp(ref_logps - logp)); kl_coef/ref_logps both nullptr: no KL term.
+struct FusedIn {
+  const float* coef = nullptr;
+  const float* kl_coef = nullptr;
+  const float* ref_logps = nullptr;
+};
+
+// Each function handles rows [row_begin, row_end) of the flattened batch*length rows, so callers can
+// split rows across threads. Rows are independent; outputs of different rows never overlap.
+void forward_rows(const LogitsView& logits, const TokenInputs& tok, const ForwardOut& out,
+                  int64_t row_begin, int64_t row_end);
+void backward_rows(const LogitsView& logits, const TokenInputs& tok, const BackwardIn& in,
+                   const GradView& grad, int64_t row_begin, int64_t row_end);
+void fused_rows(const LogitsView& logits, const TokenInputs& tok, const FusedIn& in,
+                const ForwardOut& out, const GradView& grad, int64_t row_begin, int64_t row_end);
+
+// Which implementation runs: "avx2" (x86-64 with AVX2+FMA+F16C, detected at run time) or "scalar".
+// The environment variable FRPO_CPU_ISA=scalar forces the portable path (read once).
+const char* active_isa();
+// Overrides the choice (tests): "scalar", "avx2" (ignored if the CPU lacks it) or "auto".
+void set_isa(const char* name);
+
+}  // namespace frpo

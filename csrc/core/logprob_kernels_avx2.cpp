@@ -1,0 +1,215 @@
+// AVX2+FMA+F16C inner loops (8 logits per vector, polynomial exp), compiled with per-function target
+// attributes so this file builds with default flags; avx2_impl() returns it only if the CPU has them.
+#include "detail.h"
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#define FRPO_HAVE_AVX2_TU 1
+#endif
+
+namespace frpo {
+namespace detail {
+
+#ifdef FRPO_HAVE_AVX2_TU
+#define FRPO_AVX2 __attribute__((target("avx2,fma,f16c")))
+#define FRPO_AVX2_INLINE __attribute__((target("avx2,fma,f16c"), always_inline)) inline
+
+namespace {
+
+template <class E> struct Vec;
+template <> struct Vec<F32> {
+  static FRPO_AVX2_INLINE __m256 load(const float* p) { return _mm256_loadu_ps(p); }
+  static FRPO_AVX2_INLINE void store(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
+  static FRPO_AVX2_INLINE void stream(float* p, __m256 v) { _mm256_stream_ps(p, v); }  // p 32-byte aligned
+  static constexpr uintptr_t kAlign = 32;
+};
+template <> struct Vec<BF16> {
+  static FRPO_AVX2_INLINE __m256 load(const uint16_t* p) {
+    const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+  }
+  static FRPO_AVX2_INLINE __m128i pack(__m256 v) {  // round to nearest even (NaN payloads not preserved)
+    const __m256i u = _mm256_castps_si256(v);
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    const __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7FFF)), lsb), 16);
+    const __m256i packed = _mm256_packus_epi32(r, r);  // per 128-bit lane: [a0..a3 a0..a3 | b0..b3 b0..b3]
+    return _mm256_castsi256_si128(_mm256_permute4x64_epi64(packed, 0x08));
+  }
+  static FRPO_AVX2_INLINE void store(uint16_t* p, __m256 v) { _mm_storeu_si128(reinterpret_cast<__m128i*>(p), pack(v)); }
+  static FRPO_AVX2_INLINE void stream(uint16_t* p, __m256 v) { _mm_stream_si128(reinterpret_cast<__m128i*>(p), pack(v)); }
+  static constexpr uintptr_t kAlign = 16;
+};
+template <> struct Vec<F16> {
+  static FRPO_AVX2_INLINE __m256 load(const uint16_t* p) {
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  }
+  static FRPO_AVX2_INLINE __m128i pack(__m256 v) { return _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  static FRPO_AVX2_INLINE void store(uint16_t* p, __m256 v) { _mm_storeu_si128(reinterpret_cast<__m128i*>(p), pack(v)); }
+  static FRPO_AVX2_INLINE void stream(uint16_t* p, __m256 v) { _mm_stream_si128(reinterpret_cast<__m128i*>(p), pack(v)); }
+  static constexpr uintptr_t kAlign = 16;
+};
+
+// exp of d already clamped to [kExpLo, kExpHi]; same algorithm as exp_poly, with FMAs.
+FRPO_AVX2_INLINE __m256 exp8(__m256 d) {
+  const __m256 t = _mm256_fmadd_ps(d, _mm256_set1_ps(kLog2e), _mm256_set1_ps(kRoundMagic));
+  const __m256 n = _mm256_sub_ps(t, _mm256_set1_ps(kRoundMagic));
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Hi), d);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Lo), r);
+  __m256 p = _mm256_set1_ps(kP0);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kP1));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kP2));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kP3));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kP4));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kP5));
+  const __m256 r2 = _mm256_mul_ps(r, r);
+  const __m256 e = _mm256_add_ps(_mm256_fmadd_ps(p, r2, r), _mm256_set1_ps(1.f));
+  const __m256i scale = _mm256_slli_epi32(_mm256_add_epi32(_mm256_castps_si256(t), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(e, _mm256_castsi256_ps(scale));
+}
+
+FRPO_AVX2_INLINE __m256 clamp8(__m256 d) {
+  return _mm256_min_ps(_mm256_max_ps(d, _mm256_set1_ps(kExpLo)), _mm256_set1_ps(kExpHi));
+}
+
+FRPO_AVX2_INLINE float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+FRPO_AVX2_INLINE float hmax8(__m256 v) {
+  __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_max_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+struct Avx2Ops {
+  template <class E>
+  static FRPO_AVX2 float max_raw(const typename E::T* x, int64_t n) {
+    const __m256 ninf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+    __m256 m0 = ninf, m1 = ninf, m2 = ninf, m3 = ninf;
+    int64_t i = 0;
+    for (; i + 32 <= n; i += 32) {
+      m0 = _mm256_max_ps(m0, Vec<E>::load(x + i));
+      m1 = _mm256_max_ps(m1, Vec<E>::load(x + i + 8));
+      m2 = _mm256_max_ps(m2, Vec<E>::load(x + i + 16));
+      m3 = _mm256_max_ps(m3, Vec<E>::load(x + i + 24));
+    }
+    for (; i + 8 <= n; i += 8) m0 = _mm256_max_ps(m0, Vec<E>::load(x + i));
+    float m = hmax8(_mm256_max_ps(_mm256_max_ps(m0, m1), _mm256_max_ps(m2, m3)));
+    for (; i < n; ++i) {
+      const float v = E::load(x + i);
+      m = v > m ? v : m;
+    }
+    return m;
+  }
+
+  template <class E, bool Ent>
+  static FRPO_AVX2 void sum_exp(const typename E::T* x, int64_t n, float inv_t, float m, float* s_out,
+                                float* t_out) {
+    const __m256 vt = _mm256_set1_ps(inv_t), vnm = _mm256_set1_ps(-m);
+    __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0, t0 = s0, t1 = s0, t2 = s0, t3 = s0;
+    int64_t i = 0;
+#define FRPO_SUM_STEP(k, s, t)                                                   \
+  {                                                                              \
+    const __m256 d = clamp8(_mm256_fmadd_ps(Vec<E>::load(x + i + k), vt, vnm));  \
+    const __m256 e = exp8(d);                                                    \
+    s = _mm256_add_ps(s, e);                                                     \
+    if (Ent) t = _mm256_fmadd_ps(e, d, t);                                       \
+  }
+    for (; i + 32 <= n; i += 32) {
+      FRPO_SUM_STEP(0, s0, t0) FRPO_SUM_STEP(8, s1, t1) FRPO_SUM_STEP(16, s2, t2) FRPO_SUM_STEP(24, s3, t3)
+    }
+    for (; i + 8 <= n; i += 8) FRPO_SUM_STEP(0, s0, t0)
+#undef FRPO_SUM_STEP
+    float s = hsum8(_mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3)));
+    float t = Ent ? hsum8(_mm256_add_ps(_mm256_add_ps(t0, t1), _mm256_add_ps(t2, t3))) : 0.f;
+    for (; i < n; ++i) {
+      const float d = clamp_exp_arg(E::load(x + i) * inv_t - m);
+      const float e = exp_poly(d);
+      s += e;
+      if (Ent) t += e * d;
+    }
+    *s_out = s;
+    *t_out = t;
+  }
+
+  template <class E, bool Ent, bool Stream>
+  static FRPO_AVX2_INLINE void grad_body(const typename E::T* x, typename E::T* g, int64_t n, __m256 vt, __m256 vnl,
+                                         __m256 va, __m256 vb, int64_t* done) {
+    int64_t i = 0;
+#define FRPO_GRAD_STEP(k)                                                         \
+  {                                                                               \
+    const __m256 d = clamp8(_mm256_fmadd_ps(Vec<E>::load(x + i + k), vt, vnl));   \
+    const __m256 p = exp8(d);                                                     \
+    const __m256 v = Ent ? _mm256_mul_ps(p, _mm256_fmadd_ps(vb, d, va)) : _mm256_mul_ps(p, va); \
+    if (Stream) Vec<E>::stream(g + i + k, v); else Vec<E>::store(g + i + k, v);   \
+  }
+    for (; i + 32 <= n; i += 32) { FRPO_GRAD_STEP(0) FRPO_GRAD_STEP(8) FRPO_GRAD_STEP(16) FRPO_GRAD_STEP(24) }
+    for (; i + 8 <= n; i += 8) FRPO_GRAD_STEP(0)
+#undef FRPO_GRAD_STEP
+    *done = i;
+  }
+
+  template <class E, bool Ent>
+  static FRPO_AVX2 void grad_span(const typename E::T* x, typename E::T* g, int64_t n, float inv_t, float lse,
+                                  float a, float b, bool streaming) {
+    auto scalar = [&](int64_t lo, int64_t hi) {
+      for (int64_t i = lo; i < hi; ++i) {
+        const float d = clamp_exp_arg(E::load(x + i) * inv_t - lse);
+        const float p = exp_poly(d);
+        g[i] = E::from(Ent ? p * (a + b * d) : p * a);
+      }
+    };
+    const __m256 vt = _mm256_set1_ps(inv_t), vnl = _mm256_set1_ps(-lse), va = _mm256_set1_ps(a),
+                 vb = _mm256_set1_ps(b);
+    int64_t head = 0, done = 0;
+    if (streaming) {  // non-temporal stores need aligned addresses: peel up to one vector
+      const uintptr_t mis = reinterpret_cast<uintptr_t>(g) & (Vec<E>::kAlign - 1);
+      if (mis % sizeof(typename E::T) == 0) {
+        head = mis ? int64_t((Vec<E>::kAlign - mis) / sizeof(typename E::T)) : 0;
+        head = head < n ? head : n;
+        scalar(0, head);
+        grad_body<E, Ent, true>(x + head, g + head, n - head, vt, vnl, va, vb, &done);
+        scalar(head + done, n);
+        return;
+      }
+    }
+    grad_body<E, Ent, false>(x, g, n, vt, vnl, va, vb, &done);
+    scalar(done, n);
+  }
+
+  template <class E>
+  static FRPO_AVX2 void zero_span(typename E::T* g, int64_t n, bool streaming) {
+    int64_t i = 0;
+    if (streaming) {
+      while (i < n && (reinterpret_cast<uintptr_t>(g + i) & (Vec<E>::kAlign - 1)) != 0) g[i++] = E::from(0.f);
+      for (; i + 8 <= n; i += 8) Vec<E>::stream(g + i, _mm256_setzero_ps());
+    }
+    for (; i < n; ++i) g[i] = E::from(0.f);
+  }
+
+  static FRPO_AVX2 void fence() { _mm_sfence(); }
+};
+
+bool cpu_has_avx2() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+}
+
+}  // namespace
+
+const Impl* avx2_impl() {
+  static const Impl impl{"avx2", &DtypeSwitch<Avx2Ops>::forward, &DtypeSwitch<Avx2Ops>::backward,
+                         &DtypeSwitch<Avx2Ops>::fused};
+  static const bool ok = cpu_has_avx2();
+  return ok ? &impl : nullptr;
+}
+
+#else
+const Impl* avx2_impl() { return nullptr; }
+#endif
+
+}  // namespace detail
+}  // namespace frpo

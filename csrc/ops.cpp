@@ -1,0 +1,234 @@
+// Torch binding of the core kernels: input validation, outputs, row-parallel launch, and the
+// frpo_kernels::token_logprobs_* operator schemas (CPU implementations).
+#include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
+#include <ATen/Parallel.h>
+#include <Python.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <optional>
+#include <string>
+
+#include "core/logprob_kernels.h"
+
+namespace {
+
+using at::Tensor;
+
+// Enough logits per task that threads do not fight over tiny rows.
+int64_t grain_rows(int64_t vocab) { return std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(vocab, 1)); }
+
+// Outputs bigger than this bypass the caches with streaming stores (they would evict everything anyway).
+constexpr int64_t kStreamingBytes = int64_t(8) << 20;
+
+frpo::DType to_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return frpo::DType::F32;
+    case at::kBFloat16: return frpo::DType::BF16;
+    case at::kHalf: return frpo::DType::F16;
+    default: TORCH_CHECK(false, "frpo_kernels: logits must be float32, bfloat16 or float16, got ", t);
+  }
+  return frpo::DType::F32;
+}
+
+struct Prepared {
+  frpo::LogitsView view;
+  Tensor ids, mask;  // contiguous int64 / bool (mask undefined: no mask)
+  frpo::TokenInputs tok;
+  int64_t rows = 0;
+};
+
+// Checks logits/ids/mask/temperature and returns the raw views; nothing is read before this passes.
+Prepared prepare(const Tensor& logits, const Tensor& ids, const std::optional<Tensor>& mask, double temperature) {
+  TORCH_CHECK(logits.device().is_cpu(), "frpo_kernels: logits must be a CPU tensor, got ", logits.device());
+  TORCH_CHECK(logits.dim() == 3, "frpo_kernels: logits must have shape [B, T, V], got ", logits.sizes());
+  const int64_t B = logits.size(0), T = logits.size(1), V = logits.size(2);
+  TORCH_CHECK(V > 0, "frpo_kernels: logits has V = 0 (shape ", logits.sizes(), "); nothing to normalise");
+  TORCH_CHECK(V <= (int64_t(1) << 31) - 1, "frpo_kernels: V = ", V, " is too large (at most 2^31 - 1)");
+  TORCH_CHECK(logits.stride(2) == 1 || V == 1, "frpo_kernels: logits must have stride 1 in the last dimension, "
+              "got strides ", logits.strides(), "; call .contiguous() first");
+  TORCH_CHECK(logits.stride(0) >= 0 && logits.stride(1) >= 0, "frpo_kernels: logits has negative strides ", logits.strides());
+  Prepared p;
+  p.view.dtype = to_dtype(logits.scalar_type());
+  TORCH_CHECK(ids.device().is_cpu(), "frpo_kernels: ids must be a CPU tensor, got ", ids.device());
+  TORCH_CHECK(ids.scalar_type() == at::kLong, "frpo_kernels: ids must be int64, got ", ids.scalar_type());
+  TORCH_CHECK(ids.dim() == 2 && ids.size(0) == B && ids.size(1) == T, "frpo_kernels: ids must have shape [", B, ", ",
+              T, "] (logits' [B, T]), got ", ids.sizes());
+  TORCH_CHECK(std::isfinite(temperature) && temperature > 0, "frpo_kernels: temperature must be finite and > 0, got ",
+              temperature);
+  p.ids = ids.contiguous();
+  if (mask.has_value() && mask->defined()) {
+    TORCH_CHECK(mask->device().is_cpu(), "frpo_kernels: mask must be a CPU tensor, got ", mask->device());
+    TORCH_CHECK(mask->dim() == 2 && mask->size(0) == B && mask->size(1) == T, "frpo_kernels: mask must have shape [", B,
+                ", ", T, "], got ", mask->sizes());
+    p.mask = (mask->scalar_type() == at::kBool ? *mask : (*mask != 0)).contiguous();
+  }
+  if (B * T > 0) {  // only rows that are computed need a valid id
+    const Tensor checked = p.mask.defined() ? p.ids.masked_select(p.mask) : p.ids;
+    if (checked.numel() > 0) {
+      const int64_t lo = checked.min().item<int64_t>(), hi = checked.max().item<int64_t>();
+      TORCH_CHECK(lo >= 0 && hi < V, "frpo_kernels: ids has entries outside [0, ", V, ") (V = logits.shape[-1]): min ",
+                  lo, ", max ", hi);
+    }
+  }
+  p.view.data = logits.data_ptr();
+  p.view.batch = B;
+  p.view.length = T;
+  p.view.vocab = V;
+  p.view.stride_b = logits.stride(0);
+  p.view.stride_t = logits.stride(1);
+  p.tok.ids = p.ids.data_ptr<int64_t>();
+  p.tok.mask = p.mask.defined() ? p.mask.data_ptr<bool>() : nullptr;
+  p.tok.inv_temperature = float(1.0 / temperature);
+  p.rows = B * T;
+  return p;
+}
+
+// A [B, T] per-token input as contiguous float32 (null pointer when absent).
+Tensor token_input(const char* name, const std::optional<Tensor>& t, const Tensor& logits, bool required) {
+  if (!t.has_value() || !t->defined()) {
+    TORCH_CHECK(!required, "frpo_kernels: ", name, " is required");
+    return Tensor();
+  }
+  TORCH_CHECK(t->device().is_cpu(), "frpo_kernels: ", name, " must be a CPU tensor, got ", t->device());
+  TORCH_CHECK(t->is_floating_point(), "frpo_kernels: ", name, " must be a floating-point tensor, got ", t->scalar_type());
+  TORCH_CHECK(t->dim() == 2 && t->size(0) == logits.size(0) && t->size(1) == logits.size(1), "frpo_kernels: ", name,
+              " must have shape [", logits.size(0), ", ", logits.size(1), "] (logits' [B, T]), got ", t->sizes());
+  return t->to(at::kFloat).contiguous();
+}
+
+const float* ptr(const Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; }
+
+Tensor token_output(const Tensor& logits) {
+  return at::empty({logits.size(0), logits.size(1)}, logits.options().dtype(at::kFloat));
+}
+
+frpo::GradView grad_view(const Tensor& grad, bool inplace) {
+  frpo::GradView g;
+  g.data = grad.data_ptr();
+  g.stride_b = grad.stride(0);
+  g.stride_t = grad.stride(1);
+  // in place the row was just read, so its lines are in cache already; otherwise stream big outputs
+  g.streaming = !inplace && grad.numel() * int64_t(grad.element_size()) >= kStreamingBytes;
+  return g;
+}
+
+void check_writable_logits(const Tensor& logits) {
+  TORCH_CHECK(at::has_internal_overlap(logits) != at::MemOverlap::Yes,
+              "frpo_kernels: in-place gradient needs logits whose elements do not overlap (got strides ",
+              logits.strides(), "); pass inplace=False");
+}
+
+std::tuple<Tensor, Tensor, Tensor> fwd(const Tensor& logits, const Tensor& ids, const std::optional<Tensor>& mask,
+                                       double temperature, bool with_entropy) {
+  Prepared p = prepare(logits, ids, mask, temperature);
+  Tensor logp = token_output(logits), lse = token_output(logits);
+  Tensor entropy = with_entropy ? token_output(logits) : at::empty({0}, logits.options().dtype(at::kFloat));
+  frpo::ForwardOut out{logp.data_ptr<float>(), lse.data_ptr<float>(), with_entropy ? entropy.data_ptr<float>() : nullptr};
+  at::parallel_for(0, p.rows, grain_rows(p.view.vocab), [&](int64_t r0, int64_t r1) {
+    frpo::forward_rows(p.view, p.tok, out, r0, r1);
+  });
+  return {logp, lse, entropy};
+}
+
+void bwd_into(const Tensor& grad, bool inplace, const Tensor& logits, const Tensor& ids, const std::optional<Tensor>& mask,
+              const Tensor& lse, const Tensor& dlogp, const std::optional<Tensor>& entropy,
+              const std::optional<Tensor>& dentropy, double temperature) {
+  Prepared p = prepare(logits, ids, mask, temperature);
+  Tensor lse_c = token_input("lse", lse, logits, true), dlogp_c = token_input("dlogp", dlogp, logits, true);
+  Tensor ent_c = token_input("entropy", entropy, logits, false), dent_c = token_input("dentropy", dentropy, logits, false);
+  TORCH_CHECK(ent_c.defined() == dent_c.defined(), "frpo_kernels: pass both entropy and dentropy, or neither");
+  frpo::BackwardIn in{ptr(lse_c), ptr(dlogp_c), ptr(ent_c), ptr(dent_c)};
+  const frpo::GradView g = grad_view(grad, inplace);
+  at::parallel_for(0, p.rows, grain_rows(p.view.vocab), [&](int64_t r0, int64_t r1) {
+    frpo::backward_rows(p.view, p.tok, in, g, r0, r1);
+  });
+}
+
+Tensor bwd(const Tensor& logits, const Tensor& ids, const std::optional<Tensor>& mask, const Tensor& lse,
+           const Tensor& dlogp, const std::optional<Tensor>& entropy, const std::optional<Tensor>& dentropy,
+           double temperature) {
+  Tensor grad = at::empty(logits.sizes(), logits.options().memory_format(at::MemoryFormat::Contiguous));
+  bwd_into(grad, false, logits, ids, mask, lse, dlogp, entropy, dentropy, temperature);
+  return grad;
+}
+
+void bwd_inplace(const Tensor& logits, const Tensor& ids, const std::optional<Tensor>& mask, const Tensor& lse,
+                 const Tensor& dlogp, const std::optional<Tensor>& entropy, const std::optional<Tensor>& dentropy,
+                 double temperature) {
+  check_writable_logits(logits);
+  bwd_into(logits, true, logits, ids, mask, lse, dlogp, entropy, dentropy, temperature);
+}
+
+std::tuple<Tensor, Tensor, Tensor> fused_into(const Tensor& grad, bool inplace, const Tensor& logits, const Tensor& ids,
+                                              const std::optional<Tensor>& mask, double temperature, const Tensor& coef,
+                                              const std::optional<Tensor>& kl_coef,
+                                              const std::optional<Tensor>& ref_logps, bool with_entropy) {
+  Prepared p = prepare(logits, ids, mask, temperature);
+  Tensor coef_c = token_input("coef", coef, logits, true);
+  Tensor kl_c = token_input("kl_coef", kl_coef, logits, false), ref_c = token_input("ref_logps", ref_logps, logits, false);
+  TORCH_CHECK(!kl_c.defined() || ref_c.defined(), "frpo_kernels: kl_coef needs ref_logps");
+  Tensor logp = token_output(logits), lse = token_output(logits);
+  Tensor entropy = with_entropy ? token_output(logits) : at::empty({0}, logits.options().dtype(at::kFloat));
+  frpo::FusedIn in{ptr(coef_c), ptr(kl_c), kl_c.defined() ? ptr(ref_c) : nullptr};
+  frpo::ForwardOut out{logp.data_ptr<float>(), lse.data_ptr<float>(), with_entropy ? entropy.data_ptr<float>() : nullptr};
+  const frpo::GradView g = grad_view(grad, inplace);
+  at::parallel_for(0, p.rows, grain_rows(p.view.vocab), [&](int64_t r0, int64_t r1) {
+    frpo::fused_rows(p.view, p.tok, in, out, g, r0, r1);
+  });
+  return {logp, lse, entropy};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> fused(const Tensor& logits, const Tensor& ids,
+                                                 const std::optional<Tensor>& mask, double temperature,
+                                                 const Tensor& coef, const std::optional<Tensor>& kl_coef,
+                                                 const std::optional<Tensor>& ref_logps, bool with_entropy) {
+  Tensor grad = at::empty(logits.sizes(), logits.options().memory_format(at::MemoryFormat::Contiguous));
+  auto [logp, lse, entropy] = fused_into(grad, false, logits, ids, mask, temperature, coef, kl_coef, ref_logps, with_entropy);
+  return {logp, lse, entropy, grad};
+}
+
+std::tuple<Tensor, Tensor, Tensor> fused_inplace(const Tensor& logits, const Tensor& ids,
+                                                 const std::optional<Tensor>& mask, double temperature,
+                                                 const Tensor& coef, const std::optional<Tensor>& kl_coef,
+                                                 const std::optional<Tensor>& ref_logps, bool with_entropy) {
+  check_writable_logits(logits);
+  return fused_into(logits, true, logits, ids, mask, temperature, coef, kl_coef, ref_logps, with_entropy);
+}
+
+std::string isa() { return frpo::active_isa(); }
+
+}  // namespace
+
+// Schemas: entropy outputs are empty ([0]) tensors when with_entropy is false. The _inplace ops
+// write the gradient into `logits` and return nothing for it.
+TORCH_LIBRARY(frpo_kernels, m) {
+  m.def("token_logprobs_fwd(Tensor logits, Tensor ids, Tensor? mask, float temperature, bool with_entropy)"
+        " -> (Tensor logp, Tensor lse, Tensor entropy)");
+  m.def("token_logprobs_bwd(Tensor logits, Tensor ids, Tensor? mask, Tensor lse, Tensor dlogp, Tensor? entropy,"
+        " Tensor? dentropy, float temperature) -> Tensor");
+  m.def("token_logprobs_bwd_inplace(Tensor(a!) logits, Tensor ids, Tensor? mask, Tensor lse, Tensor dlogp,"
+        " Tensor? entropy, Tensor? dentropy, float temperature) -> ()");
+  m.def("token_logprobs_fused(Tensor logits, Tensor ids, Tensor? mask, float temperature, Tensor coef,"
+        " Tensor? kl_coef, Tensor? ref_logps, bool with_entropy) -> (Tensor logp, Tensor lse, Tensor entropy,"
+        " Tensor grad)");
+  m.def("token_logprobs_fused_inplace(Tensor(a!) logits, Tensor ids, Tensor? mask, float temperature, Tensor coef,"
+        " Tensor? kl_coef, Tensor? ref_logps, bool with_entropy) -> (Tensor logp, Tensor lse, Tensor entropy)");
+  m.def("cpu_isa() -> str", &isa);
+}
+
+TORCH_LIBRARY_IMPL(frpo_kernels, CPU, m) {
+  m.impl("token_logprobs_fwd", &fwd);
+  m.impl("token_logprobs_bwd", &bwd);
+  m.impl("token_logprobs_bwd_inplace", &bwd_inplace);
+  m.impl("token_logprobs_fused", &fused);
+  m.impl("token_logprobs_fused_inplace", &fused_inplace);
+}
+
+// Importing frpo_kernels._C registers the ops above (static initialisers); the module itself is empty.
+extern "C" PyObject* PyInit__C(void) {
+  static PyModuleDef def = {PyModuleDef_HEAD_INIT, "_C", "frpo_kernels CPU kernels (ops in torch.ops.frpo_kernels)",
+                            -1, nullptr, nullptr, nullptr, nullptr, nullptr};
+  return PyModule_Create(&def);
+}

@@ -1,0 +1,280 @@
+// C++ tests of the torch-free core against a double-precision scalar reference, for every ISA the
+// machine has: dtypes, odd V, row strides, -inf entries, masks, temperature, entropy, in-place, int64 offsets.
+#include <sys/mman.h>
+
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "../core/detail.h"
+#include "../core/logprob_kernels.h"
+
+using namespace frpo;
+
+static int g_failures = 0;
+static char g_case[256] = "";
+#define CHECK(cond, ...)                                   \
+  do {                                                     \
+    if (!(cond)) {                                         \
+      ++g_failures;                                        \
+      if (g_failures < 20) {                               \
+        std::fprintf(stderr, "FAIL %s:%d: ", __FILE__, __LINE__); \
+        std::fprintf(stderr, __VA_ARGS__);                 \
+        std::fprintf(stderr, " [%s]\n", g_case);          \
+      }                                                    \
+    }                                                      \
+  } while (0)
+
+static const float kInf = std::numeric_limits<float>::infinity();
+
+// Storage of one dtype holding values already rounded to it; value(i) is the exact float it holds.
+struct Buffer {
+  DType dtype;
+  std::vector<float> f32;
+  std::vector<uint16_t> u16;
+  Buffer(DType d, size_t n) : dtype(d) { if (d == DType::F32) f32.assign(n, 0.f); else u16.assign(n, 0); }
+  void* data() { return dtype == DType::F32 ? static_cast<void*>(f32.data()) : static_cast<void*>(u16.data()); }
+  void set(size_t i, float v) {
+    if (dtype == DType::F32) f32[i] = v;
+    else if (dtype == DType::BF16) u16[i] = detail::f32_to_bf16(v);
+    else u16[i] = detail::f32_to_f16(v);
+  }
+  float value(size_t i) const {
+    if (dtype == DType::F32) return f32[i];
+    return dtype == DType::BF16 ? detail::bf16_to_f32(u16[i]) : detail::f16_to_f32(u16[i]);
+  }
+};
+
+struct RefRow { double logp, lse, entropy; std::vector<double> p, logp_all; };
+
+static RefRow reference_row(const std::vector<double>& z, int64_t id) {  // z = logits / T
+  RefRow r;
+  double m = -INFINITY;
+  for (double v : z) m = std::max(m, v);
+  double s = 0;
+  for (double v : z) s += std::exp(v - m);
+  r.lse = m + std::log(s);
+  r.logp = z[id] - r.lse;
+  r.entropy = 0;
+  for (double v : z) {
+    const double lp = v - r.lse, p = std::exp(lp);
+    r.p.push_back(p);
+    r.logp_all.push_back(p > 0 ? lp : 0.0);
+    r.entropy -= p > 0 ? p * lp : 0.0;
+  }
+  return r;
+}
+
+struct Case {
+  DType dtype;
+  int64_t batch, length, vocab;
+  int64_t pad;          // extra elements between rows (row stride = vocab + pad)
+  double ninf_frac;     // fraction of -inf logits
+  bool leading_ninf;    // first 5000 logits of row 0 are -inf (a whole chunk of -inf)
+  float temperature;
+  bool mask, entropy, inplace, streaming, kl;
+};
+
+static double tol(DType d) { return d == DType::F32 ? 2e-5 : (d == DType::BF16 ? 1.6e-2 : 2e-3); }
+
+static void run_case(const Case& c, uint32_t seed) {
+  std::snprintf(g_case, sizeof g_case, "dtype %d V %lld pad %lld ninf %.1f lead %d T %.1f mask %d ent %d inplace %d stream %d kl %d seed %u",
+                int(c.dtype), (long long)c.vocab, (long long)c.pad, c.ninf_frac, c.leading_ninf, c.temperature, c.mask,
+                c.entropy, c.inplace, c.streaming, c.kl, seed);
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> normal(0.f, 3.f);
+  std::uniform_real_distribution<double> unif(0, 1);
+  const int64_t rows = c.batch * c.length, stride_t = c.vocab + c.pad, stride_b = stride_t * c.length + 3;
+  const size_t total = size_t(stride_b * c.batch);
+  Buffer logits(c.dtype, total);
+  for (size_t i = 0; i < total; ++i) logits.set(i, normal(rng));
+  std::vector<int64_t> ids(rows);
+  std::vector<uint8_t> maskv(rows, 1);
+  for (int64_t r = 0; r < rows; ++r) {
+    ids[r] = int64_t(unif(rng) * c.vocab) % c.vocab;
+    const int64_t off = (r / c.length) * stride_b + (r % c.length) * stride_t;
+    for (int64_t v = 0; v < c.vocab; ++v)
+      if (v != ids[r] && unif(rng) < c.ninf_frac) logits.set(off + v, -kInf);
+    if (r == 0 && c.leading_ninf)
+      for (int64_t v = 0; v < std::min<int64_t>(5000, c.vocab); ++v) if (v != ids[r]) logits.set(off + v, -kInf);
+    if (c.mask && r % 3 == 1) {
+      maskv[r] = 0;
+      if (r == 1) for (int64_t v = 0; v < c.vocab; ++v) logits.set(off + v, -kInf);  // masked all -inf row
+      if (r == 4) ids[r] = 0;
+    }
+  }
+  std::vector<bool> dummy;
+  bool* mask_ptr = nullptr;
+  std::vector<char> mask_bytes(rows);
+  for (int64_t r = 0; r < rows; ++r) mask_bytes[r] = maskv[r];
+  if (c.mask) mask_ptr = reinterpret_cast<bool*>(mask_bytes.data());
+
+  LogitsView L{logits.data(), c.dtype, c.batch, c.length, c.vocab, stride_b, stride_t};
+  TokenInputs tok{ids.data(), mask_ptr, 1.f / c.temperature};
+  std::vector<float> logp(rows, 7.f), lse(rows, 7.f), ent(rows, 7.f);
+  ForwardOut fo{logp.data(), lse.data(), c.entropy ? ent.data() : nullptr};
+
+  // expected values, from the exact stored inputs
+  std::vector<RefRow> ref(rows);
+  for (int64_t r = 0; r < rows; ++r) {
+    if (!maskv[r]) continue;
+    const int64_t off = (r / c.length) * stride_b + (r % c.length) * stride_t;
+    std::vector<double> z(c.vocab);
+    for (int64_t v = 0; v < c.vocab; ++v) z[v] = double(logits.value(off + v) * tok.inv_temperature);
+    ref[r] = reference_row(z, ids[r]);
+  }
+  std::vector<float> coef(rows), kl(rows), refl(rows), dlogp(rows), dent(rows);
+  for (int64_t r = 0; r < rows; ++r) {
+    coef[r] = float(unif(rng) - 0.5);
+    kl[r] = float(unif(rng));
+    refl[r] = maskv[r] ? float(ref[r].logp + 0.3 * (unif(rng) - 0.5)) : 0.f;
+    dlogp[r] = float(unif(rng) - 0.5);
+    dent[r] = float(unif(rng) - 0.5);
+  }
+
+  // fused (or backward) gradient target
+  Buffer gbuf(c.dtype, c.inplace ? 0 : size_t(rows * c.vocab));
+  GradView G{c.inplace ? logits.data() : gbuf.data(), c.inplace ? stride_b : c.length * c.vocab,
+             c.inplace ? stride_t : c.vocab, c.streaming};
+  auto gval = [&](int64_t r, int64_t v) {
+    const int64_t off = (r / c.length) * G.stride_b + (r % c.length) * G.stride_t + v;
+    return c.inplace ? logits.value(off) : gbuf.value(off);
+  };
+  const double t = tol(c.dtype);
+  const bool fused = c.kl || (seed % 2 == 0);
+  if (fused) {
+    FusedIn fi{coef.data(), c.kl ? kl.data() : nullptr, c.kl ? refl.data() : nullptr};
+    fused_rows(L, tok, fi, fo, G, 0, rows);
+  } else {
+    forward_rows(L, tok, fo, 0, rows);
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    if (!maskv[r]) {
+      CHECK(logp[r] == 0.f && lse[r] == 0.f && (!c.entropy || ent[r] == 0.f), "masked row %lld not zero", (long long)r);
+      continue;
+    }
+    const double scale = std::max(1.0, std::fabs(ref[r].lse));
+    CHECK(std::fabs(logp[r] - ref[r].logp) <= 2e-6 * scale + 2e-6 * std::fabs(ref[r].logp),
+          "logp row %lld: %.9g vs %.9g", (long long)r, logp[r], ref[r].logp);
+    CHECK(std::fabs(lse[r] - ref[r].lse) <= 2e-6 * scale, "lse row %lld: %.9g vs %.9g", (long long)r, lse[r], ref[r].lse);
+    if (c.entropy)
+      CHECK(std::fabs(ent[r] - ref[r].entropy) <= 1e-5 * std::max(1.0, ref[r].entropy), "entropy row %lld: %.9g vs %.9g",
+            (long long)r, ent[r], ref[r].entropy);
+  }
+  if (!fused) {  // the two-phase path: backward from the forward's lse
+    BackwardIn bi{lse.data(), dlogp.data(), c.entropy ? ent.data() : nullptr, c.entropy ? dent.data() : nullptr};
+    backward_rows(L, tok, bi, G, 0, rows);
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    double dl = fused ? coef[r] : dlogp[r];
+    if (fused && c.kl && maskv[r]) dl += kl[r] * (1.0 - std::exp(double(refl[r]) - double(logp[r])));
+    const bool with_ent = !fused && c.entropy;
+    // gradient scale: |dlogp|/T (the largest a gradient entry can be, and the size of fp32 rounding in 1 - p)
+    double gmax = std::fabs(dl) / c.temperature + (with_ent ? std::fabs(dent[r]) / c.temperature : 0.0);
+    std::vector<double> want(c.vocab, 0.0);
+    if (maskv[r]) {
+      for (int64_t v = 0; v < c.vocab; ++v) {
+        const double p = ref[r].p[v];
+        double gv = dl * ((v == ids[r]) - p);
+        if (with_ent) gv -= dent[r] * p * (ref[r].logp_all[v] + ref[r].entropy);
+        want[v] = gv / c.temperature;
+        gmax = std::max(gmax, std::fabs(want[v]));
+      }
+    }
+    for (int64_t v = 0; v < c.vocab; ++v) {
+      const double got = gval(r, v);
+      // fp16 outputs below 2^-14 are subnormal: absolute spacing 2^-24
+      const double atol = c.dtype == DType::F16 ? 5.97e-8 : 1e-30;
+      CHECK(std::fabs(got - want[v]) <= t * std::fabs(want[v]) + 1e-6 * gmax + atol,
+            "grad row %lld v %lld: %.9g vs %.9g (isa %s, dtype %d)", (long long)r, (long long)v, got, want[v],
+            active_isa(), int(c.dtype));
+      if (!maskv[r]) CHECK(got == 0.0, "masked grad row %lld not zero", (long long)r);
+    }
+  }
+  if (!c.inplace) {  // padding between rows untouched (only checkable when not in place)
+  } else {
+    for (int64_t b = 0; b < c.batch; ++b)
+      for (int64_t tt = 0; tt < c.length; ++tt)
+        for (int64_t v = c.vocab; v < stride_t; ++v) {
+          (void)v;  // padding values are random; they must simply not be NaN (never written)
+          CHECK(!std::isnan(logits.value(b * stride_b + tt * stride_t + v)), "padding written");
+        }
+  }
+}
+
+// Rows more than 2^31 elements apart, in a sparse mapping: offsets must be computed in int64.
+static void run_large_offset_case() {
+  const int64_t vocab = 1000, stride_b = (int64_t(1) << 31) + 512;
+  const size_t bytes = size_t(stride_b + vocab) * 2;
+  void* mem = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  if (mem == MAP_FAILED) { std::printf("skip large-offset case (mmap failed)\n"); return; }
+  auto* x = static_cast<uint16_t*>(mem);
+  for (int64_t v = 0; v < vocab; ++v) {
+    x[v] = detail::f32_to_bf16(0.01f * float(v));
+    x[stride_b + v] = detail::f32_to_bf16(-0.02f * float(v));
+  }
+  int64_t ids[2] = {3, 999};
+  float logp[2], lse[2];
+  std::vector<uint16_t> g(2 * vocab);
+  LogitsView L{x, DType::BF16, 2, 1, vocab, stride_b, vocab};
+  TokenInputs tok{ids, nullptr, 1.f};
+  fused_rows(L, tok, FusedIn{nullptr, nullptr, nullptr}, ForwardOut{logp, lse, nullptr},
+             GradView{g.data(), vocab, vocab, false}, 0, 0);  // empty range is a no-op
+  float coef[2] = {1.f, -1.f};
+  fused_rows(L, tok, FusedIn{coef, nullptr, nullptr}, ForwardOut{logp, lse, nullptr},
+             GradView{g.data(), vocab, vocab, false}, 0, 2);
+  for (int b = 0; b < 2; ++b) {
+    std::vector<double> z(vocab);
+    for (int64_t v = 0; v < vocab; ++v) z[v] = detail::bf16_to_f32(x[b * stride_b + v]);
+    const RefRow ref = reference_row(z, ids[b]);
+    CHECK(std::fabs(logp[b] - ref.logp) < 1e-5, "large offset logp %d: %g vs %g", b, logp[b], ref.logp);
+  }
+  munmap(mem, bytes);
+}
+
+static void run_conversion_checks() {
+  // fp16/bf16 round-trips and rounding of halfway cases
+  for (uint32_t h = 0; h < 0x10000; ++h) {
+    const float f = detail::f16_to_f32(uint16_t(h));
+    if (!std::isnan(f)) CHECK(detail::f32_to_f16(f) == h, "f16 round trip %x", h);
+    const float b = detail::bf16_to_f32(uint16_t(h));
+    if (!std::isnan(b)) CHECK(detail::f32_to_bf16(b) == h, "bf16 round trip %x", h);
+  }
+  CHECK(detail::f32_to_bf16(1.00390625f) == 0x3F80, "bf16 ties to even");   // 1 + 2^-8: halfway, even down
+  CHECK(detail::f32_to_f16(65520.f) == 0x7C00, "f16 overflow to inf");
+  CHECK(detail::f32_to_f16(5.96046448e-8f) == 0x0001, "f16 smallest subnormal");
+  // polynomial exp: relative error and exact zero at the low clamp
+  double worst = 0;
+  for (float x = -87.f; x <= 88.f; x += 0.00731f) {
+    const double e = detail::exp_poly(x), want = std::exp(double(x));
+    worst = std::max(worst, std::fabs(e - want) / want);
+  }
+  CHECK(worst < 3e-7, "exp_poly rel error %g", worst);
+  CHECK(detail::exp_poly(detail::clamp_exp_arg(-kInf)) == 0.f, "exp(-inf) must be 0");
+}
+
+int main() {
+  run_conversion_checks();
+  const char* isas[] = {"scalar", "avx2"};
+  uint32_t seed = 1;
+  for (const char* isa : isas) {
+    set_isa(isa);
+    if (std::string(active_isa()) != isa) { std::printf("isa %s not available here, skipped\n", isa); continue; }
+    for (DType d : {DType::F32, DType::BF16, DType::F16})
+      for (int64_t vocab : {1, 7, 33, 257, 4097, 9001})
+        for (int variant = 0; variant < 4; ++variant) {
+          Case c{d, 2, 3, vocab, variant % 2 ? 5 : 0, variant >= 2 ? 0.3 : 0.0, variant == 3, variant == 1 ? 0.7f : 1.f,
+                 variant >= 1, variant % 2 == 0, variant == 2, variant != 1, variant == 3};
+          run_case(c, seed++);
+          run_case(c, seed++);
+        }
+    run_large_offset_case();
+    std::printf("isa %s: done\n", isa);
+  }
+  if (g_failures) { std::printf("%d failures\n", g_failures); return 1; }
+  std::printf("all passed\n");
+  return 0;
+}

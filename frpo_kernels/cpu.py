@@ -1,0 +1,144 @@
+"""CPU kernel backend: loads the compiled csrc/ extension (frpo_kernels._C) and exposes
+forward / backward / fused with the contract of reference.py, plus fake kernels for torch.compile.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import threading
+
+import torch
+
+_BUILD_HINT = "build it with: pip install --no-build-isolation -e ."
+_lock = threading.Lock()
+_state = {"loaded": False, "error": None}
+
+
+def _jit_compile():
+    """Compiles csrc/ with torch.utils.cpp_extension.load when running from a source checkout."""
+    from torch.utils import cpp_extension
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    csrc = os.path.join(root, "csrc")
+    sources = [os.path.join(csrc, p) for p in ("ops.cpp", "core/logprob_kernels.cpp", "core/logprob_kernels_avx2.cpp")]
+    missing = [s for s in sources if not os.path.exists(s)]
+    if missing:
+        raise RuntimeError(f"frpo_kernels._C is not built and the sources are not here ({missing[0]})")
+    print("frpo_kernels: compiling the CPU kernels (csrc/) on first use, about a minute ...", file=sys.stderr,
+          flush=True)
+    cpp_extension.load(name="frpo_kernels_cpu", sources=sources, extra_include_paths=[csrc],
+                       extra_cflags=["-O3", "-std=c++17", "-fopenmp", "-fno-math-errno"],
+                       extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
+
+
+def _load():
+    with _lock:
+        if _state["loaded"] or _state["error"] is not None:
+            return
+        try:
+            try:
+                from frpo_kernels import _C  # noqa: F401  (registers torch.ops.frpo_kernels.*)
+            except ImportError:
+                if os.environ.get("FRPO_NO_JIT", "0") not in ("", "0"):
+                    raise RuntimeError("frpo_kernels._C is not built and FRPO_NO_JIT is set") from None
+                _jit_compile()
+            _register_fakes()
+            _state["loaded"] = True
+        except Exception as exc:  # any build or load failure: report it, the caller falls back
+            _state["error"] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
+
+
+def availability():
+    """(True, "") once the extension is loaded (compiling it if needed), else (False, reason)."""
+    _load()
+    if _state["loaded"]:
+        return True, ""
+    return False, f"the C++ extension could not be loaded ({_state['error']}); {_BUILD_HINT}"
+
+
+def isa():
+    """Which inner loops run: "avx2" or "scalar" (FRPO_CPU_ISA=scalar forces the portable ones)."""
+    _require()
+    return torch.ops.frpo_kernels.cpu_isa()
+
+
+def _require():
+    ok, why = availability()
+    if not ok:
+        raise RuntimeError(f"frpo_kernels cpu backend unavailable: {why}")
+
+
+def _token_like(logits):
+    return logits.new_empty(logits.shape[:2], dtype=torch.float32)
+
+
+def _entropy_like(logits, with_entropy):
+    return _token_like(logits) if with_entropy else logits.new_empty((0,), dtype=torch.float32)
+
+
+def _register_fakes():
+    ops = "frpo_kernels::"
+
+    @torch.library.register_fake(ops + "token_logprobs_fwd")
+    def _fwd_fake(logits, ids, mask, temperature, with_entropy):
+        return _token_like(logits), _token_like(logits), _entropy_like(logits, with_entropy)
+
+    @torch.library.register_fake(ops + "token_logprobs_bwd")
+    def _bwd_fake(logits, ids, mask, lse, dlogp, entropy, dentropy, temperature):
+        return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+
+    @torch.library.register_fake(ops + "token_logprobs_bwd_inplace")
+    def _bwd_inplace_fake(logits, ids, mask, lse, dlogp, entropy, dentropy, temperature):
+        return None
+
+    @torch.library.register_fake(ops + "token_logprobs_fused")
+    def _fused_fake(logits, ids, mask, temperature, coef, kl_coef, ref_logps, with_entropy):
+        return (_token_like(logits), _token_like(logits), _entropy_like(logits, with_entropy),
+                torch.empty(logits.shape, dtype=logits.dtype, device=logits.device))
+
+    @torch.library.register_fake(ops + "token_logprobs_fused_inplace")
+    def _fused_inplace_fake(logits, ids, mask, temperature, coef, kl_coef, ref_logps, with_entropy):
+        return _token_like(logits), _token_like(logits), _entropy_like(logits, with_entropy)
+
+
+def forward(logits, ids, mask, temperature, with_entropy):
+    _require()
+    logp, lse, entropy = torch.ops.frpo_kernels.token_logprobs_fwd(logits, ids, mask, float(temperature),
+                                                                   bool(with_entropy))
+    return logp, lse, (entropy if with_entropy else None)
+
+
+def backward(logits, ids, mask, lse, dlogp, entropy, dentropy, temperature, inplace=False):
+    _require()
+    if entropy is None or dentropy is None:
+        entropy = dentropy = None
+    if inplace:
+        torch.ops.frpo_kernels.token_logprobs_bwd_inplace(logits, ids, mask, lse, dlogp, entropy, dentropy,
+                                                          float(temperature))
+        return logits
+    return torch.ops.frpo_kernels.token_logprobs_bwd(logits, ids, mask, lse, dlogp, entropy, dentropy,
+                                                     float(temperature))
+
+
+def fused(logits, ids, mask, temperature, coef, kl_coef, ref_logps, with_entropy, inplace=False):
+    _require()
+    if kl_coef is None:
+        ref_logps = None
+    coef = _per_token(coef, logits)
+    if inplace:
+        logp, lse, entropy = torch.ops.frpo_kernels.token_logprobs_fused_inplace(
+            logits, ids, mask, float(temperature), coef, kl_coef, ref_logps, bool(with_entropy))
+        grad = logits
+    else:
+        logp, lse, entropy, grad = torch.ops.frpo_kernels.token_logprobs_fused(
+            logits, ids, mask, float(temperature), coef, kl_coef, ref_logps, bool(with_entropy))
+    return logp, lse, (entropy if with_entropy else None), grad
+
+
+def _per_token(coef, logits):
+    """coef may be a number or broadcastable tensor in the reference; the kernel takes [B, T] float32."""
+    if not isinstance(coef, torch.Tensor):
+        coef = torch.tensor(float(coef), dtype=torch.float32, device=logits.device)
+    if tuple(coef.shape) != tuple(logits.shape[:2]):
+        coef = coef.expand(logits.shape[:2])
+    return coef
