@@ -26,9 +26,10 @@ class KernelConfig:
 
 
 CONFIGS = (
-    # Every config gives each thread 16 elements of a tile: at 32 per thread the fused kernel's
-    # 2-D tiles (ROWS > 1) spill on sm_90 (STACK:8 at 128 registers).
-    KernelConfig("rows16_v256", rows=16, block_v=256, num_warps=8),
+    # Tiles of 16 elements per thread (8 for the 2-D small-V tile): the fused kernel's 2-D tiles
+    # spill at 32 per thread (STACK:8 at 128 registers), and with 16 per thread when V is not a
+    # multiple of 16 (no vector loads: a 64-bit address per element, 255 registers).
+    KernelConfig("rows8_v256", rows=8, block_v=256, num_warps=8),
     KernelConfig("rows4_v1024", rows=4, block_v=1024, num_warps=8),
     KernelConfig("row_v2048", rows=1, block_v=2048, num_warps=4),
     KernelConfig("row_v4096", rows=1, block_v=4096, num_warps=8),
@@ -45,7 +46,7 @@ def select_config(V: int, dtype: torch.dtype) -> KernelConfig:
     types); registers and spills: python -m frpo_kernels.triton.report.
     """
     if V <= 256:
-        return _BY_NAME["rows16_v256"]
+        return _BY_NAME["rows8_v256"]
     if V <= 1024:
         return _BY_NAME["rows4_v1024"]
     if V <= 8192:

@@ -10,13 +10,17 @@ import triton.language as tl
 @triton.jit
 def _rows(N, T, stride_b, stride_t, mask_ptr, HAS_MASK: tl.constexpr, ROWS: tl.constexpr):
     """This program's row indices, which of them are live (in range, not masked), and the element
-    offset of each row. The row index is int64 before it meets a stride: B*T*V may exceed 2**31."""
-    row = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    offset of each row. (b, t) become int64 before they meet a stride: B*T*V may exceed 2**31."""
+    row = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     live = row < N
     if HAS_MASK:
         live = live & (tl.load(mask_ptr + row, mask=live, other=0) != 0)
-    offset = (row // T) * stride_b + (row % T) * stride_t
-    return row, live, offset
+    return row, live, _row_offset(row, T, stride_b, stride_t)
+
+
+@triton.jit
+def _row_offset(row, T, stride_b, stride_t):
+    return (row // T).to(tl.int64) * stride_b + (row % T).to(tl.int64) * stride_t
 
 
 @triton.jit
@@ -102,7 +106,7 @@ def backward_kernel(logits_ptr, stride_b, stride_t, ids_ptr, mask_ptr, lse_ptr, 
                     ROWS: tl.constexpr, BLOCK_V: tl.constexpr):
     """grad_logits from the saved lse (and entropy) and the upstream dlogp (and dentropy)."""
     row, live, offset = _rows(N, T, stride_b, stride_t, mask_ptr, HAS_MASK, ROWS)
-    grad_offset = (row // T) * grad_stride_b + (row % T) * grad_stride_t
+    grad_offset = _row_offset(row, T, grad_stride_b, grad_stride_t)
     target = tl.load(ids_ptr + row, mask=live, other=0)
     lse = tl.load(lse_ptr + row, mask=live, other=0.0)
     dlogp = tl.load(dlogp_ptr + row, mask=live, other=0.0)
@@ -141,6 +145,6 @@ def fused_kernel(logits_ptr, stride_b, stride_t, ids_ptr, mask_ptr, coef_ptr, kl
     tl.store(lse_ptr + row, tl.where(live, lse, 0.0), mask=in_range)
     if WITH_ENTROPY:
         tl.store(entropy_ptr + row, tl.where(live, entropy, 0.0), mask=in_range)
-    grad_offset = (row // T) * grad_stride_b + (row % T) * grad_stride_t
+    grad_offset = _row_offset(row, T, grad_stride_b, grad_stride_t)
     _gradient_sweep(logits_ptr, offset, grad_ptr, grad_offset, in_range, live, target, lse, dlogp, lse,
                     lse, V, inv_temperature, False, ROWS, BLOCK_V)
