@@ -43,7 +43,7 @@ def reward_even_tokens(completions, completion_ids, **kwargs):
     return [sum(1 for t in ids if t % 2 == 0) / max(len(ids), 1) for ids in completion_ids]
 
 
-def train(model_dir, out_dir, **overrides):
+def train(model_dir, out_dir, capture_calls=True, **overrides):
     prompts = [" ".join(WORDS[i:i + 3]) for i in range(12)]  # 12 distinct prompts
     args = dict(output_dir=out_dir, per_device_train_batch_size=4, num_generations=2, max_completion_length=6,
                 max_steps=2, learning_rate=1e-3, logging_steps=1, report_to="none", save_strategy="no",
@@ -64,7 +64,8 @@ def train(model_dir, out_dir, **overrides):
         calls.append((value.detach() * trainer.current_gradient_accumulation_steps, expected, inputs))
         return value
 
-    trainer._compute_loss = capture
+    if capture_calls:
+        trainer._compute_loss = capture
     trainer.train()
     return trainer, calls
 
@@ -120,3 +121,58 @@ def test_frpo_rejects_split_groups(tiny_model_dir, tmp_path):
     with pytest.raises(ValueError, match="multiple of num_generations"):
         train(tiny_model_dir, str(tmp_path), loss_type="frpo", per_device_train_batch_size=2,
               num_generations=4, steps_per_generation=2, max_steps=1)
+
+
+def _two_process_main(model_dir, out_dir):
+    """Run under torchrun (2 CPU processes, gloo): the loss each process computes equals the
+    single-process frpo_kernels.loss() of the batch concatenated over processes."""
+    import torch.distributed as dist
+
+    from frpo_kernels.distributed import BatchSpan
+
+    checked = []
+    original = FRPOTrainer._compute_loss
+
+    def capture(self, model, inputs):
+        value = original(self, model, inputs) * self.current_gradient_accumulation_steps
+        with torch.no_grad():
+            kwargs = self.frpo_loss_kwargs(inputs)
+            logits = self.completion_logits(model, inputs)
+            span = BatchSpan(dist.group.WORLD, *logits.shape[:2], logits.device)
+            full = {key: span.gather(kwargs[key]) for key in ("completion_ids", "completion_mask", "advantages",
+                                                               "group_ids", "ref_logps") if kwargs[key] is not None}
+            kwargs.update(full, process_group=None)
+            expected = frpo_kernels.loss(span.gather(logits), kwargs.pop("completion_ids"),
+                                         kwargs.pop("completion_mask"), **kwargs)
+            local_ids = set(inputs["group_ids"].tolist())
+            spanning = [None] * dist.get_world_size()
+            dist.all_gather_object(spanning, local_ids)
+            checked.append((float(value.detach()), float(expected), bool(spanning[0] & spanning[1])))
+        return value / self.current_gradient_accumulation_steps
+
+    FRPOTrainer._compute_loss = capture
+    train(model_dir, out_dir, loss_type="frpo", per_device_train_batch_size=3, num_generations=2, beta=0.05,
+          capture_calls=False)
+    assert len(checked) == 2, checked
+    for value, expected, spans_processes in checked:
+        assert abs(value - expected) <= 1e-5 * max(1.0, abs(expected)), (value, expected)
+        assert spans_processes  # with 3 rows per process and groups of 2, a group spans the two processes
+    print("TWO_PROCESS_OK", dist.get_rank(), checked, flush=True)
+
+
+def test_two_processes_groups_span_processes(tiny_model_dir, tmp_path):
+    import subprocess
+    import sys
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                           os.environ.get("PYTHONPATH", "")]))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           os.path.abspath(__file__), tiny_model_dir, str(tmp_path)]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.stdout.count("TWO_PROCESS_OK") == 2, result.stdout[-3000:]
+
+
+if __name__ == "__main__":
+    import sys
+    _two_process_main(sys.argv[1], sys.argv[2])
