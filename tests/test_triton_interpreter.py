@@ -1,26 +1,42 @@
 """The Triton kernels run by Triton's interpreter on CPU tensors, against frpo_kernels/reference.py:
 values and gradients for fp32/bf16, masks, -inf, odd V, strides, temperature, entropy, in-place;
 and frpo_kernels.loss(backend="triton") against backend="torch" on the fused and two-phase paths.
+
+Triton reads TRITON_INTERPRET when it is imported (its own tl.* helpers are @jit functions), so
+unless pytest itself was started with TRITON_INTERPRET=1, test_interpreter_suite reruns this file
+in a subprocess with it set and the other tests skip here.
 """
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
 pytest.importorskip("triton")
+pytest.importorskip("hypothesis")
 
 import frpo_kernels  # noqa: E402
 from frpo_kernels import reference  # noqa: E402
 from frpo_kernels.triton import ops  # noqa: E402
 from helpers import make_batch  # noqa: E402
-
-hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import given, settings, strategies as st  # noqa: E402
 
+INTERPRETED = ops.triton_interpreted()
+interpreted_only = pytest.mark.skipif(
+    not INTERPRETED, reason="runs in test_interpreter_suite's subprocess (TRITON_INTERPRET=1)")
 
-@pytest.fixture(autouse=True)
-def interpret(monkeypatch):
-    # ops.py runs CPU tensors through an interpreted copy of the kernels whatever the import
-    # order; backends.resolve (and ops) accept CPU tensors only while the variable is set.
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+def test_interpreter_suite():
+    if INTERPRETED:
+        pytest.skip("this process is the interpreter run")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-m", "pytest", os.path.abspath(__file__), "-q",
+                           "-p", "no:cacheprovider", "-W", "ignore::RuntimeWarning"],
+                          cwd=root, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-8000:] + proc.stderr[-4000:]
+    print(proc.stdout.strip().splitlines()[-1])
 
 
 def make_inputs(batch, length, vocab, dtype, seed=0, strided=False, neg_inf=True, mask=True):
@@ -62,6 +78,7 @@ CASES = [  # (vocab, config it selects): odd V, several tiles with a ragged tail
 DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, id="bf16")]
 
 
+@interpreted_only
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("vocab", CASES)
 def test_forward(vocab, dtype):
@@ -76,6 +93,7 @@ def test_forward(vocab, dtype):
     assert_close(logp, reference.forward(logits, ids, None, 1.0, False)[0])
 
 
+@interpreted_only
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("vocab", CASES)
 @pytest.mark.parametrize("with_entropy", [False, True], ids=["plain", "entropy"])
@@ -94,6 +112,7 @@ def test_backward(vocab, dtype, with_entropy):
     assert (got[~mask] == 0).all()
 
 
+@interpreted_only
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("vocab", CASES)
 @pytest.mark.parametrize("with_kl", [False, True], ids=["no_kl", "kl"])
@@ -112,6 +131,7 @@ def test_fused(vocab, dtype, with_kl):
     assert (got[3][~mask] == 0).all()
 
 
+@interpreted_only
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_inplace_writes_into_the_logits_storage(dtype):
     logits, ids, mask = make_inputs(2, 3, 300, dtype, seed=9, strided=True)
@@ -133,6 +153,7 @@ def test_inplace_writes_into_the_logits_storage(dtype):
     assert_close(got_fused[3], want_fused[3], dtype)
 
 
+@interpreted_only
 def test_large_vocab_many_tiles_bf16():
     # V >= 256k: 33 tiles of 8192 with a ragged tail; rows stay exact in fp32 accumulation.
     vocab = 262_147
@@ -148,6 +169,7 @@ def test_large_vocab_many_tiles_bf16():
                  torch.bfloat16)
 
 
+@interpreted_only
 def test_all_masked_and_all_but_target_neg_inf():
     logits, ids, _ = make_inputs(2, 2, 50, torch.float32, seed=4, neg_inf=False, mask=False)
     logits[0, 1] = float("-inf")
@@ -160,7 +182,8 @@ def test_all_masked_and_all_but_target_neg_inf():
     assert not torch.isnan(grad).any() and (grad[1] == 0).all() and (grad[0, 1] == 0).all()
 
 
-@settings(max_examples=6, deadline=None)
+@interpreted_only
+@settings(max_examples=6, deadline=None, database=None)
 @given(batch=st.integers(1, 3), length=st.integers(1, 3), vocab=st.integers(1, 1100),
        temperature=st.floats(0.25, 4.0), bf16=st.booleans(), seed=st.integers(0, 99))
 def test_forward_backward_random_shapes(batch, length, vocab, temperature, bf16, seed):
@@ -185,6 +208,7 @@ def _loss_and_grad(data, backend, **kwargs):
     return value.detach(), grad
 
 
+@interpreted_only
 @pytest.mark.parametrize("loss_type", ["frpo", "grpo"])
 @pytest.mark.parametrize("two_phase", [False, True], ids=["fused", "two_phase"])
 def test_loss_triton_matches_torch(loss_type, two_phase):
@@ -198,7 +222,7 @@ def test_loss_triton_matches_torch(loss_type, two_phase):
 
 
 def test_without_gpu_or_interpreter_triton_is_a_clear_error(monkeypatch):
-    monkeypatch.delenv("TRITON_INTERPRET")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     if torch.cuda.is_available():
         pytest.skip("a CUDA device is present")
     data = make_batch(batch=3, length=2, vocab=5, dtype=torch.float32)

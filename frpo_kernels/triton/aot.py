@@ -96,17 +96,17 @@ def cache_dir():
 
 def compile_spec(spec: Spec) -> dict:
     """Compile one specialisation; returns its resource usage (raises on a compile error)."""
-    os.environ.setdefault("TRITON_CACHE_DIR", cache_dir())
-    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # the JIT's default; silences a warning
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
+    from triton.runtime.jit import JITFunction
 
-    from frpo_kernels.triton.configs import CONFIGS as configs
-    from frpo_kernels.triton.ops import load_kernels
+    from frpo_kernels.triton import kernels
 
-    cfg = {c.name: c for c in configs}[spec.config]
-    fn = getattr(load_kernels(interpreted=False), f"{spec.kernel}_kernel")
+    cfg = {c.name: c for c in CONFIGS}[spec.config]
+    fn = getattr(kernels, f"{spec.kernel}_kernel")
+    if not isinstance(fn, JITFunction):
+        raise RuntimeError("AOT compilation needs triton imported without TRITON_INTERPRET")
     constexprs = {**ALL_FEATURES[spec.kernel], **cfg.meta()}
     sig, attrs = _signature(fn, spec, constexprs)
     source = ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
@@ -132,13 +132,21 @@ def cubin_usage(cubin: bytes) -> dict:
     return {"n_regs": reg, "stack": stack, "static_shared": shared, "local": local}
 
 
+def _worker_init():
+    # A fresh process: triton is imported compiled (the interpreter would replace tl.* with
+    # interpreted functions that the compiler cannot call), with the on-disk cache in a temp dir.
+    os.environ["TRITON_INTERPRET"] = "0"
+    os.environ.setdefault("TRITON_CACHE_DIR", cache_dir())
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # the JIT's default; silences a warning
+
+
 def compile_all(specs=None, workers=None):
-    """compile_spec over specs in worker processes (spawned: no CUDA or torch state inherited)."""
+    """compile_spec over specs in spawned worker processes (also with one worker: the caller may
+    have imported triton under TRITON_INTERPRET)."""
     specs = specialisations() if specs is None else list(specs)
-    workers = workers or min(len(specs), os.cpu_count() or 1, 4)
-    if workers <= 1:
-        return [compile_spec(s) for s in specs]
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+    workers = workers or max(1, min(len(specs), os.cpu_count() or 1, 4))
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_worker_init) as pool:
         return list(pool.map(compile_spec, specs, chunksize=4))
 
 

@@ -1,22 +1,21 @@
 """Triton backend of the kernel contract in frpo_kernels/reference.py: forward, backward, fused.
 
 Launchers only: allocate outputs, pick the configuration, launch. CUDA tensors run compiled
-kernels; CPU tensors run them in Triton's interpreter, and only when TRITON_INTERPRET=1 is set.
+kernels; CPU tensors run in Triton's interpreter, when TRITON_INTERPRET=1 was set before import.
 """
 from __future__ import annotations
 
-import importlib.util
 import os
-import sys
 
 import torch
 
 try:
     import triton
-    from triton.runtime.jit import JITFunction
+    import triton.language as tl
+    from triton.runtime.interpreter import InterpretedFunction
     _IMPORT_ERROR = None
 except ImportError as exc:  # availability() reports it; nothing below runs without triton
-    triton = JITFunction = None
+    triton = tl = InterpretedFunction = None
     _IMPORT_ERROR = exc
 
 from frpo_kernels.triton.configs import select_config
@@ -25,13 +24,9 @@ _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def availability():
-    """(True, "") if the Triton kernels can run; (False, reason) otherwise."""
+    """(True, "") if triton imports; (False, reason) otherwise. backends.py checks the device."""
     if _IMPORT_ERROR is not None:
         return False, f"triton cannot be imported ({_IMPORT_ERROR}); pip install triton"
-    try:
-        load_kernels(interpreted=_interpret_env())
-    except Exception as exc:  # a triton too old for these kernels, for instance
-        return False, f"the triton kernels do not load with triton {triton.__version__} ({exc})"
     return True, ""
 
 
@@ -39,49 +34,25 @@ def _interpret_env():
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-_loaded = {}
-
-
-def load_kernels(interpreted: bool):
-    """The kernels module with compiled (False) or interpreted (True) @triton.jit functions.
-
-    triton decides at decoration time from TRITON_INTERPRET; the module is imported normally and,
-    if it was decorated the other way, a private copy is executed with the variable set as needed.
-    So CPU (interpreted) and CUDA (compiled) calls and the AOT compile test share one source file.
-    """
-    if interpreted in _loaded:
-        return _loaded[interpreted]
-    from frpo_kernels.triton import kernels
-    if isinstance(kernels.forward_kernel, JITFunction) != interpreted:
-        module = kernels
-    else:
-        saved = os.environ.get("TRITON_INTERPRET")
-        os.environ["TRITON_INTERPRET"] = "1" if interpreted else "0"
-        try:
-            name = "frpo_kernels.triton._kernels_" + ("interpreted" if interpreted else "compiled")
-            spec = importlib.util.spec_from_file_location(name, kernels.__file__)
-            module = importlib.util.module_from_spec(spec)
-            sys.modules[name] = module
-            spec.loader.exec_module(module)
-        finally:
-            if saved is None:
-                os.environ.pop("TRITON_INTERPRET", None)
-            else:
-                os.environ["TRITON_INTERPRET"] = saved
-    _loaded[interpreted] = module
-    return module
+def triton_interpreted():
+    """Whether triton was imported with TRITON_INTERPRET set: only then do its own tl.* helpers
+    (and so any kernel) run in the interpreter; setting the variable later has no effect."""
+    return isinstance(tl.zeros, InterpretedFunction)
 
 
 def _kernels_for(logits):
     if _IMPORT_ERROR is not None:
         raise RuntimeError(availability()[1])
+    from frpo_kernels.triton import kernels
     if logits.device.type == "cuda":
-        from frpo_kernels.triton import kernels  # compiled, or interpreted if TRITON_INTERPRET was set
         return kernels
     if logits.device.type == "cpu" and _interpret_env():
-        return load_kernels(interpreted=True)
-    raise ValueError("the triton kernels need CUDA tensors (or CPU tensors with TRITON_INTERPRET=1); "
-                     f"logits are on {logits.device}")
+        if not (triton_interpreted() and isinstance(kernels.forward_kernel, InterpretedFunction)):
+            raise ValueError("TRITON_INTERPRET=1 was set after triton was imported; set it before "
+                             "Python starts to run the triton kernels on CPU tensors")
+        return kernels
+    raise ValueError("the triton kernels need CUDA tensors (or CPU tensors with TRITON_INTERPRET=1 "
+                     f"set before Python starts); logits are on {logits.device}")
 
 
 def _check(logits, ids):
