@@ -42,7 +42,20 @@ CASES = {
     "fused_frpo_uneven": ((3, 5), 2, dict(loss_type="frpo", jackknife=False), {"fused": True,
                                                                                  "short_rank0": True}),
     "fused_bnpo_kl": ((4, 4), 4, dict(loss_type="bnpo", beta=0.1), {"fused": True}),
+    # the compiled CPU kernels (float32): fused on-policy path, and the two-pass path with old_logps
+    "cpu_fused_frpo_kl": ((3, 5), [0, 1, 2, 0, 1, 2, 3, 3], dict(loss_type="frpo", beta=0.1, backend="cpu"),
+                          {"float32": True, "short_rank0": True}),
+    "cpu_grpo_offpolicy": ((4, 4), 2, dict(loss_type="grpo", beta=0.1, backend="cpu"),
+                           {"float32": True, "old": True}),
 }
+
+
+def cpu_kernels_missing():
+    try:
+        backends.resolve("cpu", torch.zeros(1, 1, 2))
+    except (ValueError, TypeError, ImportError) as exc:
+        return str(exc)
+    return None
 
 
 def make_case(name):
@@ -94,8 +107,9 @@ def run_case(name, rows=None, process_group=None, rank=0):
     length = data["x"].shape[1]
     if rows is not None and opts.get("short_rank0") and rank == 0:
         length -= 1
-    weight = data["weight"].clone().requires_grad_(True)
-    logits = data["x"][start:stop, :length] @ weight
+    dtype = torch.float32 if opts.get("float32") else torch.float64
+    weight = data["weight"].to(dtype).requires_grad_(True)
+    logits = data["x"][start:stop, :length].to(dtype) @ weight
     logits.retain_grad()
     args = {k: v for k, v in data.items() if k not in ("x", "weight", "ids", "mask")}
     for key in ("old_logps", "ref_logps"):
@@ -118,6 +132,8 @@ def _worker(rank, init_file, out_dir):
     torch.set_num_threads(1)
     results = {}
     for name in CASES:
+        if CASES[name][2].get("backend") == "cpu" and cpu_kernels_missing():
+            continue
         value, logits_grad, weight_grad, metrics = run_case(name, rows=True, process_group=dist.group.WORLD,
                                                             rank=rank)
         dist.all_reduce(weight_grad)  # what DDP does: sum over ranks ...
@@ -136,18 +152,21 @@ def ranks():
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_two_ranks_match_one_process(ranks, name):
+    if CASES[name][2].get("backend") == "cpu" and cpu_kernels_missing():
+        pytest.skip(f"cpu kernel backend not available: {cpu_kernels_missing()}")
+    tol = dict(rtol=1e-5, atol=1e-6) if CASES[name][3].get("float32") else dict(rtol=1e-6, atol=1e-6)
     value, logits_grad, weight_grad, metrics = run_case(name)
     all_rows = CASES[name][0]
     for rank, results in enumerate(ranks):
         r_value, r_logits_grad, r_weight_grad, r_metrics = results[name]
-        torch.testing.assert_close(r_value, value, rtol=1e-6, atol=1e-6)
-        torch.testing.assert_close(r_weight_grad, weight_grad, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(r_value, value, **tol)
+        torch.testing.assert_close(r_weight_grad, weight_grad, **tol)
         start = sum(all_rows[:rank])
         expected = logits_grad[start:start + all_rows[rank], :r_logits_grad.shape[1]]
-        torch.testing.assert_close(r_logits_grad, expected, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(r_logits_grad, expected, **tol)
         assert r_metrics.keys() == metrics.keys()
         for key in metrics:
-            assert r_metrics[key] == pytest.approx(metrics[key], rel=1e-6, abs=1e-9), key
+            assert r_metrics[key] == pytest.approx(metrics[key], rel=tol["rtol"], abs=1e-6), key
 
 
 def test_process_group_without_init_is_a_clear_error():
