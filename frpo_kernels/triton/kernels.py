@@ -8,10 +8,10 @@ import triton.language as tl
 
 
 @triton.jit
-def _rows(N, T, stride_b, stride_t, mask_ptr, HAS_MASK: tl.constexpr, ROWS: tl.constexpr):
-    """This program's row indices, which of them are live (in range, not masked), and the element
-    offset of each row. (b, t) become int64 before they meet a stride: B*T*V may exceed 2**31."""
-    row = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+def _rows(first, N, T, stride_b, stride_t, mask_ptr, HAS_MASK: tl.constexpr, ROWS: tl.constexpr):
+    """Rows first .. first + ROWS - 1: indices, which are live (in range, not masked), and each
+    row's element offset. (b, t) become int64 before they meet a stride: B*T*V may exceed 2**31."""
+    row = first + tl.arange(0, ROWS)
     live = row < N
     if HAS_MASK:
         live = live & (tl.load(mask_ptr + row, mask=live, other=0) != 0)
@@ -87,7 +87,7 @@ def forward_kernel(logits_ptr, stride_b, stride_t, ids_ptr, mask_ptr, logp_ptr, 
                    entropy_ptr, N, T, V, inv_temperature, HAS_MASK: tl.constexpr,
                    WITH_ENTROPY: tl.constexpr, ROWS: tl.constexpr, BLOCK_V: tl.constexpr):
     """(logp, lse[, entropy]) per row; masked rows get 0."""
-    row, live, offset = _rows(N, T, stride_b, stride_t, mask_ptr, HAS_MASK, ROWS)
+    row, live, offset = _rows(tl.program_id(0) * ROWS, N, T, stride_b, stride_t, mask_ptr, HAS_MASK, ROWS)
     lse, entropy = _log_sum_exp(logits_ptr, offset, live, V, inv_temperature, WITH_ENTROPY, ROWS,
                                 BLOCK_V)
     target = tl.load(ids_ptr + row, mask=live, other=0)
@@ -105,7 +105,7 @@ def backward_kernel(logits_ptr, stride_b, stride_t, ids_ptr, mask_ptr, lse_ptr, 
                     inv_temperature, HAS_MASK: tl.constexpr, WITH_ENTROPY_GRAD: tl.constexpr,
                     ROWS: tl.constexpr, BLOCK_V: tl.constexpr):
     """grad_logits from the saved lse (and entropy) and the upstream dlogp (and dentropy)."""
-    row, live, offset = _rows(N, T, stride_b, stride_t, mask_ptr, HAS_MASK, ROWS)
+    row, live, offset = _rows(tl.program_id(0) * ROWS, N, T, stride_b, stride_t, mask_ptr, HAS_MASK, ROWS)
     grad_offset = _row_offset(row, T, grad_stride_b, grad_stride_t)
     target = tl.load(ids_ptr + row, mask=live, other=0)
     lse = tl.load(lse_ptr + row, mask=live, other=0.0)
@@ -126,25 +126,27 @@ def fused_kernel(logits_ptr, stride_b, stride_t, ids_ptr, mask_ptr, coef_ptr, kl
                  WITH_ENTROPY: tl.constexpr, ROWS: tl.constexpr, BLOCK_V: tl.constexpr):
     """Forward, then dlogp = coef + kl_coef * (1 - exp(ref - logp)), then the gradient sweep.
 
-    The sweep re-reads the rows this program has just read: on a GPU they are still in L2, so
-    DRAM sees one read and one write of each row."""
-    row, live, offset = _rows(N, T, stride_b, stride_t, mask_ptr, HAS_MASK, ROWS)
-    lse, entropy = _log_sum_exp(logits_ptr, offset, live, V, inv_temperature, WITH_ENTROPY, ROWS,
-                                BLOCK_V)
-    target = tl.load(ids_ptr + row, mask=live, other=0)
-    # Read the target logit before the sweep: with grad_ptr == logits_ptr the sweep overwrites it.
-    z_target = tl.load(logits_ptr + offset + target, mask=live, other=0.0).to(tl.float32)
-    logp = tl.where(live, z_target * inv_temperature - lse, 0.0)
-    dlogp = tl.load(coef_ptr + row, mask=live, other=0.0)
-    if HAS_KL:
-        kl_coef = tl.load(kl_coef_ptr + row, mask=live, other=0.0)
-        ref = tl.load(ref_ptr + row, mask=live, other=0.0)
-        dlogp += tl.where(live, kl_coef * (1.0 - tl.exp(ref - logp)), 0.0)
-    in_range = row < N
-    tl.store(logp_ptr + row, logp, mask=in_range)
-    tl.store(lse_ptr + row, tl.where(live, lse, 0.0), mask=in_range)
-    if WITH_ENTROPY:
-        tl.store(entropy_ptr + row, tl.where(live, entropy, 0.0), mask=in_range)
-    grad_offset = _row_offset(row, T, grad_stride_b, grad_stride_t)
-    _gradient_sweep(logits_ptr, offset, grad_ptr, grad_offset, in_range, live, target, lse, dlogp, lse,
-                    lse, V, inv_temperature, False, ROWS, BLOCK_V)
+    The sweep re-reads the rows this program has just read. They are still in L2 only if few rows
+    are in flight: L2 must hold (programs in flight) x (rows' bytes), so the launcher starts a
+    bounded number of programs and each walks row tiles pid, pid + programs, ... (persistent)."""
+    for first in range(tl.program_id(0) * ROWS, N, tl.num_programs(0) * ROWS):
+        row, live, offset = _rows(first, N, T, stride_b, stride_t, mask_ptr, HAS_MASK, ROWS)
+        lse, entropy = _log_sum_exp(logits_ptr, offset, live, V, inv_temperature, WITH_ENTROPY,
+                                    ROWS, BLOCK_V)
+        target = tl.load(ids_ptr + row, mask=live, other=0)
+        # The target logit before the sweep: with grad_ptr == logits_ptr the sweep overwrites it.
+        z_target = tl.load(logits_ptr + offset + target, mask=live, other=0.0).to(tl.float32)
+        logp = tl.where(live, z_target * inv_temperature - lse, 0.0)
+        dlogp = tl.load(coef_ptr + row, mask=live, other=0.0)
+        if HAS_KL:
+            kl_coef = tl.load(kl_coef_ptr + row, mask=live, other=0.0)
+            ref = tl.load(ref_ptr + row, mask=live, other=0.0)
+            dlogp += tl.where(live, kl_coef * (1.0 - tl.exp(ref - logp)), 0.0)
+        in_range = row < N
+        tl.store(logp_ptr + row, logp, mask=in_range)
+        tl.store(lse_ptr + row, tl.where(live, lse, 0.0), mask=in_range)
+        if WITH_ENTROPY:
+            tl.store(entropy_ptr + row, tl.where(live, entropy, 0.0), mask=in_range)
+        grad_offset = _row_offset(row, T, grad_stride_b, grad_stride_t)
+        _gradient_sweep(logits_ptr, offset, grad_ptr, grad_offset, in_range, live, target, lse,
+                        dlogp, lse, lse, V, inv_temperature, False, ROWS, BLOCK_V)

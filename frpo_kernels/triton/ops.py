@@ -5,6 +5,7 @@ kernels; CPU tensors run in Triton's interpreter, when TRITON_INTERPRET=1 was se
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -142,6 +143,33 @@ def backward(logits, ids, mask, lse, dlogp, entropy, dentropy, temperature, inpl
     return grad
 
 
+# Share of L2 the fused kernel's rows in flight may fill: the gradient rows it writes stream
+# through L2 as well. A guess to be tuned on hardware (bench/), not a measured value.
+L2_SHARE_FOR_ROWS = 0.5
+INTERPRETER_PROGRAMS = 3  # on CPU: few programs, so the tests exercise the persistent row loop
+
+
+@functools.lru_cache(maxsize=None)
+def _device_limits(index):
+    props = torch.cuda.get_device_properties(index)
+    return props.multi_processor_count, props.L2_cache_size
+
+
+def fused_programs(logits, cfg):
+    """How many fused programs to start. Each re-reads its rows right after reading them; the
+    re-read hits L2 only while L2 holds every row in flight, so start about
+    L2_SHARE_FOR_ROWS * L2 / (bytes of a program's rows) programs, and at least one per SM."""
+    batch, length, vocab = logits.shape
+    tiles = triton.cdiv(batch * length, cfg.rows)
+    if logits.device.type != "cuda":
+        return max(1, min(tiles, INTERPRETER_PROGRAMS))
+    sms, l2_bytes = _device_limits(logits.device.index if logits.device.index is not None
+                                   else torch.cuda.current_device())
+    tile_bytes = cfg.rows * vocab * logits.element_size()
+    fit = int(L2_SHARE_FOR_ROWS * l2_bytes) // tile_bytes
+    return max(1, min(tiles, max(sms, fit)))
+
+
 def fused(logits, ids, mask, temperature, coef, kl_coef, ref_logps, with_entropy, inplace=False):
     _check(logits, ids)
     module = _kernels_for(logits)
@@ -160,7 +188,7 @@ def fused(logits, ids, mask, temperature, coef, kl_coef, ref_logps, with_entropy
     if logp.numel() == 0:
         return logp, lse, entropy, grad
     with _on_device(logits):
-        module.fused_kernel[grid](
+        module.fused_kernel[(fused_programs(logits, cfg),)](
             logits, logits.stride(0), logits.stride(1), ids, ids if mask_u8 is None else mask_u8,
             coef, kl_coef, ref_logps, logp, lse, logp if entropy is None else entropy, grad,
             grad.stride(0), grad.stride(1), batch * length, length, vocab, 1.0 / float(temperature),
