@@ -24,15 +24,15 @@ struct ScalarOps {
   }
   template <class E, bool Ent>
   static void sum_exp(const typename E::T* x, int64_t n, float inv_t, float m, float* s_out, float* t_out) {
-    float s = 0.f, t = 0.f;
+    double s = 0.0, t = 0.0;  // one running sum over a whole chunk: fp32 would lose ~n ulps
     for (int64_t i = 0; i < n; ++i) {
       const float d = clamp_exp_arg(E::load(x + i) * inv_t - m);
       const float e = exp_poly(d);
       s += e;
-      if (Ent) t += e * d;
+      if (Ent) t += double(e) * d;
     }
-    *s_out = s;
-    *t_out = t;
+    *s_out = float(s);
+    *t_out = float(t);
   }
   template <class E, bool Ent>
   static void grad_span(const typename E::T* x, typename E::T* g, int64_t n, float inv_t, float lse, float a,
