@@ -1,0 +1,101 @@
+"""The robustness report: printed table, report.md, report.json and PNG plots in the run folder.
+
+Retention = (reward after downstream - base) / (reward after RL - base): the share of the RL gain
+that survives the downstream fine-tune (undefined when RL gained nothing).
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+ARM_KEYS = ("name", "loss_type", "lam", "reward_base", "reward_after_rl", "reward_after_downstream",
+            "downstream_before", "downstream_after", "kl_to_base")
+
+
+def retention(arm: dict) -> float:
+    gain = arm["reward_after_rl"] - arm["reward_base"]
+    if gain <= 1e-9:
+        return float("nan")
+    return (arm["reward_after_downstream"] - arm["reward_base"]) / gain
+
+
+def _fmt(x, digits=3):
+    if x is None:
+        return "-"
+    if isinstance(x, float):
+        return "nan" if math.isnan(x) else f"{x:.{digits}f}"
+    return str(x)
+
+
+def table(arms: list[dict], base: dict) -> str:
+    header = ["arm", "reward base", "after RL", "after downstream", "drop", "retention", "downstream before",
+              "downstream after", "KL to base"]
+    rows = [[a["name"], a["reward_base"], a["reward_after_rl"], a["reward_after_downstream"],
+             a["reward_after_rl"] - a["reward_after_downstream"], retention(a), a["downstream_before"],
+             a["downstream_after"], a["kl_to_base"]] for a in arms]
+    cells = [header] + [[_fmt(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |" for row in cells]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    note = (f"base model: stage-1 reward {_fmt(base['reward'])}, downstream skill {_fmt(base['downstream'])} "
+            f"(eval-set means)")
+    return "\n".join(lines) + "\n" + note
+
+
+def write(out: Path, arms: list[dict], base: dict, config: dict, metrics: list[dict], timing: dict) -> str:
+    arms_json = [{k: a[k] for k in ARM_KEYS} | {"retention": retention(a), "kl_after_downstream": a.get(
+        "kl_after_downstream")} for a in arms]
+    report = {"arms": arms_json, "base": base, "config": config, "timing": timing}
+    (out / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    text = table(arms, base)
+    md = ["# FRPO robustness report", "",
+          f"Task `{config['task']}` (downstream: `{config['downstream']}`), model `{config['model']}`, "
+          f"seed {config['seed']}, {config['rl_steps']} RL steps x {config['prompts_per_step']} prompts x "
+          f"G={config['group_size']}, then {config['sft_steps']} SFT steps.", "", text, "",
+          "Rewards are eval-split means (greedy decoding). Drop = after RL - after downstream; "
+          "retention = (after downstream - base) / (after RL - base). KL to base: mean per-token "
+          "KL(policy || base) on the policy's eval completions after RL.", "",
+          "Timing (mean seconds per RL step): " + ", ".join(f"{k} {v:.2f}" for k, v in timing.items()
+                                                             if isinstance(v, float)), "",
+          "![reward curves](reward_curves.png)", "", "![retention](retention.png)", ""]
+    (out / "report.md").write_text("\n".join(md))
+    plot(out, arms, metrics)
+    return text
+
+
+def plot(out: Path, arms: list[dict], metrics: list[dict]):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_rl, ax_sft) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for arm in arms:
+        rl = [m for m in metrics if m["arm"] == arm["name"] and m["stage"] == "rl"]
+        sft = [m for m in metrics if m["arm"] == arm["name"] and m["stage"] == "sft"]
+        ax_rl.plot([m["step"] for m in rl], [m["reward_mean"] for m in rl], marker=".", label=arm["name"])
+        ax_sft.plot([m["step"] for m in sft], [m["loss"] for m in sft], marker=".", label=arm["name"])
+    ax_rl.set(title="RL stage: mean sampled reward", xlabel="step", ylabel="reward")
+    ax_sft.set(title="downstream SFT: loss", xlabel="step", ylabel="NLL per token")
+    for ax in (ax_rl, ax_sft):
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "reward_curves.png", dpi=100)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(2.2 + 1.6 * len(arms), 3.8))
+    stages = [("reward_base", "base"), ("reward_after_rl", "after RL"), ("reward_after_downstream", "after downstream")]
+    width = 0.8 / len(stages)
+    for j, (key, label) in enumerate(stages):
+        ax.bar([i + (j - 1) * width for i in range(len(arms))], [a[key] for a in arms], width, label=label)
+    for i, arm in enumerate(arms):
+        r = retention(arm)
+        ax.text(i, max(a["reward_after_rl"] for a in arms) * 1.02 + 0.02,
+                "retention " + ("n/a" if math.isnan(r) else f"{r:.0%}"), ha="center", fontsize=8)
+    ax.set_xticks(range(len(arms)), [a["name"] for a in arms])
+    ax.set(ylabel="stage-1 eval reward", title="stage-1 reward and retention per arm")
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(out / "retention.png", dpi=100)
+    plt.close(fig)

