@@ -12,13 +12,17 @@ import torch
 
 BACKENDS = ("auto", "torch", "cpu", "triton")
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_MODULE_PATHS = {"cpu": "frpo_kernels.cpu", "triton": "frpo_kernels.triton.ops"}
+_loaded = {}  # a plain dict lookup once loaded, so torch.compile can trace resolve() without a break
+_available = {}  # backend name -> (ok, reason), probed once per process
 _warned_fallback = set()
 
 
 def _module(name):
-    if name == "cpu":
-        return importlib.import_module("frpo_kernels.cpu")
-    return importlib.import_module("frpo_kernels.triton.ops")
+    module = _loaded.get(name)
+    if module is None:
+        module = _loaded[name] = importlib.import_module(_MODULE_PATHS[name])
+    return module
 
 
 def _triton_interpreted():
@@ -62,11 +66,18 @@ def _availability(name, logits):
         if logits.device.type != "cuda" and not (_triton_interpreted() and logits.device.type == "cpu"):
             return False, ("the triton backend needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1 "
                            f"set before Python starts); logits are on {logits.device}")
-    try:
-        module = _module(name)
-    except ImportError as exc:
-        return False, f"cannot import it ({exc})"
-    return module.availability()
+    return _module_availability(name)
+
+
+def _module_availability(name):
+    known = _available.get(name)
+    if known is None:
+        try:
+            known = _module(name).availability()
+        except ImportError as exc:
+            known = (False, f"cannot import it ({exc})")
+        _available[name] = known
+    return known
 
 
 def kernels(name: str):

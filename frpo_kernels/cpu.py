@@ -32,6 +32,8 @@ def _jit_compile():
 
 
 def _load():
+    if _state["loaded"]:  # checked before the lock: torch.compile traces this path and cannot enter a lock
+        return
     with _lock:
         if _state["loaded"] or _state["error"] is not None:
             return

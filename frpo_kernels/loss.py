@@ -73,7 +73,7 @@ def loss(logits, completion_ids, completion_mask=None, *, advantages=None, rewar
         old_logps = None if old_logps is None else span.gather(old_logps.to(dtype))
     groups = make_groups(batch, group_size, group_ids, device)
     if advantages is None:
-        if scale_rewards and bool((groups.counts < 2).any()):
+        if scale_rewards and checks._checking_values() and bool((groups.counts < 2).any()):
             raise ValueError("scale_rewards=True needs >= 2 members per group (std of one reward)")
         advantages = advantages_from_rewards(rewards.to(dtype), groups, scale_rewards)
     advantages = advantages.to(dtype)
@@ -82,7 +82,11 @@ def loss(logits, completion_ids, completion_mask=None, *, advantages=None, rewar
     if name != "torch" and logits.stride(-1) != 1:
         logits = logits.contiguous()
 
-    if name != "torch" and old_logps is None and logits.requires_grad and torch.is_grad_enabled():
+    # The fused path takes autograd.grad of a probe inside forward, which torch.compile cannot trace:
+    # compiled graphs use the two-pass kernels instead.
+    fused = name != "torch" and old_logps is None and logits.requires_grad and torch.is_grad_enabled() \
+        and not torch.compiler.is_compiling()
+    if fused:
         # On-policy: the ratios are exactly 1, so dloss/dlogp does not depend on logp except through
         # the row-local KL term; get it from the objective at any logp and fuse fwd+bwd in one pass.
         with torch.enable_grad():
