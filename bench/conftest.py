@@ -1,0 +1,110 @@
+"""Shared pieces of the CPU benchmarks: the shape grid (quick by default, FRPO_BENCH_FULL=1 for all),
+copy-bandwidth floor, peak-RSS measurement, and the results file + chart written at session end.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import pytest
+import torch
+
+FULL = os.environ.get("FRPO_BENCH_FULL", "0") not in ("", "0")
+HERE = os.path.dirname(os.path.abspath(__file__))
+RESULTS = []
+
+
+def shapes():
+    """(N = B*T, V) cases: the full grid, or one small shape that runs in seconds."""
+    if FULL:
+        return [(2048, 49152), (4096, 49152), (2048, 151936), (4096, 151936)]
+    return [(256, 32768)]  # 32 MiB of fp32 logits: about the L3 size, so the floor roughly means something
+
+
+def rounds():
+    return 3 if FULL else 1
+
+
+def copy_seconds(logits, repeats=3):
+    """Best time of copying the logits buffer once (one read + one write of it): this machine's floor unit."""
+    dst = torch.empty_like(logits)
+    dst.copy_(logits)  # fault the pages in first
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        dst.copy_(logits)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def _status_kib(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)
+
+
+def peak_rss_delta_bytes(fn):
+    """Peak resident memory during fn() above the RSS before it, in bytes (Linux: resets VmHWM through
+    /proc/self/clear_refs, then reads it back); None where that is not possible. Counts every byte the
+    process touches (torch CPU has no allocator statistics), including fn's own outputs."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        before = _status_kib("VmRSS")
+        out = fn()
+        peak = _status_kib("VmHWM")
+        del out
+        return max(0, peak - before) * 1024
+    except (OSError, KeyError):
+        return None
+
+
+def record(row):
+    RESULTS.append(row)
+    floor = row["floor_ratio"]
+    mem = row["extra_peak_mib"]
+    print(f"\n  {row['impl']:>14} {row['mode']:>14} N={row['N']} V={row['V']} {row['dtype']:>8}: "
+          f"{row['seconds'] * 1e3:9.1f} ms  = {floor:5.2f} x floor ({row['floor_ms']:.1f} ms)  "
+          f"extra peak RSS {'n/a' if mem is None else f'{mem:.0f} MiB'}")
+
+
+def _write_outputs():
+    path = os.path.join(HERE, "results.json")
+    with open(path, "w") as f:
+        json.dump({"machine": {"threads": torch.get_num_threads(), "torch": torch.__version__},
+                   "results": RESULTS}, f, indent=1)
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    cases = sorted({(r["mode"], r["N"], r["V"], r["dtype"]) for r in RESULTS})
+    impls = sorted({r["impl"] for r in RESULTS})
+    fig, ax = plt.subplots(figsize=(max(8, len(cases) * 0.9), 5))
+    width = 0.8 / max(1, len(impls))
+    for k, impl in enumerate(impls):
+        ys = []
+        for case in cases:
+            hit = [r["floor_ratio"] for r in RESULTS if (r["mode"], r["N"], r["V"], r["dtype"]) == case
+                   and r["impl"] == impl]
+            ys.append(hit[0] if hit else 0)
+        ax.bar([i + k * width for i in range(len(cases))], ys, width, label=impl)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(cases))])
+    ax.set_xticklabels([f"{m}\n{n}x{v}\n{d}" for m, n, v, d in cases], fontsize=6)
+    ax.set_ylabel("time / memory-traffic floor (lower is better)")
+    ax.set_yscale("log")
+    ax.axhline(1.0, color="k", lw=0.5)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(HERE, "results.png"), dpi=120)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _bench_session():
+    yield
+    if FULL and RESULTS:
+        _write_outputs()

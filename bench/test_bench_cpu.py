@@ -1,0 +1,127 @@
+"""CPU benchmarks of the per-token log-prob work inside frpo_kernels.loss(), side by side:
+torch eager reference, TRL's selective_log_softmax, torch.compile of the reference, and backend="cpu". The TRL and
+torch.compile rows time only per-token log-probs plus a trivial sum loss (a lower bound on their cost).
+
+Each case prints time / floor, floor = minimum bytes / this machine's copy bandwidth (forward: read
+the logits once; fused fwd+bwd: read + write; two-phase fwd+bwd: read twice + write once), and the
+peak RSS beyond the logits and their gradient. Quick by default; FRPO_BENCH_FULL=1 runs the grid and
+writes bench/results.json and bench/results.png. Nothing here asserts on time.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import frpo_kernels
+from conftest import FULL, copy_seconds, peak_rss_delta_bytes, record, rounds, shapes
+
+try:
+    from trl.trainer.utils import selective_log_softmax
+except Exception:  # TRL is optional
+    selective_log_softmax = None
+
+GROUP = 8
+IMPLS = ["torch_eager", "trl_selective", "torch_compile", "cpu"]
+MODES = ["forward", "fwd_bwd_fused", "fwd_bwd_2phase"]
+_reference_values = {}
+_compiled = {}
+
+
+def _inputs(n, v, dtype):
+    gen = torch.Generator().manual_seed(0)
+    batch = GROUP * 2
+    length = n // batch
+    logits = (torch.randn(batch, length, v, generator=gen) * 2).to(dtype)
+    ids = torch.randint(0, v, (batch, length), generator=gen)
+    mask = torch.ones(batch, length)
+    mask[1, length // 2:] = 0
+    rewards = torch.randint(0, 2, (batch,), generator=gen).float()
+    old = -torch.rand(batch, length, generator=gen) * 3
+    return logits, ids, mask, rewards, old
+
+
+def _loss_fn(impl, mode, ids, mask, rewards, old):
+    kwargs = dict(rewards=rewards, group_size=GROUP, old_logps=old if mode == "fwd_bwd_2phase" else None)
+    if impl == "trl_selective":
+        if selective_log_softmax is None:
+            pytest.skip("trl is not installed")
+        if mode == "fwd_bwd_2phase":
+            pytest.skip("TRL's path has one backward (autograd), shown under fwd_bwd_fused")
+        # TRL computes per-token log-probs this way; the O(B*T) loss on top is negligible, so use a sum
+        return lambda z: -(selective_log_softmax(z, ids).float() * mask).sum()
+    if impl == "torch_compile":
+        # inductor (torch 2.13 CPU) fails to compile loss()'s group scatter, so compile the O(B*T*V)
+        # part, the reference per-token log-probs, with the same trivial loss on top as the TRL row
+        if mode == "fwd_bwd_2phase":
+            pytest.skip("compiled reference has one backward (autograd), shown under fwd_bwd_fused")
+        if "fn" not in _compiled:
+            _compiled["fn"] = torch.compile(
+                lambda z, ids, mask: -(frpo_kernels.token_logprobs(z, ids, backend="torch") * mask).sum())
+        fn = _compiled["fn"]
+        return lambda z: fn(z, ids, mask)
+    backend = "torch" if impl == "torch_eager" else "cpu"
+    return lambda z: frpo_kernels.loss(z, ids, mask, backend=backend, **kwargs)
+
+
+def _cases():
+    for n, v in shapes():
+        for dtype in (torch.float32, torch.bfloat16):
+            for mode in MODES:
+                for impl in IMPLS:
+                    if not FULL and impl == "torch_compile" and dtype != torch.float32:
+                        continue  # compiling costs ~10 s a case; the quick run keeps one dtype
+                    yield pytest.param(n, v, dtype, mode, impl, id=f"{mode}-{impl}-{n}x{v}-{str(dtype)[6:]}")
+
+
+@pytest.mark.parametrize("n,v,dtype,mode,impl", list(_cases()))
+def test_bench(benchmark, n, v, dtype, mode, impl):
+    logits, ids, mask, rewards, old = _inputs(n, v, dtype)
+    fn = _loss_fn(impl, mode, ids, mask, rewards, old)
+    esize = logits.element_size()
+    grad_bytes = 0 if mode == "forward" else logits.numel() * esize
+
+    if mode == "forward":
+        def run():
+            with torch.no_grad():
+                return fn(logits)
+        setup = None
+    else:
+        leaf = logits.clone().requires_grad_(True)
+
+        def run():
+            value = fn(leaf)
+            value.backward()
+            return value
+
+        def setup():
+            leaf.grad = None
+
+    # correctness (not timing): every implementation agrees with the eager reference
+    value = run() if mode == "forward" else (setup(), run())[1]
+    key = (n, v, dtype, mode)
+    if impl in ("torch_eager", "cpu"):
+        if key not in _reference_values:
+            ref = _loss_fn("torch_eager", mode, ids, mask, rewards, old)
+            if mode == "forward":
+                with torch.no_grad():
+                    _reference_values[key] = ref(logits).item()
+            else:
+                z = logits.clone().requires_grad_(True)
+                _reference_values[key] = ref(z).item()
+        want = _reference_values[key]
+        assert abs(value.item() - want) <= 1e-3 * max(1.0, abs(want)), (value.item(), want)
+
+    benchmark.pedantic(run, setup=setup, rounds=rounds(), iterations=1, warmup_rounds=0)
+    seconds = benchmark.stats.stats.min
+
+    copy = copy_seconds(logits)
+    floor_reads_writes = {"forward": 0.5, "fwd_bwd_fused": 1.0, "fwd_bwd_2phase": 1.5}[mode]  # in copies
+    floor = copy * floor_reads_writes
+    if setup:
+        setup()
+    peak = peak_rss_delta_bytes(run)
+    extra = None if peak is None else (peak - grad_bytes) / 2**20
+    row = dict(impl=impl, mode=mode, N=n, V=v, dtype=str(dtype)[6:], seconds=seconds, floor_ms=floor * 1e3,
+               floor_ratio=seconds / floor, copy_gbps=2 * logits.numel() * esize / copy / 1e9, extra_peak_mib=extra)
+    benchmark.extra_info.update(row)
+    record(row)
