@@ -19,12 +19,17 @@ def loss(logits, completion_ids, completion_mask=None, *, advantages=None, rewar
          group_size=None, group_ids=None, old_logps=None, ref_logps=None, loss_type="frpo",
          lam=1.0, beta=0.0, epsilon_low=0.2, epsilon_high=0.2, delta=None, jackknife=True,
          baseline=True, importance_sampling_level="token", scale_rewards=False, temperature=1.0,
-         max_completion_length=None, backend="auto", return_metrics=False, process_group=None):
+         max_completion_length=None, backend="auto", return_metrics=False, process_group=None,
+         overwrite_logits=False):
     """FRPO (arXiv 2602.08813) or a GRPO-family loss from completion logits.
 
     logits [B, T, V] predict completion_ids [B, T]; completion_mask [B, T] (None: all tokens).
     Exactly one of advantages/rewards [B] and one of group_size/group_ids. Returns the scalar loss,
     or (loss, metrics) with return_metrics=True. Formulas: see README.md, "The loss".
+
+    overwrite_logits=True lets the cpu/triton kernels write the logits' gradient into the logits'
+    own storage (no new [B, T, V] buffer); the logits hold the gradient afterwards, so use it only
+    when nothing else reads them (e.g. logits straight from the LM head).
 
     process_group (torch.distributed): groups may span the ranks of this group. Each rank passes its
     own rows; the global batch is the rank-major concatenation of all ranks' rows (batch sizes and T
@@ -109,13 +114,13 @@ def loss(logits, completion_ids, completion_mask=None, *, advantages=None, rewar
 
         result, logp, entropy = fused_loss(logits, completion_ids, row_mask, float(temperature), coef,
                                            kernel_kl_coef, local_ref, return_metrics, name,
-                                           value_from_logp)
+                                           value_from_logp, overwrite_logits)
         logp = logp.to(dtype)
         if span is not None and return_metrics:
             logp = span.gather(logp.detach())
     else:
         logp, entropy = _token_logprobs(logits, completion_ids, row_mask, float(temperature),
-                                        return_metrics, name)
+                                        return_metrics, name, overwrite_logits)
         logp = logp.to(dtype)
         if span is not None:
             logp = span.gather(logp)  # this rank's rows keep their gradient

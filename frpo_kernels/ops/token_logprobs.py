@@ -13,10 +13,10 @@ from frpo_kernels.backends import kernels
 
 class TokenLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, ids, mask, temperature, with_entropy, backend):
+    def forward(ctx, logits, ids, mask, temperature, with_entropy, backend, overwrite_logits):
         logp, lse, entropy = kernels(backend).forward(logits, ids, mask, temperature, with_entropy)
         ctx.save_for_backward(logits, ids, mask, lse, entropy)
-        ctx.temperature, ctx.backend = temperature, backend
+        ctx.temperature, ctx.backend, ctx.overwrite_logits = temperature, backend, overwrite_logits
         ctx.mark_non_differentiable(lse)
         if entropy is None:
             entropy = lse.new_zeros(())
@@ -31,16 +31,19 @@ class TokenLogprobs(torch.autograd.Function):
             entropy = dentropy = None
         grad = kernels(ctx.backend).backward(
             logits, ids, mask, lse, dlogp.float().contiguous(), entropy,
-            None if dentropy is None else dentropy.float().contiguous(), ctx.temperature, False)
-        return grad, None, None, None, None, None
+            None if dentropy is None else dentropy.float().contiguous(), ctx.temperature,
+            ctx.overwrite_logits)
+        return grad, None, None, None, None, None, None
 
 
-def token_logprobs(logits, ids, mask, temperature, with_entropy, backend):
-    """(logp, entropy or None) [B, T]; differentiable w.r.t. logits on every backend."""
+def token_logprobs(logits, ids, mask, temperature, with_entropy, backend, overwrite_logits=False):
+    """(logp, entropy or None) [B, T]; differentiable w.r.t. logits on every backend.
+    overwrite_logits: the backward kernel writes the gradient into the logits' own storage."""
     if backend == "torch":
         logp, _, entropy = reference.forward(logits, ids, mask, temperature, with_entropy)
         return logp, entropy
-    logp, _, entropy = TokenLogprobs.apply(logits, ids, mask, temperature, with_entropy, backend)
+    logp, _, entropy = TokenLogprobs.apply(logits, ids, mask, temperature, with_entropy, backend,
+                                            overwrite_logits)
     return logp, (entropy if with_entropy else None)
 
 
@@ -61,15 +64,16 @@ class _PrecomputedGradient(torch.autograd.Function):
 
 
 def fused_loss(logits, ids, mask, temperature, coef, kl_coef, ref_logps, with_entropy, backend,
-               value_from_logp, inplace=False):
+               value_from_logp, overwrite_logits=False):
     """Loss whose token gradient is coef + kl_coef * (1 - exp(ref - logp)), in one pass over V.
 
     value_from_logp(logp) -> scalar loss value (no gradient needed); returns (loss, logp, entropy).
+    overwrite_logits: the gradient is written into the logits' own storage (no [B, T, V] buffer).
     """
     logp, _, entropy, grad_logits = kernels(backend).fused(
         logits.detach(), ids, mask, temperature, coef.float().contiguous(),
         None if kl_coef is None else kl_coef.float().contiguous(),
-        None if ref_logps is None else ref_logps.float().contiguous(), with_entropy, inplace)
+        None if ref_logps is None else ref_logps.float().contiguous(), with_entropy, overwrite_logits)
     value = value_from_logp(logp)
     loss = _PrecomputedGradient.apply(logits, value, grad_logits)
     return loss, logp, entropy
