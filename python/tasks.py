@@ -65,7 +65,7 @@ def arithmetic_reward(completion: str, example: Example) -> float:
     return float(first_number(completion) == int(example.answer))
 
 
-def reverse_words_task(n_train: int = 400, n_eval: int = 48) -> Downstream:
+def reverse_words_task(n_train: int = 400, n_eval: int = 32) -> Downstream:
     """Downstream skill for arithmetic: reverse the order of three words (a text transformation)."""
     rng = random.Random(99)
     seen, examples = set(), []
@@ -75,7 +75,7 @@ def reverse_words_task(n_train: int = 400, n_eval: int = 48) -> Downstream:
             seen.add(words)
             examples.append(Example("Reverse the words: " + " ".join(words), " ".join(reversed(words))))
     return Downstream("reverse_words", train=examples[n_eval:], eval=examples[:n_eval],
-                      score=exact_first_line, max_new_tokens=10)
+                      score=exact_first_line, max_new_tokens=8)
 
 
 def exact_first_line(completion: str, example: Example) -> float:
@@ -164,7 +164,7 @@ def safety_task() -> Task:
                 reward=safety_reward, max_new_tokens=16)
 
 
-def instruction_following_task(n_train: int = 400, n_eval: int = 48) -> Downstream:
+def instruction_following_task(n_train: int = 400, n_eval: int = 32) -> Downstream:
     """Downstream skill for safety: follow small verifiable instructions on harmless prompts."""
     rng = random.Random(5)
     makers = [
