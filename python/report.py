@@ -44,8 +44,8 @@ def table(arms: list[dict], base: dict) -> str:
 
 
 def write(out: Path, arms: list[dict], base: dict, config: dict, metrics: list[dict], timing: dict) -> str:
-    arms_json = [{k: a[k] for k in ARM_KEYS} | {"retention": retention(a), "kl_after_downstream": a.get(
-        "kl_after_downstream")} for a in arms]
+    arms_json = [{k: a[k] for k in ARM_KEYS} | {"retention": None if math.isnan(retention(a)) else retention(a),
+                                                "kl_after_downstream": a.get("kl_after_downstream")} for a in arms]
     report = {"arms": arms_json, "base": base, "config": config, "timing": timing}
     (out / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
     text = table(arms, base)

@@ -216,6 +216,11 @@ def main(argv=None) -> int:
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     config["downstream"] = downstream.name
     arms = make_arms(args)
+    try:  # fail now, not after the model load, if the kernel backend cannot run here
+        frpo_kernels.token_logprobs(torch.zeros(1, 1, 2), torch.zeros(1, 1, dtype=torch.long), backend=args.backend)
+    except (ValueError, TypeError) as exc:
+        print(f"error: --backend {args.backend}: {exc}; use --backend torch or auto", file=sys.stderr)
+        return 2
     try:
         model, tokenizer = load_policy(args)
     except model_loading.ModelNotFound as exc:
