@@ -13,6 +13,9 @@ import torch
 FULL = os.environ.get("FRPO_BENCH_FULL", "0") not in ("", "0")
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = []
+# Above this many logits the eager/TRL/compile peers are not run (4096 x 151936 fp32 is 2.5 GB; eager
+# softmax + autograd keeps several full-size intermediates, more than this machine can spare).
+PEERS_MAX_ELEMENTS = 2048 * 151936
 
 
 def shapes():
@@ -76,6 +79,9 @@ def _write_outputs():
     with open(path, "w") as f:
         json.dump({"machine": {"threads": torch.get_num_threads(), "torch": torch.__version__},
                    "results": RESULTS}, f, indent=1)
+    with open(os.path.join(HERE, "results.md"), "w") as f:
+        f.write(f"FRPO_BENCH_FULL=1 python -m pytest bench -q -s  ({torch.get_num_threads()} threads, torch "
+                f"{torch.__version__}); best of {rounds()} rounds\n\n```\n{ratio_table(RESULTS)}\n```\n")
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -101,6 +107,32 @@ def _write_outputs():
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(os.path.join(HERE, "results.png"), dpi=120)
+
+
+def ratio_table(rows):
+    """One line per (case, impl): time, time / floor, and speed-up over torch eager / torch.compile
+    (their time divided by this one; '-' where that peer did not run)."""
+    lines = [f"{'mode':<22} {'N x V':>13} {'dtype':>8} {'impl':>14} {'ms':>9} {'/floor':>7} "
+             f"{'vs eager':>9} {'vs compile':>10}"]
+    order = {m: i for i, m in enumerate(["forward", "fwd_bwd_fused", "fwd_bwd_2phase"])}
+    cases = sorted({(r["mode"], r["N"], r["V"], r["dtype"]) for r in rows}, key=lambda c: (order.get(c[0], 9), *c[1:]))
+    for case in cases:
+        hits = {r["impl"]: r for r in rows if (r["mode"], r["N"], r["V"], r["dtype"]) == case}
+        # compare against the peers' best-of time in the same mode (compile/TRL report under fwd_bwd_fused)
+        for impl, r in hits.items():
+            speed = []
+            for peer in ("torch_eager", "torch_compile"):
+                pr = hits.get(peer)
+                speed.append(f"{pr['seconds'] / r['seconds']:.2f}x" if pr else "-")
+            lines.append(f"{case[0]:<22} {f'{case[1]}x{case[2]}':>13} {case[3]:>8} {impl:>14} "
+                         f"{r['seconds'] * 1e3:9.1f} {r['floor_ratio']:6.2f}x {speed[0]:>9} {speed[1]:>10}")
+    return "\n".join(lines)
+
+
+def pytest_terminal_summary(terminalreporter):
+    if RESULTS:
+        terminalreporter.write_sep("=", "time / floor (floor = bytes moved / copy bandwidth) and speed-ups")
+        terminalreporter.write_line(ratio_table(RESULTS))
 
 
 @pytest.fixture(scope="session", autouse=True)

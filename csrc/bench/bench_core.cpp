@@ -1,4 +1,7 @@
-// Microbenchmark of the torch-free core (OpenMP over rows): copy floor vs forward / fused / backward.
+// Microbenchmark of the torch-free core (OpenMP over rows, one contiguous block per thread): the memcpy
+// floor vs forward / fused (new gradient buffer) / fused in place / backward, best of reps each.
+// Floors in units of one copy (read + write of the logits): forward 0.5 (read once), fused 1.0 (read
+// once + write once), two-phase forward + backward 1.5 (read twice + write once).
 // Usage: bench_core [rows] [vocab] [f32|bf16|f16] [stream 0/1] [reps]
 #include <omp.h>
 
@@ -65,9 +68,25 @@ int main(int argc, char** argv) {
   const double tf = best_of(reps, [&] { par([&](int64_t r0, int64_t r1) { forward_rows(L, tok, fo, r0, r1); }); });
   const double tfu = best_of(reps, [&] { par([&](int64_t r0, int64_t r1) { fused_rows(L, tok, FusedIn{coef.data(), nullptr, nullptr}, fo, G, r0, r1); }); });
   const double tb = best_of(reps, [&] { par([&](int64_t r0, int64_t r1) { backward_rows(L, tok, BackwardIn{lse.data(), coef.data(), nullptr, nullptr}, G, r0, r1); }); });
-  std::printf("%s %lldx%lld %s stream=%d threads=%d: copy %.1f ms (%.1f GB/s r+w)  fwd %.1f ms (%.2fx copy)  fused %.1f ms (%.2fx)  bwd %.1f ms (%.2fx)\n",
+  // in place: the gradient overwrites a copy of the logits (refreshed, untimed, before each rep)
+  double tip = 1e30;
+  {
+    LogitsView Li = L;
+    Li.data = g;
+    GradView Gi{g, rows * vocab, vocab, false};
+    for (int i = 0; i < reps; ++i) {
+      par([&](int64_t r0, int64_t r1) { std::memcpy(g + r0 * vocab * esize, x + r0 * vocab * esize, size_t(r1 - r0) * vocab * esize); });
+      tip = std::min(tip, best_of(1, [&] { par([&](int64_t r0, int64_t r1) { fused_rows(Li, tok, FusedIn{coef.data(), nullptr, nullptr}, fo, Gi, r0, r1); }); }));
+    }
+  }
+  std::printf("%s %lldx%lld %s stream=%d threads=%d: copy %.3f ms (%.1f GB/s r+w) | time/floor: fwd %.3f ms %.2fx | "
+              "fused %.3f ms %.2fx | fused_inplace %.3f ms %.2fx | fwd+bwd %.3f ms %.2fx (bwd alone %.3f ms)\n",
               active_isa(), (long long)rows, (long long)vocab, dt.c_str(), stream, omp_get_max_threads(), tc * 1e3,
-              2 * bytes / tc / 1e9, tf * 1e3, tf / tc, tfu * 1e3, tfu / tc, tb * 1e3, tb / tc);
+              2 * bytes / tc / 1e9, tf * 1e3, tf / (0.5 * tc), tfu * 1e3, tfu / tc, tip * 1e3, tip / tc,
+              (tf + tb) * 1e3, (tf + tb) / (1.5 * tc), tb * 1e3);
+  const double ns = 1e9 / double(n);  // per logit, all threads together
+  std::printf("  ns/logit: copy %.3f  fwd %.3f  fused %.3f  fused_inplace %.3f  bwd %.3f\n", tc * ns, tf * ns, tfu * ns,
+              tip * ns, tb * ns);
   std::free(x);
   std::free(g);
   return 0;

@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <memory>
 
 #include "logprob_kernels.h"
 
@@ -59,30 +60,62 @@ struct F16 {
 // logits give p = 0 and (clamped x) * p = 0 instead of NaN.
 constexpr float kExpLo = -88.0f, kExpHi = 88.3f;
 constexpr float kLog2e = 1.44269504088896341f;
+constexpr float kLn2 = 0.693147180559945309f;
 constexpr float kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;  // n*kLn2Hi is exact for |n| < 2^8
-constexpr float kRoundMagic = 12582912.f;  // 1.5 * 2^23: adding it rounds to an integer in the low bits
-// minimax coefficients of (exp(r) - 1 - r) / r^2 on [-ln2/2, ln2/2] (about 1 ulp)
-constexpr float kP0 = 1.9875691500e-4f, kP1 = 1.3981999507e-3f, kP2 = 8.3334519073e-3f,
-                kP3 = 4.1665795894e-2f, kP4 = 1.6666665459e-1f, kP5 = 5.0000001201e-1f;
+#ifndef FRPO_EXP_2STEP
+#define FRPO_EXP_2STEP 0
+#endif
+// Adding kRoundMagic (1.5 * 2^23 + 127) rounds x*log2e to an integer n and leaves n + 127, the
+// exponent field of 2^n, in the low mantissa bits, so 2^n is one shift of the sum's bits.
+constexpr float kRoundMagic = 12583039.f;
+// exp(r) ~ 1 + r*(kE1 + r*(kE2 + r*(kE3 + r*(kE4 + r*kE5)))) on |r| <= ln2/2: a relative-error
+// minimax fit (Lawson iterations, fp32 coefficients), max error 1.7e-7 evaluated in fp32 Horner form.
+// Degree 5 instead of 7 and a one-constant reduction r = x - n*ln2 (the fp32 rounding of ln2 adds
+// |n| * 2.7e-9 relative: 3e-8 for the terms that dominate a sum, 3.4e-7 at n = -127, where exp(x) is
+// below 1e-38) -- 9 FMA-port ops per 8 exps instead of 12 (see csrc/bench/README.md for the numbers).
+constexpr float kE1 = 0.9999997019767761f, kE2 = 0.4999915063381195f, kE3 = 0.1666763573884964f,
+                kE4 = 0.04189793020486832f, kE5 = 0.008290315046906471f;
 
 inline float clamp_exp_arg(float x) {
   x = x < kExpLo ? kExpLo : x;
   return x > kExpHi ? kExpHi : x;
 }
 // exp of an argument already in [kExpLo, kExpHi]; branch-free so compilers can vectorise it.
+// Same operation order as the AVX2 exp8 (std::fma where it uses FMAs), so both paths round alike.
 inline float exp_poly(float x) {
-  const float t = x * kLog2e + kRoundMagic;
+  const float t = std::fma(x, kLog2e, kRoundMagic);
   const float n = t - kRoundMagic;
-  float r = x - n * kLn2Hi;
-  r = r - n * kLn2Lo;
-  float p = kP0;
-  p = p * r + kP1; p = p * r + kP2; p = p * r + kP3; p = p * r + kP4; p = p * r + kP5;
-  const float e = (p * r) * r + r + 1.f;
-  const float scale = bits_float((float_bits(t) + 127u) << 23);  // 2^n; 0 for n = -127
-  return e * scale;
+#if FRPO_EXP_2STEP
+  const float r = std::fma(-n, kLn2Lo, std::fma(-n, kLn2Hi, x));
+#else
+  const float r = std::fma(-n, kLn2, x);
+#endif
+  float p = std::fma(kE5, r, kE4);
+  p = std::fma(p, r, kE3);
+  p = std::fma(p, r, kE2);
+  p = std::fma(p, r, kE1);
+  p = std::fma(p, r, 1.f);
+  const float scale = bits_float(float_bits(t) << 23);  // 2^n; 0 for n = -127
+  return p * scale;
 }
 
-constexpr int64_t kChunk = 4096;  // elements per max/sum-exp chunk: 16 KiB of fp32 stays in L1
+// Elements per max/sum-exp chunk: the max sweep brings the chunk into L1 and the exp sweep reuses it.
+// While one chunk is summed the next one is prefetched, so two chunks must fit in L1 (32 KiB): 2048
+// fp32 (8 KiB) measured best of 1024..8192 (csrc/bench/README.md).
+#ifndef FRPO_CHUNK
+#define FRPO_CHUNK 2048
+#endif
+constexpr int64_t kChunk = FRPO_CHUNK;
+// Backward-only sweeps (nothing of the row is cached) prefetch this many elements ahead.
+#ifndef FRPO_BWD_PREFETCH
+#define FRPO_BWD_PREFETCH 2048
+#endif
+constexpr int64_t kBwdPrefetch = FRPO_BWD_PREFETCH;
+// Fused: prefetch the whole next row during this row's gradient sweep (1) or only its first chunk,
+// from the forward sweep's last chunk (0). 0 measured faster: 1.54x vs 1.91x the copy time.
+#ifndef FRPO_FUSED_PF
+#define FRPO_FUSED_PF 0
+#endif
 
 struct RowStats { float logp, lse, entropy; };
 
@@ -92,8 +125,14 @@ inline int64_t row_offset(int64_t r, int64_t length, int64_t stride_b, int64_t s
 
 // The per-row algorithm. Ops supplies the inner loops over a span of one row:
 //   max_raw<E>(x, n) -> float                      max of the raw logits (-inf if all are -inf)
-//   sum_exp<E, Ent>(x, n, inv_t, m, &s, &t)        s = sum e, t = sum e*d, d = max(x*inv_t - m, lo), e = exp(d)
-//   grad_span<E, Ent>(x, g, n, inv_t, lse, a, b, streaming)   g = p*(a + b*d), d = x*inv_t - lse, p = exp(d)
+//   sum_exp<E, Ent, Store>(x, n, inv_t, m, &s, &t, pf, e_out)
+//                                                  s = sum e, t = sum e*d, d = max(x*inv_t - m, lo), e = exp(d);
+//                                                  Store: also e_out[i] = e (fp32 scratch)
+//   scale_span<E>(e, g, n, f, streaming, pf)       g = e*f (e: fp32 scratch); prefetches pf[i] (a pointer,
+//                                                  nullptr = none) while g[i] is written
+//   grad_span<E, Ent>(x, g, n, inv_t, lse, a, b, streaming, pf)   g = p*(a + b*d), d = x*inv_t - lse, p = exp(d)
+//   (pf: a hint -- prefetch x[i + pf] while x[i] is processed; 0 = none. Prefetches never fault, so
+//   pf may point past the row or the buffer.)
 //   zero_span<E>(g, n, streaming)
 //   fence()                                          after streaming stores
 template <class Ops, class E>
@@ -101,17 +140,29 @@ struct Row {
   using T = typename E::T;
 
   // One pass over the row: chunk max then the chunk's exps while it is in L1 (one exp per logit).
-  static RowStats forward(const T* x, int64_t vocab, int64_t id, float inv_t, bool with_entropy) {
+  // The exp sweep of a chunk prefetches the next chunk (the last one: next_row, the start of the row
+  // that comes next, 0 if unknown), so DRAM reads overlap the exp arithmetic.
+  // e_out/chunk_m (fused): the exps are kept, e_out[i] = exp(x_i/T - chunk_m[c]) for i in chunk c,
+  // chunk_m[c] = -inf where the chunk was skipped (all -inf so far: e_out not written).
+  static RowStats forward(const T* x, int64_t vocab, int64_t id, float inv_t, bool with_entropy,
+                          int64_t next_row = 0, float* e_out = nullptr, float* chunk_m = nullptr) {
     float m = -std::numeric_limits<float>::infinity();
     double s = 0.0, t = 0.0;  // sum exp(z - m), sum exp(z - m) * (z - m)
     for (int64_t c = 0; c < vocab; c += kChunk) {
       const int64_t n = vocab - c < kChunk ? vocab - c : kChunk;
       const float cm = Ops::template max_raw<E>(x + c, n) * inv_t;
       const float m_new = cm > m ? cm : m;
+      if (chunk_m) chunk_m[c / kChunk] = m_new;
       if (m_new == -std::numeric_limits<float>::infinity()) continue;  // all -inf so far
       float cs = 0.f, ct = 0.f;
-      if (with_entropy) Ops::template sum_exp<E, true>(x + c, n, inv_t, m_new, &cs, &ct);
-      else Ops::template sum_exp<E, false>(x + c, n, inv_t, m_new, &cs, &ct);
+      const int64_t pf = c + kChunk < vocab ? kChunk : (next_row ? next_row - c : 0);
+      if (e_out) {
+        if (with_entropy) Ops::template sum_exp<E, true, true>(x + c, n, inv_t, m_new, &cs, &ct, pf, e_out + c);
+        else Ops::template sum_exp<E, false, true>(x + c, n, inv_t, m_new, &cs, &ct, pf, e_out + c);
+      } else {
+        if (with_entropy) Ops::template sum_exp<E, true, false>(x + c, n, inv_t, m_new, &cs, &ct, pf, nullptr);
+        else Ops::template sum_exp<E, false, false>(x + c, n, inv_t, m_new, &cs, &ct, pf, nullptr);
+      }
       if (m_new != m && s > 0.0) {  // rescale the running sums to the new max
         const double shift = double(m) - double(m_new), scale = std::exp(shift);
         t = scale * (t + shift * s);
@@ -130,17 +181,19 @@ struct Row {
   }
 
   // grad = dlogp*(onehot(id) - p)/T - dentropy*p*(log p + H)/T over the whole row, one write per logit.
+  // pf: prefetch distance in elements (fused: the next row, which the sweep's reads of this
+  // L2-resident row leave the DRAM idle for; backward: kBwdPrefetch).
   static void gradient(const T* x, T* g, int64_t vocab, int64_t id, float inv_t, float lse, float dlogp,
-                       bool with_entropy, float entropy, float dentropy, bool streaming) {
+                       bool with_entropy, float entropy, float dentropy, bool streaming, int64_t pf) {
     const float xid = E::load(x + id);  // read before the (possibly in-place) writes
     const float a = (-dlogp - (with_entropy ? dentropy * entropy : 0.f)) * inv_t;
     const float b = with_entropy ? -dentropy * inv_t : 0.f;
     if (with_entropy) {
-      Ops::template grad_span<E, true>(x, g, id, inv_t, lse, a, b, streaming);
-      Ops::template grad_span<E, true>(x + id + 1, g + id + 1, vocab - id - 1, inv_t, lse, a, b, streaming);
+      Ops::template grad_span<E, true>(x, g, id, inv_t, lse, a, b, streaming, pf);
+      Ops::template grad_span<E, true>(x + id + 1, g + id + 1, vocab - id - 1, inv_t, lse, a, b, streaming, pf);
     } else {
-      Ops::template grad_span<E, false>(x, g, id, inv_t, lse, a, b, streaming);
-      Ops::template grad_span<E, false>(x + id + 1, g + id + 1, vocab - id - 1, inv_t, lse, a, b, streaming);
+      Ops::template grad_span<E, false>(x, g, id, inv_t, lse, a, b, streaming, pf);
+      Ops::template grad_span<E, false>(x + id + 1, g + id + 1, vocab - id - 1, inv_t, lse, a, b, streaming, pf);
     }
     // the target logit: (1 - p) computed directly, no cancellation against dlogp
     const double d = clamp_exp_arg(xid * inv_t - lse);
@@ -150,6 +203,24 @@ struct Row {
     g[id] = E::from(float(gid * inv_t));
   }
 };
+
+// The fused kernel's gradient sweep, from the exps forward() kept (e, chunk_m): g = e * dlogp-scaled
+// exp(chunk max - lse) per chunk, one multiply per logit instead of a second exp; the target logit
+// as in gradient(). xid: the target logit, read before any write (in place, g may be the logits).
+template <class Ops, class E>
+void gradient_from_exps(const float* e, const float* chunk_m, typename E::T* g, int64_t vocab, int64_t id,
+                        float xid, float inv_t, float lse, float dlogp, bool streaming, const typename E::T* pf) {
+  const double a = -double(dlogp) * inv_t;
+  for (int64_t c = 0; c < vocab; c += kChunk) {
+    const int64_t n = vocab - c < kChunk ? vocab - c : kChunk;
+    const float mc = chunk_m[c / kChunk];
+    if (mc == -std::numeric_limits<float>::infinity()) Ops::template zero_span<E>(g + c, n, streaming);
+    else Ops::template scale_span<E>(e + c, g + c, n, float(a * std::exp(double(mc) - double(lse))), streaming,
+                                     pf ? pf + c : nullptr);
+  }
+  const double d = clamp_exp_arg(xid * inv_t - lse);
+  g[id] = E::from(float(double(dlogp) * (1.0 - std::exp(d)) * inv_t));
+}
 
 template <class Ops, class E>
 void forward_rows_t(const LogitsView& L, const TokenInputs& tok, const ForwardOut& out, int64_t r0, int64_t r1) {
@@ -161,7 +232,8 @@ void forward_rows_t(const LogitsView& L, const TokenInputs& tok, const ForwardOu
       continue;
     }
     const auto* x = base + row_offset(r, L.length, L.stride_b, L.stride_t);
-    const RowStats st = Row<Ops, E>::forward(x, L.vocab, tok.ids[r], tok.inv_temperature, out.entropy != nullptr);
+    const int64_t next = r + 1 < r1 ? row_offset(r + 1, L.length, L.stride_b, L.stride_t) - (x - base) : 0;
+    const RowStats st = Row<Ops, E>::forward(x, L.vocab, tok.ids[r], tok.inv_temperature, out.entropy != nullptr, next);
     out.logp[r] = st.logp;
     out.lse[r] = st.lse;
     if (out.entropy) out.entropy[r] = st.entropy;
@@ -182,7 +254,8 @@ void backward_rows_t(const LogitsView& L, const TokenInputs& tok, const Backward
     }
     const auto* x = base + row_offset(r, L.length, L.stride_b, L.stride_t);
     Row<Ops, E>::gradient(x, g, L.vocab, tok.ids[r], tok.inv_temperature, in.lse[r], in.dlogp[r], with_entropy,
-                          with_entropy ? in.entropy[r] : 0.f, with_entropy ? in.dentropy[r] : 0.f, G.streaming);
+                          with_entropy ? in.entropy[r] : 0.f, with_entropy ? in.dentropy[r] : 0.f, G.streaming,
+                          kBwdPrefetch);
   }
   if (G.streaming) Ops::fence();
 }
@@ -193,6 +266,12 @@ void fused_rows_t(const LogitsView& L, const TokenInputs& tok, const FusedIn& in
   const auto* base = static_cast<const typename E::T*>(L.data);
   auto* gbase = static_cast<typename E::T*>(G.data);
   const bool with_kl = in.kl_coef != nullptr && in.ref_logps != nullptr;
+  // Scratch for one row's exps (fp32) and chunk maxima: it stays in L2 between the two sweeps, and
+  // the logits row need not (the gradient sweep reads only the scratch).
+  const int64_t nchunks = (L.vocab + kChunk - 1) / kChunk;
+  std::unique_ptr<float[]> scratch(new float[size_t(L.vocab + nchunks)]);
+  float* e = scratch.get();
+  float* chunk_m = e + L.vocab;
   for (int64_t r = r0; r < r1; ++r) {
     auto* g = gbase + row_offset(r, L.length, G.stride_b, G.stride_t);
     if (tok.mask && !tok.mask[r]) {
@@ -203,13 +282,18 @@ void fused_rows_t(const LogitsView& L, const TokenInputs& tok, const FusedIn& in
     }
     const auto* x = base + row_offset(r, L.length, L.stride_b, L.stride_t);
     const float inv_t = tok.inv_temperature;
-    const RowStats st = Row<Ops, E>::forward(x, L.vocab, tok.ids[r], inv_t, out.entropy != nullptr);
+    const int64_t id = tok.ids[r];
+    const float xid = E::load(x + id);  // before the (possibly in-place) writes
+    // the next row's first chunk is prefetched by this row's last chunk (see FRPO_FUSED_PF)
+    const int64_t next = r + 1 < r1 ? row_offset(r + 1, L.length, L.stride_b, L.stride_t) - (x - base) : 0;
+    const RowStats st = Row<Ops, E>::forward(x, L.vocab, id, inv_t, out.entropy != nullptr, next, e, chunk_m);
     out.logp[r] = st.logp;
     out.lse[r] = st.lse;
     if (out.entropy) out.entropy[r] = st.entropy;
     float dlogp = in.coef[r];
     if (with_kl) dlogp += float(double(in.kl_coef[r]) * (1.0 - std::exp(double(in.ref_logps[r]) - st.logp)));
-    Row<Ops, E>::gradient(x, g, L.vocab, tok.ids[r], inv_t, st.lse, dlogp, false, 0.f, 0.f, G.streaming);
+    gradient_from_exps<Ops, E>(e, chunk_m, g, L.vocab, id, xid, inv_t, st.lse, dlogp, G.streaming,
+                               FRPO_FUSED_PF && next ? x + next : nullptr);
   }
   if (G.streaming) Ops::fence();
 }

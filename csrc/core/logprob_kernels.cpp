@@ -22,21 +22,28 @@ struct ScalarOps {
     }
     return m;
   }
-  template <class E, bool Ent>
-  static void sum_exp(const typename E::T* x, int64_t n, float inv_t, float m, float* s_out, float* t_out) {
+  template <class E, bool Ent, bool Store>
+  static void sum_exp(const typename E::T* x, int64_t n, float inv_t, float m, float* s_out, float* t_out,
+                      int64_t /*pf*/, float* e_out) {
     double s = 0.0, t = 0.0;  // one running sum over a whole chunk: fp32 would lose ~n ulps
     for (int64_t i = 0; i < n; ++i) {
       const float d = clamp_exp_arg(E::load(x + i) * inv_t - m);
       const float e = exp_poly(d);
+      if (Store) e_out[i] = e;
       s += e;
       if (Ent) t += double(e) * d;
     }
     *s_out = float(s);
     *t_out = float(t);
   }
+  template <class E>
+  static void scale_span(const float* e, typename E::T* g, int64_t n, float f, bool /*streaming*/,
+                         const typename E::T* /*pf*/) {
+    for (int64_t i = 0; i < n; ++i) g[i] = E::from(e[i] * f);
+  }
   template <class E, bool Ent>
   static void grad_span(const typename E::T* x, typename E::T* g, int64_t n, float inv_t, float lse, float a,
-                        float b, bool /*streaming*/) {
+                        float b, bool /*streaming*/, int64_t /*pf*/) {
     for (int64_t i = 0; i < n; ++i) {
       const float d = clamp_exp_arg(E::load(x + i) * inv_t - lse);
       const float p = exp_poly(d);

@@ -246,13 +246,18 @@ static void run_conversion_checks() {
   CHECK(detail::f32_to_bf16(1.00390625f) == 0x3F80, "bf16 ties to even");   // 1 + 2^-8: halfway, even down
   CHECK(detail::f32_to_f16(65520.f) == 0x7C00, "f16 overflow to inf");
   CHECK(detail::f32_to_f16(5.96046448e-8f) == 0x0001, "f16 smallest subnormal");
-  // polynomial exp: relative error and exact zero at the low clamp
-  double worst = 0;
+  // polynomial exp: relative error and exact zero at the low clamp. The degree-5 polynomial is good to
+  // 1.7e-7; the one-constant reduction x - n*ln2 adds |n| * 1.9e-9, which matters only far from 0
+  // (exp(x) < 1e-13 or > 1e13), so the bound is tight where the sums and gradients live and looser outside.
+  double worst = 0, worst_near = 0;
   for (float x = -87.f; x <= 88.f; x += 0.00731f) {
     const double e = detail::exp_poly(x), want = std::exp(double(x));
-    worst = std::max(worst, std::fabs(e - want) / want);
+    const double rel = std::fabs(e - want) / want;
+    worst = std::max(worst, rel);
+    if (x >= -30.f && x <= 1.f) worst_near = std::max(worst_near, rel);
   }
-  CHECK(worst < 3e-7, "exp_poly rel error %g", worst);
+  CHECK(worst_near < 2.5e-7, "exp_poly rel error on [-30, 1] %g", worst_near);
+  CHECK(worst < 4.5e-7, "exp_poly rel error on [-87, 88] %g", worst);
   CHECK(detail::exp_poly(detail::clamp_exp_arg(-kInf)) == 0.f, "exp(-inf) must be 0");
 }
 
