@@ -91,51 +91,65 @@ def loss(logits, completion_ids, completion_mask=None, *, advantages=None, rewar
     # compiled graphs use the two-pass kernels instead.
     fused = name != "torch" and old_logps is None and logits.requires_grad and torch.is_grad_enabled() \
         and not torch.compiler.is_compiling()
-    if fused:
-        # On-policy: the ratios are exactly 1, so dloss/dlogp does not depend on logp except through
-        # the row-local KL term; get it from the objective at any logp and fuse fwd+bwd in one pass.
-        with torch.enable_grad():
-            probe = torch.zeros(batch, length, dtype=dtype, device=device, requires_grad=True)
-            policy_value, details = policy_loss(probe, probe.detach(), mask, advantages, groups, cfg)
-            (coef,) = torch.autograd.grad(policy_value, probe)
-        local_kl_coef, local_ref, kernel_kl_coef = kl_coef, ref, kl_coef
-        if span is not None:  # this rank's rows; the gradient carries the world_size factor
-            coef = span.local(coef) * span.world
-            local_ref = None if ref is None else span.local(ref)
-            local_kl_coef = None if kl_coef is None else span.local(kl_coef)
-            kernel_kl_coef = None if kl_coef is None else local_kl_coef * span.world
-
-        def value_from_logp(logp):
-            value = policy_value.detach()
-            if kl_coef is None:
-                return value
-            kl = (local_kl_coef * k3_kl(logp.to(dtype), local_ref)).sum()
-            return value + (kl if span is None else span.all_sum(kl))
-
-        result, logp, entropy = fused_loss(logits, completion_ids, row_mask, float(temperature), coef,
-                                           kernel_kl_coef, local_ref, return_metrics, name,
-                                           value_from_logp, overwrite_logits)
-        logp = logp.to(dtype)
-        if span is not None and return_metrics:
-            logp = span.gather(logp.detach())
-    else:
-        logp, entropy = _token_logprobs(logits, completion_ids, row_mask, float(temperature),
-                                        return_metrics, name, overwrite_logits)
-        logp = logp.to(dtype)
-        if span is not None:
-            logp = span.gather(logp)  # this rank's rows keep their gradient
-        old = logp.detach() if old_logps is None else old_logps.to(dtype)
-        result, details = policy_loss(logp, old, mask, advantages, groups, cfg)
-        if kl_coef is not None:
-            result = result + (kl_coef * k3_kl(logp, ref)).sum()
-        if span is not None:
-            result = span.scale_gradient(result)
+    path = _fused_path if fused else _two_pass_path
+    result, logp, entropy, details = path(
+        logits, completion_ids, row_mask, mask, advantages, groups, cfg, old_logps, ref, kl_coef,
+        float(temperature), return_metrics, name, span, overwrite_logits)
     if not return_metrics:
         return result
     if span is not None and entropy is not None:
         entropy = span.gather(entropy.detach())
     return result, _metrics(logp.detach(), None if entropy is None else entropy.detach(), mask, ref,
                             details, groups, cfg)
+
+
+def _fused_path(logits, ids, row_mask, mask, advantages, groups, cfg, old_logps, ref, kl_coef,
+                temperature, with_entropy, name, span, overwrite_logits):
+    """On-policy: the ratios are exactly 1, so dloss/dlogp does not depend on logp except through the
+    row-local KL term; take it from the objective at any logp and fuse fwd+bwd in one pass over V."""
+    dtype = mask.dtype
+    with torch.enable_grad():
+        probe = torch.zeros(mask.shape, dtype=dtype, device=mask.device, requires_grad=True)
+        policy_value, details = policy_loss(probe, probe.detach(), mask, advantages, groups, cfg)
+        (coef,) = torch.autograd.grad(policy_value, probe)
+    local_kl_coef, local_ref, kernel_kl_coef = kl_coef, ref, kl_coef
+    if span is not None:  # this rank's rows; the gradient carries the world_size factor
+        coef = span.local(coef) * span.world
+        local_ref = None if ref is None else span.local(ref)
+        local_kl_coef = None if kl_coef is None else span.local(kl_coef)
+        kernel_kl_coef = None if kl_coef is None else local_kl_coef * span.world
+
+    def value_from_logp(logp):
+        value = policy_value.detach()
+        if kl_coef is None:
+            return value
+        kl = (local_kl_coef * k3_kl(logp.to(dtype), local_ref)).sum()
+        return value + (kl if span is None else span.all_sum(kl))
+
+    result, logp, entropy = fused_loss(logits, ids, row_mask, temperature, coef, kernel_kl_coef,
+                                       local_ref, with_entropy, name, value_from_logp, overwrite_logits)
+    logp = logp.to(dtype)
+    if span is not None and with_entropy:
+        logp = span.gather(logp.detach())
+    return result, logp, entropy, details
+
+
+def _two_pass_path(logits, ids, row_mask, mask, advantages, groups, cfg, old_logps, ref, kl_coef,
+                   temperature, with_entropy, name, span, overwrite_logits):
+    """Differentiable per-token log-probs (kernel forward now, kernel backward in backward), then
+    the objective with autograd."""
+    logp, entropy = _token_logprobs(logits, ids, row_mask, temperature, with_entropy, name,
+                                    overwrite_logits)
+    logp = logp.to(mask.dtype)
+    if span is not None:
+        logp = span.gather(logp)  # this rank's rows keep their gradient
+    old = logp.detach() if old_logps is None else old_logps.to(mask.dtype)
+    result, details = policy_loss(logp, old, mask, advantages, groups, cfg)
+    if kl_coef is not None:
+        result = result + (kl_coef * k3_kl(logp, ref)).sum()
+    if span is not None:
+        result = span.scale_gradient(result)
+    return result, logp, entropy, details
 
 
 def _metrics(logp, entropy, mask, ref, details, groups, cfg):
