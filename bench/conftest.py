@@ -16,6 +16,9 @@ RESULTS = []
 # Above this many logits the eager/TRL/compile peers are not run (4096 x 151936 fp32 is 2.5 GB; eager
 # softmax + autograd keeps several full-size intermediates, more than this machine can spare).
 PEERS_MAX_ELEMENTS = 2048 * 151936
+# TRL's selective_log_softmax runs only up to this size in the full grid (13 s per fwd+bwd call at
+# 2048 x 49152 fp32 here; the larger shapes would take most of the grid's time).
+TRL_MAX_ELEMENTS = 2048 * 49152
 
 
 def shapes():
@@ -25,8 +28,9 @@ def shapes():
     return [(256, 32768)]  # 32 MiB of fp32 logits: about the L3 size, so the floor roughly means something
 
 
-def rounds():
-    return 3 if FULL else 1
+def rounds(impl="cpu"):
+    """Timed rounds (best of): the full grid gives the cpu rows 3 and the much slower peers 1."""
+    return 3 if FULL and impl.startswith("cpu") else 1
 
 
 def copy_seconds(logits, repeats=3):
@@ -52,7 +56,9 @@ def _status_kib(field):
 def peak_rss_delta_bytes(fn):
     """Peak resident memory during fn() above the RSS before it, in bytes (Linux: resets VmHWM through
     /proc/self/clear_refs, then reads it back); None where that is not possible. Counts every byte the
-    process touches (torch CPU has no allocator statistics), including fn's own outputs."""
+    process touches (torch CPU has no allocator statistics), including fn's own outputs. The cpu rows
+    get their gradient from the buffer ops.cpp keeps from the previous call, resident already, so their
+    "extra" (this minus the gradient's size) can be negative: that much of the gradient was reused."""
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
@@ -79,9 +85,21 @@ def _write_outputs():
     with open(path, "w") as f:
         json.dump({"machine": {"threads": torch.get_num_threads(), "torch": torch.__version__},
                    "results": RESULTS}, f, indent=1)
+    write_report(RESULTS)
+
+
+def write_report(rows):
+    """bench/results.md (the table) and bench/results.png (time / floor per case and impl)."""
+    RESULTS = rows
+    floors = best_floors(rows)
     with open(os.path.join(HERE, "results.md"), "w") as f:
         f.write(f"FRPO_BENCH_FULL=1 python -m pytest bench -q -s  ({torch.get_num_threads()} threads, torch "
-                f"{torch.__version__}); best of {rounds()} rounds\n\n```\n{ratio_table(RESULTS)}\n```\n")
+                f"{torch.__version__}); best of {rounds('cpu')} rounds for cpu rows, {rounds('torch_eager')} "
+                f"for the peers\n\nfloor = bytes moved / copy bandwidth (forward: 0.5 copy, fused: 1, two-phase: 1.5),"
+                f" copy = torch's copy_ of the logits, fastest of the session for that shape and dtype. torch's "
+                f"copy_ is slower than glibc memcpy here (2048x49152 fp32: ~60 ms vs ~38 ms, "
+                f"csrc/bench/bench_core), so ratios below 1 occur; bench_core reports against memcpy."
+                f"\n\n```\n{ratio_table(RESULTS)}\n```\n")
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -95,13 +113,13 @@ def _write_outputs():
     for k, impl in enumerate(impls):
         ys = []
         for case in cases:
-            hit = [r["floor_ratio"] for r in RESULTS if (r["mode"], r["N"], r["V"], r["dtype"]) == case
-                   and r["impl"] == impl]
+            hit = [r["seconds"] * 1e3 / floors[id(r)] for r in RESULTS
+                   if (r["mode"], r["N"], r["V"], r["dtype"]) == case and r["impl"] == impl]
             ys.append(hit[0] if hit else 0)
         ax.bar([i + k * width for i in range(len(cases))], ys, width, label=impl)
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(cases))])
     ax.set_xticklabels([f"{m}\n{n}x{v}\n{d}" for m, n, v, d in cases], fontsize=6)
-    ax.set_ylabel("time / memory-traffic floor (lower is better)")
+    ax.set_ylabel("time / memory-traffic floor (session's best copy; lower is better)")
     ax.set_yscale("log")
     ax.axhline(1.0, color="k", lw=0.5)
     ax.legend(fontsize=7)
@@ -109,10 +127,25 @@ def _write_outputs():
     fig.savefig(os.path.join(HERE, "results.png"), dpi=120)
 
 
+FLOOR_COPIES = {"forward": 0.5, "fwd_bwd_fused": 1.0, "fwd_bwd_2phase": 1.5}  # floor in units of one copy
+
+
+def best_floors(rows):
+    """Each row's floor from the fastest copy of its (N, V, dtype) measured in the session: the copy is
+    timed next to every case, and under other jobs' load single measurements vary by up to 2x."""
+    best = {}
+    for r in rows:
+        key = (r["N"], r["V"], r["dtype"])
+        best[key] = min(best.get(key, float("inf")), r["floor_ms"] / FLOOR_COPIES[r["mode"]])
+    return {id(r): best[(r["N"], r["V"], r["dtype"])] * FLOOR_COPIES[r["mode"]] for r in rows}
+
+
 def ratio_table(rows):
-    """One line per (case, impl): time, time / floor, and speed-up over torch eager / torch.compile
-    (their time divided by this one; '-' where that peer did not run)."""
-    lines = [f"{'mode':<22} {'N x V':>13} {'dtype':>8} {'impl':>14} {'ms':>9} {'/floor':>7} "
+    """One line per (case, impl): time, time / floor (floor from the session's best copy of that shape,
+    see best_floors), and speed-up over torch eager / torch.compile (their time divided by this one;
+    '-' where that peer did not run)."""
+    floors = best_floors(rows)
+    lines = [f"{'mode':<22} {'N x V':>13} {'dtype':>8} {'impl':>14} {'ms':>9} {'floor ms':>9} {'/floor':>7} "
              f"{'vs eager':>9} {'vs compile':>10}"]
     order = {m: i for i, m in enumerate(["forward", "fwd_bwd_fused", "fwd_bwd_2phase"])}
     cases = sorted({(r["mode"], r["N"], r["V"], r["dtype"]) for r in rows}, key=lambda c: (order.get(c[0], 9), *c[1:]))
@@ -124,8 +157,9 @@ def ratio_table(rows):
             for peer in ("torch_eager", "torch_compile"):
                 pr = hits.get(peer)
                 speed.append(f"{pr['seconds'] / r['seconds']:.2f}x" if pr else "-")
+            fl = floors[id(r)]
             lines.append(f"{case[0]:<22} {f'{case[1]}x{case[2]}':>13} {case[3]:>8} {impl:>14} "
-                         f"{r['seconds'] * 1e3:9.1f} {r['floor_ratio']:6.2f}x {speed[0]:>9} {speed[1]:>10}")
+                         f"{r['seconds'] * 1e3:9.1f} {fl:9.1f} {r['seconds'] * 1e3 / fl:6.2f}x {speed[0]:>9} {speed[1]:>10}")
     return "\n".join(lines)
 
 

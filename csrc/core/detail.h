@@ -101,7 +101,7 @@ inline float exp_poly(float x) {
 
 // Elements per max/sum-exp chunk: the max sweep brings the chunk into L1 and the exp sweep reuses it.
 // While one chunk is summed the next one is prefetched, so two chunks must fit in L1 (32 KiB): 2048
-// fp32 (8 KiB) measured best of 1024..8192 (csrc/bench/README.md).
+// fp32 (8 KiB); 2048..8192 measured within noise of each other, 1024 slower (csrc/bench/README.md).
 #ifndef FRPO_CHUNK
 #define FRPO_CHUNK 2048
 #endif
@@ -181,8 +181,8 @@ struct Row {
   }
 
   // grad = dlogp*(onehot(id) - p)/T - dentropy*p*(log p + H)/T over the whole row, one write per logit.
-  // pf: prefetch distance in elements (fused: the next row, which the sweep's reads of this
-  // L2-resident row leave the DRAM idle for; backward: kBwdPrefetch).
+  // pf: prefetch distance in elements (the backward kernel's kBwdPrefetch; the fused kernel uses
+  // gradient_from_exps instead).
   static void gradient(const T* x, T* g, int64_t vocab, int64_t id, float inv_t, float lse, float dlogp,
                        bool with_entropy, float entropy, float dentropy, bool streaming, int64_t pf) {
     const float xid = E::load(x + id);  // read before the (possibly in-place) writes
