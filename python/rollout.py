@@ -6,9 +6,11 @@ always the last T positions and `logits_to_keep` skips the LM head on the prompt
 """
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 
 import torch
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from tasks import SYSTEM_PROMPT
 
@@ -56,21 +58,68 @@ def position_ids(attention_mask):
     return (attention_mask.cumsum(-1) - 1).clamp_min(0)
 
 
+def sample_seed(*parts) -> int:
+    """A 63-bit seed that is a function of `parts` only (e.g. (seed, step, global prompt index))."""
+    return random.Random("-".join(map(str, parts))).getrandbits(63)
+
+
+class SeededSampler(LogitsProcessor):
+    """Samples the next token of each group of rows from that group's own torch.Generator and returns
+    scores that are -inf except at the sampled token, so that greedy `generate` takes it.
+
+    A prompt's completions then depend on its seed only, not on which other prompts share the batch
+    (or the process): the same prompt with the same seed gives the same samples whether it is
+    generated alone, with the step's other prompts, or on one rank of a distributed run (up to
+    float rounding of the logits, which can differ with the batch's padding).
+    """
+
+    def __init__(self, seeds: list[int], group_size: int, temperature: float, top_p: float):
+        self.seeds, self.group_size, self.temperature, self.top_p = seeds, group_size, temperature, top_p
+        self.generators = None
+
+    def __call__(self, input_ids, scores):
+        if self.generators is None:
+            self.generators = [torch.Generator(device=scores.device).manual_seed(s) for s in self.seeds]
+        logits = scores.float() / self.temperature
+        if self.top_p < 1.0:  # nucleus: keep the most likely tokens up to cumulative probability top_p
+            sorted_logits, order = logits.sort(-1, descending=True)
+            probs = sorted_logits.softmax(-1)
+            drop_sorted = (probs.cumsum(-1) - probs) >= self.top_p  # the first token is always kept
+            logits = logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
+        probs = logits.softmax(-1)
+        g = self.group_size
+        tokens = torch.cat([torch.multinomial(probs[i * g:(i + 1) * g], 1, generator=gen)
+                            for i, gen in enumerate(self.generators)])
+        return torch.full_like(scores, float("-inf")).scatter_(-1, tokens, 0.0)
+
+
 @torch.no_grad()
 def sample(model, tokenizer, messages: list[str], group_size: int = 1, max_new_tokens: int = 8,
-           temperature: float = 1.0, top_p: float = 1.0, greedy: bool = False) -> Rollout:
-    """group_size completions per message (a group is contiguous in the batch)."""
+           temperature: float = 1.0, top_p: float = 1.0, greedy: bool = False, seeds: list[int] | None = None,
+           ) -> Rollout:
+    """group_size completions per message (a group is contiguous in the batch).
+
+    Sampling draws each message's completions from its own generator seeded by seeds[i] (default:
+    seeds drawn from torch's global RNG), so a message's samples do not depend on the batch it is in.
+    """
+    device = model.device
     enc = encode_prompts(tokenizer, messages)
-    ids = enc.input_ids.repeat_interleave(group_size, 0)
-    mask = enc.attention_mask.repeat_interleave(group_size, 0)
+    ids = enc.input_ids.repeat_interleave(group_size, 0).to(device)
+    mask = enc.attention_mask.repeat_interleave(group_size, 0).to(device)
     stops = stop_token_ids(tokenizer)
-    options = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
+    options = dict(do_sample=False)
+    if not greedy:
+        if seeds is None:
+            seeds = torch.randint(0, 2 ** 63 - 1, (len(messages),)).tolist()
+        if len(seeds) != len(messages):
+            raise ValueError(f"sample: {len(seeds)} seeds for {len(messages)} messages")
+        options["logits_processor"] = LogitsProcessorList([SeededSampler(seeds, group_size, temperature, top_p)])
     out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, eos_token_id=stops,
                          pad_token_id=tokenizer.pad_token_id, **options)
     completion = out[:, ids.shape[1]:]
     if completion.shape[1] == 0:  # nothing generated (cannot happen with max_new_tokens >= 1)
-        completion = torch.full((ids.shape[0], 1), tokenizer.pad_token_id)
-    is_stop = torch.isin(completion, torch.tensor(stops))
+        completion = torch.full((ids.shape[0], 1), tokenizer.pad_token_id, device=device)
+    is_stop = torch.isin(completion, torch.tensor(stops, device=device))
     # keep tokens up to and including the first stop token
     after_stop = (is_stop.cumsum(-1) - is_stop.long()) > 0
     completion_mask = (~after_stop).long()
@@ -81,7 +130,7 @@ def sample(model, tokenizer, messages: list[str], group_size: int = 1, max_new_t
     return Rollout(torch.cat([ids, completion], 1), full_mask, completion, completion_mask, texts)
 
 
-def teacher_forced(tokenizer, messages: list[str], targets: list[str]) -> Rollout:
+def teacher_forced(tokenizer, messages: list[str], targets: list[str], device=None) -> Rollout:
     """A Rollout whose completions are given targets (+ EOS): the SFT batch, same layout as sampling."""
     enc = encode_prompts(tokenizer, messages)
     pieces = [tokenizer(t, add_special_tokens=False).input_ids + [tokenizer.eos_token_id] for t in targets]
@@ -92,7 +141,11 @@ def teacher_forced(tokenizer, messages: list[str], targets: list[str]) -> Rollou
         completion[row, :len(piece)] = torch.tensor(piece)
         completion_mask[row, :len(piece)] = 1
     full_mask = torch.cat([enc.attention_mask, torch.ones_like(completion)], 1)
-    return Rollout(torch.cat([enc.input_ids, completion], 1), full_mask, completion, completion_mask, list(targets))
+    ro = Rollout(torch.cat([enc.input_ids, completion], 1), full_mask, completion, completion_mask, list(targets))
+    if device is not None:
+        for name in ("input_ids", "attention_mask", "completion_ids", "completion_mask"):
+            setattr(ro, name, getattr(ro, name).to(device))
+    return ro
 
 
 def completion_logits(model, rollout: Rollout) -> torch.Tensor:

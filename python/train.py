@@ -3,6 +3,11 @@
 Per arm: (base eval) -> RL on the stage-1 task -> eval -> downstream SFT (same data, steps and seed
 for every arm) -> eval. `python python/train.py` runs GRPO and FRPO on SmolLM2-135M-Instruct;
 `--preset tiny` runs the same pipeline on a tiny random Llama in seconds (for tests).
+
+`torchrun --nproc_per_node N python/train.py ...` splits every RL and SFT batch (and the evals) over
+N processes (gloo on CPU, NCCL with --device cuda) and gives the one-process results at the same
+global batch, up to float rounding: each prompt samples from its own seed, the loss sees the global
+groups (frpo_kernels.loss(process_group=...)) and the adapter gradients are averaged over ranks.
 """
 from __future__ import annotations
 
@@ -14,6 +19,7 @@ import resource
 import sys
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -21,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # frpo_kernels from a source checkout
 
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 import frpo_kernels
@@ -40,7 +47,79 @@ PRESETS = {
     "tiny": dict(model="tiny", rl_steps=4, sft_steps=3, prompts_per_step=2, group_size=8, sft_batch=4,
                  eval_limit=8, lr=1e-3, sft_lr=1e-3, save_every=2, threads=1, temperature=1.0),
 }
-RESUME_IGNORES = ("resume", "stop_after_steps", "threads", "backend")
+RESUME_IGNORES = ("resume", "stop_after_steps", "threads", "backend", "device", "world_size")
+
+
+@dataclass(frozen=True)
+class Dist:
+    """This process's place in a torchrun job (world 1, pg None: a plain single-process run)."""
+    pg: object = None
+    rank: int = 0
+    world: int = 1
+    device: torch.device = torch.device("cpu")
+
+    def shard(self, n: int) -> tuple[int, int]:
+        """This rank's contiguous slice [lo, hi) of n items (sizes differ by at most one)."""
+        return self.rank * n // self.world, (self.rank + 1) * n // self.world
+
+    def all_sum(self, values: list[float]) -> list[float]:
+        if self.pg is None:
+            return values
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t, group=self.pg)
+        return t.tolist()
+
+    def gather(self, values: list) -> list:
+        """This rank's list concatenated with every other rank's, in rank order."""
+        if self.pg is None:
+            return values
+        out = [None] * self.world
+        dist.all_gather_object(out, values, group=self.pg)
+        return [v for part in out for v in part]
+
+
+def setup_distributed(args) -> Dist:
+    """init_process_group when started by torchrun (WORLD_SIZE > 1); the device for this rank."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cuda = args.device == "cuda"
+    if cuda and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda but torch.cuda.is_available() is False")
+    device = torch.device("cpu")
+    if cuda:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if world == 1:
+        return Dist(device=device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
+    return Dist(dist.group.WORLD, dist.get_rank(), dist.get_world_size(), device)
+
+
+def reduce_gradients(params, ctx: Dist, average: bool = True):
+    """Sum (average=False) or mean of the parameters' gradients over ranks, in one all-reduce."""
+    if ctx.pg is None:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, group=ctx.pg)
+    if average:
+        flat /= ctx.world
+    offset = 0
+    for p, g in zip(params, grads):
+        p.grad = flat[offset:offset + g.numel()].view_as(p).clone()
+        offset += g.numel()
+
+
+def check_in_sync(params, ctx: Dist):
+    """Every rank must hold bit-identical adapters (same init, same averaged gradients)."""
+    if ctx.pg is None:
+        return
+    mine = [float(p.detach().double().sum()) for p in params]
+    everyone = [None] * ctx.world
+    dist.all_gather_object(everyone, mine, group=ctx.pg)
+    if any(x != everyone[0] for x in everyone):
+        raise RuntimeError("distributed ranks hold different LoRA parameters; the gradient all-reduce "
+                           "did not give the same bytes on every rank")
 
 
 def parse_args(argv=None):
@@ -53,6 +132,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="where the model runs; under torchrun cuda means cuda:LOCAL_RANK and NCCL")
     g = p.add_argument_group("arms")
     g.add_argument("--loss", choices=["frpo", "grpo", "bnpo", "dr_grpo", "dapo"],
                    help="run one arm with this loss (default: a GRPO arm and an FRPO arm)")
@@ -108,6 +189,11 @@ def parse_args(argv=None):
         p.error(f"--lams takes comma-separated numbers like 0.5,2,10, got {args.lams!r}")
     if any(x <= 0 for x in args.lam_list):
         p.error("every --lams value must be > 0")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    for name in ("prompts_per_step", "sft_batch"):
+        if getattr(args, name) < world:
+            p.error(f"--{name.replace('_', '-')} ({getattr(args, name)}) must be >= the number of processes "
+                    f"({world}): every rank needs at least one example per step")
     if args.resume and not (args.out / "checkpoint.pt").exists():
         p.error(f"--resume: no checkpoint at {args.out / 'checkpoint.pt'}; run without --resume first")
     return args
@@ -122,8 +208,9 @@ def make_arms(args) -> list[dict]:
     return [{"name": args.loss, "loss_type": args.loss, "lam": None}]
 
 
-def load_policy(args):
-    """(peft model, tokenizer): the base model with fresh LoRA adapters (seeded)."""
+def load_policy(args, device=torch.device("cpu")):
+    """(peft model, tokenizer): the base model with fresh LoRA adapters (seeded), on device.
+    The same seed on every rank of a distributed run gives every rank the same adapter."""
     from peft import LoraConfig, get_peft_model
 
     if args.model == "tiny":
@@ -133,7 +220,7 @@ def load_policy(args):
     torch.manual_seed(args.seed)
     lora = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                       target_modules=args.lora_targets.split(","), task_type="CAUSAL_LM")
-    return get_peft_model(model, lora), tokenizer
+    return get_peft_model(model, lora).to(device), tokenizer
 
 
 def batch_for(examples, size, seed, stage, step):
@@ -141,14 +228,21 @@ def batch_for(examples, size, seed, stage, step):
     return random.Random(f"{seed}-{stage}-{step}").sample(examples, min(size, len(examples)))
 
 
-def rl_step(model, tokenizer, optimizer, task, arm, args, step):
-    """One rollout batch + num_iterations updates. Returns (metrics, timing)."""
+def rl_step(model, tokenizer, optimizer, task, arm, args, step, ctx: Dist = Dist()):
+    """One rollout batch + num_iterations updates. Returns (metrics, timing).
+
+    Distributed: this rank samples and trains on its contiguous slice of the step's prompts; prompt i
+    samples from the seed (seed, step, i), so the completions are those of the one-process run."""
     t0 = time.perf_counter()
     batch = batch_for(task.train, args.prompts_per_step, args.seed, "rl", step)
+    lo, hi = ctx.shard(len(batch))
+    seeds = [rollout.sample_seed(args.seed, "rl", step, i) for i in range(lo, hi)]
+    batch = batch[lo:hi]
     model.eval()
     ro = rollout.sample(model, tokenizer, [e.prompt for e in batch], args.group_size, args.max_new_tokens,
-                        args.temperature, args.top_p)
-    rewards = torch.tensor([task.reward(text, batch[i // args.group_size]) for i, text in enumerate(ro.texts)])
+                        args.temperature, args.top_p, seeds=seeds)
+    rewards = torch.tensor([task.reward(text, batch[i // args.group_size]) for i, text in enumerate(ro.texts)],
+                           device=ctx.device)
     t1 = time.perf_counter()
     old_logps = ref_logps = None
     with torch.no_grad():  # log-probs of the sampling policy and of the reference (= adapters off)
@@ -172,39 +266,66 @@ def rl_step(model, tokenizer, optimizer, task, arm, args, step):
             jackknife=args.jackknife, baseline=args.baseline,
             importance_sampling_level=args.importance_sampling_level, scale_rewards=args.scale_rewards,
             temperature=args.temperature, max_completion_length=args.max_new_tokens, backend=args.backend,
-            return_metrics=True)
+            return_metrics=True, process_group=ctx.pg)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(optimizer.param_groups[0]["params"], 1.0)
+        loss.backward()  # distributed: world x this rank's share of the global gradient ...
+        params = optimizer.param_groups[0]["params"]
+        reduce_gradients(params, ctx, average=True)  # ... so the mean over ranks is the global gradient
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        if not losses:  # the global rewards and lengths, once, before the step's first update
+            all_rewards = torch.tensor(ctx.gather(rewards.tolist()))
+            lengths = torch.tensor(ctx.gather(ro.completion_mask.sum(1).tolist()), dtype=torch.float)
         with ckpt.deferred_interrupt():
             optimizer.step()
         losses.append(loss.item())
     t3 = time.perf_counter()
-    out = {"loss": losses[0], "reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()),
-           "completion_len": float(ro.completion_mask.sum(1).float().mean())}
+    out = {"loss": losses[0], "reward_mean": float(all_rewards.mean()), "reward_std": float(all_rewards.std()),
+           "completion_len": float(lengths.mean())}
     out.update({k: float(v) for k, v in metrics.items() if v is not None and k != "num_groups"})
     return out, {"t_gen": t1 - t0, "t_logp": t2 - t1, "t_loss": t3 - t2}
 
 
-def sft_step(model, tokenizer, optimizer, downstream, args, step):
-    """One supervised step on the downstream task: mean NLL of the target tokens."""
+def sft_step(model, tokenizer, optimizer, downstream, args, step, ctx: Dist = Dist()):
+    """One supervised step on the downstream task: mean NLL of the target tokens of the batch.
+
+    Distributed: each rank takes its slice of the batch and divides its NLL sum by the global token
+    count; the gradients are summed over ranks, which is the one-process gradient."""
     t0 = time.perf_counter()
     batch = batch_for(downstream.train, args.sft_batch, args.seed, "sft", step)
-    ro = rollout.teacher_forced(tokenizer, [e.prompt for e in batch], [e.answer for e in batch])
+    lo, hi = ctx.shard(len(batch))
+    batch = batch[lo:hi]
+    ro = rollout.teacher_forced(tokenizer, [e.prompt for e in batch], [e.answer for e in batch], device=ctx.device)
     model.train()
     logp = frpo_kernels.token_logprobs(rollout.completion_logits(model, ro), ro.completion_ids,
                                        backend=args.backend, mask=ro.completion_mask)
-    loss = -(logp * ro.completion_mask).sum() / ro.completion_mask.sum()
+    nll = -(logp * ro.completion_mask).sum()
+    (tokens,) = ctx.all_sum([float(ro.completion_mask.sum())])
+    loss = nll / tokens
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    torch.nn.utils.clip_grad_norm_(optimizer.param_groups[0]["params"], 1.0)
+    params = optimizer.param_groups[0]["params"]
+    reduce_gradients(params, ctx, average=False)
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    (value,) = ctx.all_sum([nll.item()])
     with ckpt.deferred_interrupt():
         optimizer.step()
-    return {"loss": loss.item()}, {"t_loss": time.perf_counter() - t0}
+    return {"loss": value / tokens}, {"t_loss": time.perf_counter() - t0}
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    ctx = setup_distributed(args)
+    try:
+        return run_pipeline(args, ctx)
+    finally:  # also on errors and KeyboardInterrupt
+        if ctx.pg is not None and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_pipeline(args, ctx: Dist) -> int:
+    """The whole pipeline (every rank runs it; rank 0 alone prints, writes files and checkpoints)."""
+    lead = ctx.rank == 0
+    log = print if lead else (lambda *a, **k: None)
     if args.threads:
         torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
@@ -215,19 +336,26 @@ def main(argv=None) -> int:
     args.max_new_tokens = args.max_new_tokens or task.max_new_tokens
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     config["downstream"] = downstream.name
+    config["world_size"] = ctx.world
     arms = make_arms(args)
     try:  # fail now, not after the model load, if the kernel backend cannot run here
-        frpo_kernels.token_logprobs(torch.zeros(1, 1, 2), torch.zeros(1, 1, dtype=torch.long), backend=args.backend)
+        frpo_kernels.token_logprobs(torch.zeros(1, 1, 2, device=ctx.device),
+                                    torch.zeros(1, 1, dtype=torch.long, device=ctx.device), backend=args.backend)
     except (ValueError, TypeError) as exc:
-        print(f"error: --backend {args.backend}: {exc}; use --backend torch or auto", file=sys.stderr)
+        log(f"error: --backend {args.backend}: {exc}; use --backend torch or auto", file=sys.stderr)
         return 2
     try:
-        model, tokenizer = load_policy(args)
+        if not lead:  # rank 0 first: loading may convert and cache the model once
+            dist.barrier(group=ctx.pg)
+        model, tokenizer = load_policy(args, ctx.device)
+        if lead and ctx.pg is not None:
+            dist.barrier(group=ctx.pg)
     except model_loading.ModelNotFound as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"model {args.model}: loaded in {time.perf_counter() - t_start:.1f} s; arms: "
-          + ", ".join(a["name"] for a in arms), flush=True)
+    log(f"model {args.model}: loaded in {time.perf_counter() - t_start:.1f} s; arms: "
+        + ", ".join(a["name"] for a in arms)
+        + (f"; {ctx.world} processes ({dist.get_backend(ctx.pg)})" if ctx.pg is not None else ""), flush=True)
     params = list(ckpt.trainable(model).values())
     initial_adapter = ckpt.adapter_state(model)
 
@@ -238,19 +366,22 @@ def main(argv=None) -> int:
         saved = ckpt.load(out / "checkpoint.pt")
         differ = {k for k in config if k not in RESUME_IGNORES and saved["config"].get(k) != config[k]}
         if differ:
-            print(f"error: --resume with different settings ({', '.join(sorted(differ))}); "
-                  "pass the same flags as the interrupted run", file=sys.stderr)
+            log(f"error: --resume with different settings ({', '.join(sorted(differ))}); "
+              "pass the same flags as the interrupted run", file=sys.stderr)
             return 2
         state = saved["state"]
         resume_at = tuple(state["position"][:2])
         ckpt.load_adapter_state(model, saved["adapter"])
-        print(f"resuming at arm {state['position'][0]}, phase {PHASES[state['position'][1]]}, "
-              f"step {state['position'][2]}", flush=True)
+        log(f"resuming at arm {state['position'][0]}, phase {PHASES[state['position'][1]]}, "
+            f"step {state['position'][2]}", flush=True)
     metrics_file = out / "metrics.jsonl"
-    metrics_file.write_text("".join(json.dumps(m) + "\n" for m in state["metrics"]))
+    if lead:
+        metrics_file.write_text("".join(json.dumps(m) + "\n" for m in state["metrics"]))
     run = {"optimizer": None}
 
-    def save():
+    def save():  # rank 0 only: every rank holds the same adapter, optimizer state and run state
+        if not lead:
+            return
         optimizer = run["optimizer"]
         ckpt.save_atomic({"config": config, "state": state, "adapter": ckpt.adapter_state(model),
                           "optimizer": None if optimizer is None else optimizer.state_dict()},
@@ -258,15 +389,17 @@ def main(argv=None) -> int:
 
     def record(row):
         state["metrics"].append(row)
+        if not lead:
+            return
         with metrics_file.open("a") as f:
             f.write(json.dumps(row) + "\n")
 
     try:
         if state["base"] is None:
             state["base"] = evaluate.evaluate(model, tokenizer, task, downstream, args.eval_limit, base=True,
-                                              label="base")
-            print(f"base: {task.name} reward {state['base']['reward']:.3f}, "
-                  f"{downstream.name} {state['base']['downstream']:.3f}", flush=True)
+                                              label="base", process_group=ctx.pg)
+            log(f"base: {task.name} reward {state['base']['reward']:.3f}, "
+                f"{downstream.name} {state['base']['downstream']:.3f}", flush=True)
         for a, arm in enumerate(arms):
             for p, phase in enumerate(PHASES):
                 if (a, p) < tuple(state["position"][:2]):
@@ -278,20 +411,20 @@ def main(argv=None) -> int:
                 result = state["arms"][a]
                 if phase in ("rl", "sft"):
                     train_phase(model, tokenizer, task, downstream, arm, args, phase, params, initial_adapter,
-                                state, run, saved if resumed else None, save, record)
+                                state, run, saved if resumed else None, save, record, ctx)
                     run["optimizer"] = None
                 else:
                     label = f"{arm['name']} after {'RL' if phase == 'eval_rl' else 'downstream'}"
                     scores = evaluate.evaluate(model, tokenizer, task, downstream, args.eval_limit, kl=True,
-                                               label=label)
+                                               label=label, process_group=ctx.pg)
                     if phase == "eval_rl":
                         result.update(reward_after_rl=scores["reward"], downstream_before=scores["downstream"],
                                       kl_to_base=scores["kl"])
                     else:
                         result.update(reward_after_downstream=scores["reward"], downstream_after=scores["downstream"],
                                       kl_after_downstream=scores["kl"])
-                    print(f"{label}: {task.name} reward {scores['reward']:.3f}, {downstream.name} "
-                          f"{scores['downstream']:.3f}, KL to base {scores['kl']:.4f}", flush=True)
+                    log(f"{label}: {task.name} reward {scores['reward']:.3f}, {downstream.name} "
+                        f"{scores['downstream']:.3f}, KL to base {scores['kl']:.4f}", flush=True)
                 state["position"] = [a, p + 1, 0]
                 resume_at = None
                 save()
@@ -299,27 +432,30 @@ def main(argv=None) -> int:
         if state["rng"] is not None:  # the RNG as it was at the last step boundary
             ckpt.set_rng_state(state["rng"])
         save()
-        print(f"\ninterrupted: checkpoint saved to {out / 'checkpoint.pt'} at arm {state['position'][0]}, "
-              f"phase {PHASES[min(state['position'][1], 3)]}, step {state['position'][2]}; "
-              "continue with the same command plus --resume", flush=True)
+        log(f"\ninterrupted: checkpoint saved to {out / 'checkpoint.pt'} at arm {state['position'][0]}, "
+            f"phase {PHASES[min(state['position'][1], 3)]}, step {state['position'][2]}; "
+            "continue with the same command plus --resume", flush=True)
         return 130
 
     rl_rows = [m for m in state["metrics"] if m["stage"] == "rl"]
     timing = {k: sum(m[k] for m in rl_rows) / max(len(rl_rows), 1) for k in ("t_gen", "t_logp", "t_loss")}
     timing["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     timing["wall_s"] = time.perf_counter() - t_start
+    if not lead:
+        return 0
     text = report.write(out, state["arms"], state["base"], config, state["metrics"], timing)
     print("\n" + text)
     print(f"\nRL step time (mean s): generation {timing['t_gen']:.2f} | log-probs {timing['t_logp']:.2f} | "
           f"loss+backward {timing['t_loss']:.2f}   backend={args.backend}   peak RSS "
-          f"{timing['peak_rss_mb']:.0f} MB   wall {timing['wall_s']:.0f} s (this process)")
+          f"{timing['peak_rss_mb']:.0f} MB   wall {timing['wall_s']:.0f} s (this process"
+          + (f", rank 0 of {ctx.world})" if ctx.world > 1 else ")"))
     print(f"report: {out / 'report.md'}, {out / 'report.json'}, {metrics_file}, {out / 'reward_curves.png'}, "
           f"{out / 'retention.png'}")
     return 0
 
 
 def train_phase(model, tokenizer, task, downstream, arm, args, phase, params, initial_adapter, state, run,
-                saved, save, record):
+                saved, save, record, ctx: Dist = Dist()):
     """The RL or SFT steps of one arm, from state['position'][2] on (checkpointing as it goes)."""
     steps = args.rl_steps if phase == "rl" else args.sft_steps
     lr = args.lr if phase == "rl" else args.sft_lr
@@ -336,12 +472,13 @@ def train_phase(model, tokenizer, task, downstream, arm, args, phase, params, in
     state["rng"] = ckpt.rng_state()
     stage = "rl" if phase == "rl" else "sft"
     bar = tqdm(range(state["position"][2], steps), initial=state["position"][2], total=steps,
-               desc=f"{arm['name']} {'RL' if stage == 'rl' else 'downstream SFT'}", dynamic_ncols=True)
+               desc=f"{arm['name']} {'RL' if stage == 'rl' else 'downstream SFT'}", dynamic_ncols=True,
+               disable=ctx.rank != 0)
     for step in bar:
         if stage == "rl":
-            values, timing = rl_step(model, tokenizer, optimizer, task, arm, args, step)
+            values, timing = rl_step(model, tokenizer, optimizer, task, arm, args, step, ctx)
         else:
-            values, timing = sft_step(model, tokenizer, optimizer, downstream, args, step)
+            values, timing = sft_step(model, tokenizer, optimizer, downstream, args, step, ctx)
         with ckpt.deferred_interrupt():  # commit the step as a whole
             state["global_step"] += 1
             state["position"][2] = step + 1
@@ -355,6 +492,7 @@ def train_phase(model, tokenizer, task, downstream, arm, args, phase, params, in
         if args.stop_after_steps and state["global_step"] >= args.stop_after_steps:
             raise KeyboardInterrupt
     bar.close()
+    check_in_sync(params, ctx)
 
 
 if __name__ == "__main__":
