@@ -69,6 +69,28 @@ FRPO_AVX2_INLINE __m256 exp8(__m256 d) {
   return _mm256_mul_ps(p, _mm256_castsi256_ps(scale));
 }
 
+// a * exp(d) with a folded into the polynomial's coefficients c = a * (kE5, kE4, kE3, kE2, kE1, 1):
+// one multiply per vector fewer than exp8(d) * a (the backward sweep's g = p * a).
+FRPO_AVX2_INLINE __m256 exp8_times(__m256 d, const __m256* c) {
+  const __m256 t = _mm256_fmadd_ps(d, _mm256_set1_ps(kLog2e), _mm256_set1_ps(kRoundMagic));
+  const __m256 n = _mm256_sub_ps(t, _mm256_set1_ps(kRoundMagic));
+#if FRPO_EXP_2STEP
+  const __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Lo), _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Hi), d));
+#else
+  const __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2), d);
+#endif
+  __m256 p = _mm256_fmadd_ps(c[0], r, c[1]);
+  p = _mm256_fmadd_ps(p, r, c[2]);
+  p = _mm256_fmadd_ps(p, r, c[3]);
+  p = _mm256_fmadd_ps(p, r, c[4]);
+  p = _mm256_fmadd_ps(p, r, c[5]);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_castps_si256(t), 23)));
+}
+
+#ifndef FRPO_FOLD_A
+#define FRPO_FOLD_A 1
+#endif
+
 #ifndef FRPO_PF_HINT
 #define FRPO_PF_HINT _MM_HINT_T0
 #endif
@@ -170,11 +192,14 @@ struct Avx2Ops {
   static FRPO_AVX2_INLINE void grad_body(const typename E::T* x, typename E::T* g, int64_t n, __m256 vt, __m256 vnl,
                                          __m256 va, __m256 vb, int64_t pf, int64_t* done) {
     int64_t i = 0;
+    const __m256 ca[6] = {_mm256_mul_ps(va, _mm256_set1_ps(kE5)), _mm256_mul_ps(va, _mm256_set1_ps(kE4)),
+                          _mm256_mul_ps(va, _mm256_set1_ps(kE3)), _mm256_mul_ps(va, _mm256_set1_ps(kE2)),
+                          _mm256_mul_ps(va, _mm256_set1_ps(kE1)), va};
 #define FRPO_GRAD_STEP(k)                                                         \
   {                                                                               \
     const __m256 d = clamp8(_mm256_fmadd_ps(Vec<E>::load(x + i + k), vt, vnl));   \
-    const __m256 p = exp8(d);                                                     \
-    const __m256 v = Ent ? _mm256_mul_ps(p, _mm256_fmadd_ps(vb, d, va)) : _mm256_mul_ps(p, va); \
+    const __m256 v = Ent ? _mm256_mul_ps(exp8(d), _mm256_fmadd_ps(vb, d, va))    \
+                         : (FRPO_FOLD_A ? exp8_times(d, ca) : _mm256_mul_ps(exp8(d), va)); \
     if (Stream) Vec<E>::stream(g + i + k, v); else Vec<E>::store(g + i + k, v);   \
   }
     constexpr int64_t kLine = 64 / sizeof(typename E::T);
