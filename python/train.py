@@ -41,8 +41,8 @@ import tasks
 PHASES = ("rl", "eval_rl", "sft", "eval_sft")
 # Values used when a flag is not given; --preset tiny swaps in a model and budget that run in seconds.
 PRESETS = {
-    "default": dict(model=model_loading.DEFAULT_MODEL, rl_steps=16, sft_steps=16, prompts_per_step=4,
-                    group_size=8, sft_batch=16, eval_limit=None, lr=2e-4, sft_lr=5e-4, save_every=4, threads=None,
+    "default": dict(model=model_loading.DEFAULT_MODEL, rl_steps=16, sft_steps=8, prompts_per_step=4,
+                    group_size=8, sft_batch=16, eval_limit=None, lr=2e-4, sft_lr=3e-4, save_every=4, threads=None,
                     temperature=0.7),
     "tiny": dict(model="tiny", rl_steps=4, sft_steps=3, prompts_per_step=2, group_size=8, sft_batch=4,
                  eval_limit=8, lr=1e-3, sft_lr=1e-3, save_every=2, threads=1, temperature=1.0),
