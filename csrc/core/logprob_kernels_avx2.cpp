@@ -49,17 +49,24 @@ template <> struct Vec<F16> {
   static constexpr uintptr_t kAlign = 16;
 };
 
+// Range reduction shared by exp8 and exp8_times: d = n*ln2 + r; returns r, and t holds n in its low
+// mantissa bits (with the exponent bias folded into kRoundMagic) for the 2^n scale.
+FRPO_AVX2_INLINE __m256 reduce8(__m256 d, __m256* t) {
+  *t = _mm256_fmadd_ps(d, _mm256_set1_ps(kLog2e), _mm256_set1_ps(kRoundMagic));
+  const __m256 n = _mm256_sub_ps(*t, _mm256_set1_ps(kRoundMagic));
+#if FRPO_EXP_2STEP
+  return _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Lo), _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Hi), d));
+#else
+  return _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2), d);
+#endif
+}
+
 // exp of d already clamped to [kExpLo, kExpHi]; same algorithm and rounding as exp_poly.
 // 9 ops on the FMA/multiply ports + 2 on the others per 8 exps. (An exp2-domain variant, y = d*log2e,
 // f = y - round(y), one FMA-port op fewer, measured 2% faster and loses the rounding of y: not used.)
 FRPO_AVX2_INLINE __m256 exp8(__m256 d) {
-  const __m256 t = _mm256_fmadd_ps(d, _mm256_set1_ps(kLog2e), _mm256_set1_ps(kRoundMagic));
-  const __m256 n = _mm256_sub_ps(t, _mm256_set1_ps(kRoundMagic));
-#if FRPO_EXP_2STEP
-  const __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Lo), _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Hi), d));
-#else
-  const __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2), d);
-#endif
+  __m256 t;
+  const __m256 r = reduce8(d, &t);
   __m256 p = _mm256_fmadd_ps(_mm256_set1_ps(kE5), r, _mm256_set1_ps(kE4));
   p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kE3));
   p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kE2));
@@ -72,13 +79,8 @@ FRPO_AVX2_INLINE __m256 exp8(__m256 d) {
 // a * exp(d) with a folded into the polynomial's coefficients c = a * (kE5, kE4, kE3, kE2, kE1, 1):
 // one multiply per vector fewer than exp8(d) * a (the backward sweep's g = p * a).
 FRPO_AVX2_INLINE __m256 exp8_times(__m256 d, const __m256* c) {
-  const __m256 t = _mm256_fmadd_ps(d, _mm256_set1_ps(kLog2e), _mm256_set1_ps(kRoundMagic));
-  const __m256 n = _mm256_sub_ps(t, _mm256_set1_ps(kRoundMagic));
-#if FRPO_EXP_2STEP
-  const __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Lo), _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Hi), d));
-#else
-  const __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2), d);
-#endif
+  __m256 t;
+  const __m256 r = reduce8(d, &t);
   __m256 p = _mm256_fmadd_ps(c[0], r, c[1]);
   p = _mm256_fmadd_ps(p, r, c[2]);
   p = _mm256_fmadd_ps(p, r, c[3]);
