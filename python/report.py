@@ -89,13 +89,16 @@ def plot(out: Path, arms: list[dict], metrics: list[dict]):
     width = 0.8 / len(stages)
     for j, (key, label) in enumerate(stages):
         ax.bar([i + (j - 1) * width for i in range(len(arms))], [a[key] for a in arms], width, label=label)
+    top = max(max(a[key] for key, _ in stages) for a in arms)
+    bottom = min(0.0, min(min(a[key] for key, _ in stages) for a in arms) * 1.1)  # safety rewards go to -1
     for i, arm in enumerate(arms):
         r = retention(arm)
-        ax.text(i, max(a["reward_after_rl"] for a in arms) * 1.02 + 0.02,
-                "retention " + ("n/a" if math.isnan(r) else f"{r:.0%}"), ha="center", fontsize=8)
+        ax.text(i, top * 1.03 + 0.02, "retention " + ("n/a" if math.isnan(r) else f"{r:.0%}"),
+                ha="center", fontsize=8)
     ax.set_xticks(range(len(arms)), [a["name"] for a in arms])
-    ax.set(ylabel="stage-1 eval reward", title="stage-1 reward and retention per arm")
-    ax.legend(fontsize=8, loc="lower right")
+    # headroom above the bars for the retention labels and the legend
+    ax.set(ylabel="stage-1 eval reward", title="stage-1 reward and retention per arm", ylim=(bottom, top * 1.3 + 0.1))
+    ax.legend(fontsize=8, loc="upper center", ncol=3)
     fig.tight_layout()
     fig.savefig(out / "retention.png", dpi=100)
     plt.close(fig)
