@@ -82,6 +82,9 @@ def resolve_model_dir(spec: str) -> tuple[str, dict]:
         return str(cached), {}
     if path.exists():
         return str(path), {}
+    if spec.startswith(("/", ".", "~")) or spec.endswith(".gguf"):  # a path, not a hub id
+        raise ModelNotFound(f"--model {spec}: no such file or directory; pass a local HF directory, "
+                            "a .gguf file or a hub id already in the offline cache")
     return spec, {"local_files_only": True}
 
 

@@ -68,3 +68,10 @@ def test_resume_without_checkpoint_says_what_to_do(tmp_path, capsys):
     with pytest.raises(SystemExit):
         train.parse_args(["--preset", "tiny", "--out", str(tmp_path), "--resume"])
     assert "run without --resume first" in capsys.readouterr().err
+
+
+def test_missing_model_path_says_so(tmp_path):
+    import model_loading
+
+    with pytest.raises(model_loading.ModelNotFound, match="no such file or directory"):
+        model_loading.load_model(str(tmp_path / "no-such-model"))
