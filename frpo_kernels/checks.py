@@ -85,6 +85,11 @@ def check_groups(batch, group_size, group_ids, device, jackknife, needs_pairs_re
                              "mean needs >= 2 members per group (use jackknife=False)")
 
 
+def check_scale_rewards(scale_rewards, group_counts):
+    if scale_rewards and _checking_values() and bool((group_counts < 2).any()):
+        raise ValueError("scale_rewards=True needs >= 2 members per group (std of one reward)")
+
+
 def check_options(loss_type, lam, beta, epsilon_low, epsilon_high, delta, importance_sampling_level,
                   max_completion_length):
     if loss_type not in LOSS_TYPES:

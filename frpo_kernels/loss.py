@@ -78,14 +78,11 @@ def loss(logits, completion_ids, completion_mask=None, *, advantages=None, rewar
         old_logps = None if old_logps is None else span.gather(old_logps.to(dtype))
     groups = make_groups(batch, group_size, group_ids, device)
     if advantages is None:
-        if scale_rewards and checks._checking_values() and bool((groups.counts < 2).any()):
-            raise ValueError("scale_rewards=True needs >= 2 members per group (std of one reward)")
+        checks.check_scale_rewards(scale_rewards, groups.counts)
         advantages = advantages_from_rewards(rewards.to(dtype), groups, scale_rewards)
     advantages = advantages.to(dtype)
     ref = None if ref_logps is None else ref_logps.to(dtype)
     kl_coef = kl_weights(mask, cfg) if beta != 0 else None
-    if name != "torch" and logits.stride(-1) != 1:
-        logits = logits.contiguous()
 
     # The fused path takes autograd.grad of a probe inside forward, which torch.compile cannot trace:
     # compiled graphs use the two-pass kernels instead.
@@ -184,8 +181,6 @@ def token_logprobs(logits, ids, temperature=1.0, return_entropy=False, backend="
     checks.check_temperature(temperature)
     checks.check_token_tensor("mask", mask, tuple(logits.shape[:2]), logits.device)
     name = resolve(backend, logits)
-    if name != "torch" and logits.stride(-1) != 1:
-        logits = logits.contiguous()
     row_mask = None if mask is None else mask != 0
     logp, entropy = _token_logprobs(logits, ids, row_mask, float(temperature), return_entropy, name)
     return (logp, entropy) if return_entropy else logp
@@ -198,7 +193,6 @@ def group_advantages(rewards, group_size=None, group_ids=None, scale_rewards=Fal
     checks.check_finite_per_sequence("rewards", rewards, rewards.shape[0], rewards.device)
     checks.check_groups(rewards.shape[0], group_size, group_ids, rewards.device, jackknife=False)
     groups = make_groups(rewards.shape[0], group_size, group_ids, rewards.device)
-    if scale_rewards and bool((groups.counts < 2).any()):
-        raise ValueError("scale_rewards=True needs >= 2 members per group (std of one reward)")
+    checks.check_scale_rewards(scale_rewards, groups.counts)
     dtype = rewards.dtype if rewards.is_floating_point() else torch.float32
     return advantages_from_rewards(rewards.to(dtype), groups, scale_rewards)

@@ -42,9 +42,14 @@ def token_logprobs(logits, ids, mask, temperature, with_entropy, backend, overwr
     if backend == "torch":
         logp, _, entropy = reference.forward(logits, ids, mask, temperature, with_entropy)
         return logp, entropy
-    logp, _, entropy = TokenLogprobs.apply(logits, ids, mask, temperature, with_entropy, backend,
-                                            overwrite_logits)
+    logp, _, entropy = TokenLogprobs.apply(_unit_stride_rows(logits), ids, mask, temperature,
+                                            with_entropy, backend, overwrite_logits)
     return logp, (entropy if with_entropy else None)
+
+
+def _unit_stride_rows(logits):
+    """The kernels read each vocab row as one contiguous run; other strides of [B, T] are fine."""
+    return logits if logits.stride(-1) == 1 else logits.contiguous()
 
 
 class _PrecomputedGradient(torch.autograd.Function):
@@ -70,6 +75,7 @@ def fused_loss(logits, ids, mask, temperature, coef, kl_coef, ref_logps, with_en
     value_from_logp(logp) -> scalar loss value (no gradient needed); returns (loss, logp, entropy).
     overwrite_logits: the gradient is written into the logits' own storage (no [B, T, V] buffer).
     """
+    logits = _unit_stride_rows(logits)
     logp, _, entropy, grad_logits = kernels(backend).fused(
         logits.detach(), ids, mask, temperature, coef.float().contiguous(),
         None if kl_coef is None else kl_coef.float().contiguous(),
