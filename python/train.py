@@ -47,7 +47,8 @@ PRESETS = {
     "tiny": dict(model="tiny", rl_steps=4, sft_steps=3, prompts_per_step=2, group_size=8, sft_batch=4,
                  eval_limit=8, lr=1e-3, sft_lr=1e-3, save_every=2, threads=1, temperature=1.0),
 }
-RESUME_IGNORES = ("resume", "stop_after_steps", "threads", "backend", "device", "world_size")
+# Flags that may differ between a run and its --resume (--out: a run folder may be moved or copied).
+RESUME_IGNORES = ("resume", "out", "stop_after_steps", "threads", "backend", "device", "world_size")
 
 
 @dataclass(frozen=True)
