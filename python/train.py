@@ -49,6 +49,7 @@ PRESETS = {
 }
 # Flags that may differ between a run and its --resume (--out: a run folder may be moved or copied).
 RESUME_IGNORES = ("resume", "out", "stop_after_steps", "threads", "backend", "device", "world_size")
+REPORT_FILES = ("metrics.jsonl", "report.json", "report.md", "reward_curves.png", "retention.png")
 
 
 @dataclass(frozen=True)
@@ -339,6 +340,16 @@ def run_pipeline(args, ctx: Dist) -> int:
     config["downstream"] = downstream.name
     config["world_size"] = ctx.world
     arms = make_arms(args)
+    saved = None
+    if args.resume:
+        saved = ckpt.load(out / "checkpoint.pt")
+        differ = {k for k in config if k not in RESUME_IGNORES and saved["config"].get(k) != config[k]}
+        if differ:
+            log(f"error: --resume with different settings ({', '.join(sorted(differ))}); "
+                "pass the same flags as the interrupted run", file=sys.stderr)
+            return 2
+        if run_complete(saved["state"], arms):
+            return report_complete_run(out, saved["state"], config, lead)
     try:  # fail now, not after the model load, if the kernel backend cannot run here
         frpo_kernels.token_logprobs(torch.zeros(1, 1, 2, device=ctx.device),
                                     torch.zeros(1, 1, dtype=torch.long, device=ctx.device), backend=args.backend)
@@ -362,22 +373,15 @@ def run_pipeline(args, ctx: Dist) -> int:
 
     # Run state: everything needed to continue exactly where a run stopped.
     state = {"position": [0, 0, 0], "global_step": 0, "base": None, "arms": [], "metrics": [], "rng": None}
-    saved, resume_at = None, None
-    if args.resume:
-        saved = ckpt.load(out / "checkpoint.pt")
-        differ = {k for k in config if k not in RESUME_IGNORES and saved["config"].get(k) != config[k]}
-        if differ:
-            log(f"error: --resume with different settings ({', '.join(sorted(differ))}); "
-              "pass the same flags as the interrupted run", file=sys.stderr)
-            return 2
+    resume_at = None
+    if saved is not None:
         state = saved["state"]
         resume_at = tuple(state["position"][:2])
         ckpt.load_adapter_state(model, saved["adapter"])
-        log(f"resuming at arm {state['position'][0]}, phase {PHASES[state['position'][1]]}, "
-            f"step {state['position'][2]}", flush=True)
+        log(f"resuming at {position_text(state['position'])}", flush=True)
     metrics_file = out / "metrics.jsonl"
     if lead:
-        metrics_file.write_text("".join(json.dumps(m) + "\n" for m in state["metrics"]))
+        write_metrics(metrics_file, state["metrics"])
     run = {"optimizer": None}
 
     def save():  # rank 0 only: every rank holds the same adapter, optimizer state and run state
@@ -433,25 +437,65 @@ def run_pipeline(args, ctx: Dist) -> int:
         if state["rng"] is not None:  # the RNG as it was at the last step boundary
             ckpt.set_rng_state(state["rng"])
         save()
-        log(f"\ninterrupted: checkpoint saved to {out / 'checkpoint.pt'} at arm {state['position'][0]}, "
-            f"phase {PHASES[min(state['position'][1], 3)]}, step {state['position'][2]}; "
+        log(f"\ninterrupted: checkpoint saved to {out / 'checkpoint.pt'} at {position_text(state['position'])}; "
             "continue with the same command plus --resume", flush=True)
         return 130
+    if lead:
+        report_run(out, state, config, args, ctx, t_start)
+    return 0
 
-    rl_rows = [m for m in state["metrics"] if m["stage"] == "rl"]
-    timing = {k: sum(m[k] for m in rl_rows) / max(len(rl_rows), 1) for k in ("t_gen", "t_logp", "t_loss")}
+
+def position_text(position) -> str:
+    """'arm A, phase P, step S' for a checkpoint position; [a, len(PHASES), 0] (arm a done) is arm a + 1's start."""
+    a, p, step = position
+    if p == len(PHASES):
+        a, p, step = a + 1, 0, 0
+    return f"arm {a}, phase {PHASES[p]}, step {step}"
+
+
+def run_complete(state: dict, arms: list[dict]) -> bool:
+    """Every phase of every arm done: the position after the last one is [last arm, len(PHASES), 0]."""
+    return tuple(state["position"][:2]) >= (len(arms) - 1, len(PHASES))
+
+
+def write_metrics(path: Path, rows: list[dict]):
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+def step_timing(metrics: list[dict]) -> dict:
+    """Mean seconds per RL step of generation, log-probs and loss+backward, from the metrics rows."""
+    rl_rows = [m for m in metrics if m["stage"] == "rl"]
+    return {k: sum(m[k] for m in rl_rows) / max(len(rl_rows), 1) for k in ("t_gen", "t_logp", "t_loss")}
+
+
+def report_run(out: Path, state: dict, config: dict, args, ctx: Dist, t_start: float):
+    """The report of a run this process finished, printed with its timing (rank 0)."""
+    timing = step_timing(state["metrics"])
     timing["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     timing["wall_s"] = time.perf_counter() - t_start
-    if not lead:
-        return 0
     text = report.write(out, state["arms"], state["base"], config, state["metrics"], timing)
     print("\n" + text)
     print(f"\nRL step time (mean s): generation {timing['t_gen']:.2f} | log-probs {timing['t_logp']:.2f} | "
           f"loss+backward {timing['t_loss']:.2f}   backend={args.backend}   peak RSS "
           f"{timing['peak_rss_mb']:.0f} MB   wall {timing['wall_s']:.0f} s (this process"
           + (f", rank 0 of {ctx.world})" if ctx.world > 1 else ")"))
-    print(f"report: {out / 'report.md'}, {out / 'report.json'}, {metrics_file}, {out / 'reward_curves.png'}, "
-          f"{out / 'retention.png'}")
+    print(f"report: {out / 'report.md'}, {out / 'report.json'}, {out / 'metrics.jsonl'}, "
+          f"{out / 'reward_curves.png'}, {out / 'retention.png'}")
+
+
+def report_complete_run(out: Path, state: dict, config: dict, lead: bool) -> int:
+    """--resume of a run whose every phase is done (it may have been stopped before writing its
+    report): write the report files that are missing, then say where the report is, in one line."""
+    if not lead:
+        return 0
+    missing = [name for name in REPORT_FILES if not (out / name).exists()]
+    if "metrics.jsonl" in missing:
+        write_metrics(out / "metrics.jsonl", state["metrics"])
+    if set(missing) - {"metrics.jsonl"}:  # step timing only: no wall time or memory for a run finished earlier
+        report.write(out, state["arms"], state["base"], config, state["metrics"], step_timing(state["metrics"]))
+    wrote = f"wrote the missing {', '.join(missing)}; " if missing else ""
+    print(f"run already complete (every arm and phase in {out / 'checkpoint.pt'} is done); {wrote}"
+          f"report: {out / 'report.md'}", flush=True)
     return 0
 
 

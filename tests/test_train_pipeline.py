@@ -1,7 +1,9 @@
-"""End-to-end smoke test of python/train.py on the tiny preset: both arms, the report files, and
-an interrupted run that --resume continues to the same losses as an uninterrupted one.
+"""End-to-end smoke test of python/train.py on the tiny preset: both arms, the report files, an
+interrupted run that --resume continues to the same losses as an uninterrupted one, and --resume of
+a run that is already complete.
 """
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -10,6 +12,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
 train = pytest.importorskip("train", reason="python/train.py needs transformers, peft and tqdm")
 
+TINY = ["--preset", "tiny", "--seed", "3"]  # the full_run fixture's flags (plus --out)
 ARM_KEYS = {"name", "loss_type", "lam", "reward_base", "reward_after_rl", "reward_after_downstream",
             "downstream_before", "downstream_after", "kl_to_base"}
 
@@ -22,7 +25,7 @@ def losses(out: Path):
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("full")
-    assert train.main(["--preset", "tiny", "--out", str(out), "--seed", "3"]) == 0
+    assert train.main(TINY + ["--out", str(out)]) == 0
     return out
 
 
@@ -48,12 +51,41 @@ def test_resume_reproduces_uninterrupted_losses(full_run, tmp_path, capsys):
     config = json.loads((full_run / "report.json").read_text())["config"]
     # stop inside the second arm's RL stage: checkpoints, phase boundaries and RNG all matter
     stop = config["rl_steps"] + config["sft_steps"] + 2
-    argv = ["--preset", "tiny", "--out", str(tmp_path), "--seed", "3"]
+    argv = TINY + ["--out", str(tmp_path)]
     assert train.main(argv + ["--stop-after-steps", str(stop)]) == 130
     assert "--resume" in capsys.readouterr().out
     assert len(losses(tmp_path)) == stop
     assert train.main(argv + ["--resume"]) == 0
     assert losses(tmp_path) == losses(full_run)
+
+
+def resume_complete_run(run: Path, capsys) -> str:
+    """--resume on a finished run: exit status 0 and exactly one line of output, returned."""
+    assert train.main(TINY + ["--out", str(run), "--resume"]) == 0
+    captured = capsys.readouterr()
+    lines = (captured.out + captured.err).strip().splitlines()
+    assert len(lines) == 1, lines
+    assert "complete" in lines[0] and str(run / "report.md") in lines[0]
+    return lines[0]
+
+
+def test_resume_of_complete_run_writes_missing_report(full_run, tmp_path, capsys):
+    # what a run killed after its last checkpoint but before its report leaves behind
+    run = shutil.copytree(full_run, tmp_path / "run")
+    (run / "report.md").unlink()
+    resume_complete_run(run, capsys)
+    def without_timing(path):  # the rewritten report has the steps' timing but not the run's wall time
+        return [line for line in path.read_text().splitlines() if not line.startswith("Timing")]
+
+    assert without_timing(run / "report.md") == without_timing(full_run / "report.md")
+    assert losses(run) == losses(full_run)
+
+
+def test_resume_of_complete_run_says_so(full_run, tmp_path, capsys):
+    run = shutil.copytree(full_run, tmp_path / "run")
+    before = {f.name: f.stat().st_mtime_ns for f in run.iterdir()}
+    resume_complete_run(run, capsys)
+    assert {f.name: f.stat().st_mtime_ns for f in run.iterdir()} == before  # nothing rewritten
 
 
 def test_bad_arguments_exit_with_one_line(capsys):
