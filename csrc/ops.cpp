@@ -274,6 +274,14 @@ std::tuple<Tensor, Tensor, Tensor> fused_inplace(const Tensor& logits, const Ten
 
 std::string isa() { return frpo::active_isa(); }
 
+// Selects the inner loops ("auto", "avx512", "avx2", "portable"); an unusable name is an error naming the
+// choices. Returns the name now running.
+std::string set_isa(const std::string& name) {
+  const std::string why = frpo::set_isa(name.c_str());
+  TORCH_CHECK(why.empty(), "frpo_kernels: ", why);
+  return frpo::active_isa();
+}
+
 }  // namespace
 
 // Schemas: entropy outputs are empty ([0]) tensors when with_entropy is false. The _inplace ops
@@ -291,6 +299,7 @@ TORCH_LIBRARY(frpo_kernels, m) {
   m.def("token_logprobs_fused_inplace(Tensor(a!) logits, Tensor ids, Tensor? mask, float temperature, Tensor coef,"
         " Tensor? kl_coef, Tensor? ref_logps, bool with_entropy) -> (Tensor logp, Tensor lse, Tensor entropy)");
   m.def("cpu_isa() -> str", &isa);
+  m.def("cpu_set_isa(str name) -> str", &set_isa);
 }
 
 TORCH_LIBRARY_IMPL(frpo_kernels, CPU, m) {

@@ -10,8 +10,9 @@ import threading
 import torch
 
 _BUILD_HINT = "build it with: pip install --no-build-isolation -e ."
+ISAS = ("auto", "avx512", "avx2", "portable")  # FRPO_CPU_ISA's values; see isa() / set_isa()
 _lock = threading.Lock()
-_state = {"loaded": False, "error": None}
+_state = {"loaded": False, "error": None, "isa_error": None}
 
 
 def _jit_compile():
@@ -45,23 +46,55 @@ def _load():
                     raise RuntimeError("frpo_kernels._C is not built and FRPO_NO_JIT is set") from None
                 _jit_compile()
             _register_fakes()
+            _state["isa_error"] = _apply_isa_env()
             _state["loaded"] = True
         except Exception as exc:  # any build or load failure: report it, the caller falls back
             _state["error"] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
 
 
 def availability():
-    """(True, "") once the extension is loaded (compiling it if needed), else (False, reason)."""
+    """(True, "") once the extension is loaded (compiling it if needed), else (False, reason).
+    Raises ValueError when FRPO_CPU_ISA names a path that cannot run here: a configuration error,
+    not a reason to fall back quietly."""
     _load()
+    if _state["isa_error"]:
+        raise ValueError(_state["isa_error"])
     if _state["loaded"]:
         return True, ""
     return False, f"the C++ extension could not be loaded ({_state['error']}); {_BUILD_HINT}"
 
 
+def _apply_isa_env():
+    """Applies FRPO_CPU_ISA (unset or empty: auto); returns the error message, or None."""
+    name = os.environ.get("FRPO_CPU_ISA", "").strip() or "auto"
+    try:
+        torch.ops.frpo_kernels.cpu_set_isa(name)
+    except RuntimeError as exc:
+        return f"FRPO_CPU_ISA={name!r} cannot be used: {_first_line(exc)}"
+    return None
+
+
+def _first_line(exc):
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def isa():
-    """Which inner loops run: "avx2" or "scalar" (FRPO_CPU_ISA=scalar forces the portable ones)."""
+    """Which inner loops run: "avx2" or "portable" (chosen by FRPO_CPU_ISA, default auto: the fastest
+    one this CPU has; see set_isa)."""
     _require()
     return torch.ops.frpo_kernels.cpu_isa()
+
+
+def set_isa(name):
+    """Runs the inner loops of `name` from now on ("auto", "avx512", "avx2" or "portable"; process-wide,
+    like FRPO_CPU_ISA) and returns the name now running. ValueError, naming the choices, when this CPU
+    or build cannot run it."""
+    _require()
+    try:
+        return torch.ops.frpo_kernels.cpu_set_isa(str(name))
+    except RuntimeError as exc:
+        raise ValueError(_first_line(exc)) from None
 
 
 def _require():

@@ -60,19 +60,14 @@ struct ScalarOps {
 }  // namespace
 
 const Impl& scalar_impl() {
-  static const Impl impl{"scalar", &DtypeSwitch<ScalarOps>::forward, &DtypeSwitch<ScalarOps>::backward,
+  static const Impl impl{"portable", &DtypeSwitch<ScalarOps>::forward, &DtypeSwitch<ScalarOps>::backward,
                          &DtypeSwitch<ScalarOps>::fused};
   return impl;
 }
 
 namespace {
-const Impl* choose(const char* name) {
-  const Impl* avx2 = avx2_impl();
-  if (name && std::strcmp(name, "scalar") == 0) return &scalar_impl();
-  return avx2 ? avx2 : &scalar_impl();
-}
 std::atomic<const Impl*>& current() {
-  static std::atomic<const Impl*> impl{choose(std::getenv("FRPO_CPU_ISA"))};
+  static std::atomic<const Impl*> impl{avx2_impl() ? avx2_impl() : &scalar_impl()};
   return impl;
 }
 }  // namespace
@@ -80,7 +75,27 @@ std::atomic<const Impl*>& current() {
 }  // namespace detail
 
 const char* active_isa() { return detail::current().load()->name; }
-void set_isa(const char* name) { detail::current().store(detail::choose(name)); }
+
+std::string set_isa(const char* name) {
+  const std::string n = name ? name : "";
+  const detail::Impl* avx2 = detail::avx2_impl();
+  const std::string here = std::string("this CPU runs: ") + (avx2 ? "avx2, portable" : "portable");
+  const detail::Impl* pick = nullptr;
+  if (n == "auto") pick = avx2 ? avx2 : &detail::scalar_impl();
+  else if (n == "portable") pick = &detail::scalar_impl();
+  else if (n == "avx2") {
+    if (!avx2) return "CPU ISA 'avx2' needs an x86-64 CPU with AVX2, FMA and F16C (" + here + ")";
+    pick = avx2;
+  } else if (n == "avx512") {
+    if (!detail::cpu_has_avx512())
+      return "CPU ISA 'avx512' needs a CPU with AVX-512 F, BW, DQ and VL; this one lacks it (" + here + ")";
+    return "CPU ISA 'avx512': this build has no AVX-512 kernels yet (" + here + ")";
+  } else {
+    return "CPU ISA '" + n + "' is not one of: auto, avx512, avx2, portable (" + here + ")";
+  }
+  detail::current().store(pick);
+  return "";
+}
 
 void forward_rows(const LogitsView& logits, const TokenInputs& tok, const ForwardOut& out, int64_t row_begin,
                   int64_t row_end) {

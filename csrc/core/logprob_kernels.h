@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
 
 namespace frpo {
 
@@ -62,10 +63,14 @@ void backward_rows(const LogitsView& logits, const TokenInputs& tok, const Backw
 void fused_rows(const LogitsView& logits, const TokenInputs& tok, const FusedIn& in,
                 const ForwardOut& out, const GradView& grad, int64_t row_begin, int64_t row_end);
 
-// Which implementation runs: "avx2" (x86-64 with AVX2+FMA+F16C, detected at run time) or "scalar".
-// The environment variable FRPO_CPU_ISA=scalar forces the portable path (read once).
+// Which implementation runs: "avx2" (x86-64 with AVX2+FMA+F16C, detected at run time) or "portable"
+// (plain loops the compiler vectorises for the build target: SSE2, NEON, SVE, ...). "auto" (the
+// default) picks the fastest one this CPU has.
 const char* active_isa();
-// Overrides the choice (tests): "scalar", "avx2" (ignored if the CPU lacks it) or "auto".
-void set_isa(const char* name);
+// Selects the implementation by name: "auto", "avx512", "avx2" or "portable" (FRPO_CPU_ISA's values;
+// the core never reads the environment itself). Returns "" on success, otherwise the reason the name
+// cannot be used (unknown name, or a path this CPU or build lacks), naming the choices; the current
+// choice is then unchanged.
+std::string set_isa(const char* name);
 
 }  // namespace frpo

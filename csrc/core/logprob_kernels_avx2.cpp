@@ -305,8 +305,15 @@ const Impl* avx2_impl() {
   return ok ? &impl : nullptr;
 }
 
+bool cpu_has_avx512() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
+}
+
 #else
 const Impl* avx2_impl() { return nullptr; }
+bool cpu_has_avx512() { return false; }
 #endif
 
 }  // namespace detail

@@ -261,13 +261,30 @@ static void run_conversion_checks() {
   CHECK(detail::exp_poly(detail::clamp_exp_arg(-kInf)) == 0.f, "exp(-inf) must be 0");
 }
 
+static void run_isa_choice_checks() {
+  CHECK(set_isa("auto").empty(), "auto must always be accepted");
+  const std::string best = active_isa();
+  const std::string typo = set_isa("avx3");
+  CHECK(typo.find("not one of: auto, avx512, avx2, portable") != std::string::npos, "unknown isa: %s", typo.c_str());
+  CHECK(active_isa() == best, "a rejected name must not change the choice");
+  const std::string avx512 = set_isa("avx512");  // no AVX-512 kernels in this build: always an error
+  CHECK(!avx512.empty() && avx512.find("avx512") != std::string::npos, "avx512: %s", avx512.c_str());
+  CHECK(set_isa("portable").empty() && std::string(active_isa()) == "portable", "portable must always run");
+  set_isa("auto");
+}
+
 int main() {
   run_conversion_checks();
-  const char* isas[] = {"scalar", "avx2"};
+  run_isa_choice_checks();
+  const char* isas[] = {"portable", "avx2"};
   uint32_t seed = 1;
   for (const char* isa : isas) {
-    set_isa(isa);
-    if (std::string(active_isa()) != isa) { std::printf("isa %s not available here, skipped\n", isa); continue; }
+    const std::string why = set_isa(isa);
+    if (!why.empty()) {
+      std::printf("isa %s not available here (%s), skipped\n", isa, why.c_str());
+      continue;
+    }
+    CHECK(std::string(active_isa()) == isa, "set_isa(%s) runs %s", isa, active_isa());
     for (DType d : {DType::F32, DType::BF16, DType::F16})
       for (int64_t vocab : {1, 7, 33, 257, 4097, 9001})
         for (int variant = 0; variant < 4; ++variant) {
