@@ -3,9 +3,11 @@ the argument, before any kernel touches memory."""
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
+from frpo_kernels.groups import SCALE_REWARDS, scale_rewards_mode
 from frpo_kernels.objective import IS_LEVELS, LOSS_TYPES
 
 
@@ -18,6 +20,9 @@ def _checking_values() -> bool:
 def check_logits_and_ids(logits, ids, ids_name="completion_ids"):
     if not isinstance(logits, torch.Tensor) or not logits.is_floating_point():
         raise TypeError(f"logits must be a floating-point tensor, got {_describe(logits)}")
+    if logits.device.type == "meta":
+        raise ValueError("logits is a meta tensor (shape only, no data): the loss reads values; "
+                         "pass real tensors")
     if logits.dim() != 3:
         raise ValueError(f"logits must have shape [B, T, V], got {tuple(logits.shape)}")
     for name, size in zip("BTV", logits.shape):
@@ -35,6 +40,14 @@ def check_logits_and_ids(logits, ids, ids_name="completion_ids"):
     if _checking_values() and bool(((ids < 0) | (ids >= vocab)).any()):
         raise ValueError(f"{ids_name} has entries outside [0, {vocab}) (V = logits.shape[-1]): "
                          f"min {int(ids.min())}, max {int(ids.max())}")
+
+
+def check_overwritable(name, overwrite, logits):
+    if not isinstance(overwrite, bool):
+        raise TypeError(f"{name} must be True or False, got {_describe(overwrite)}")
+    if overwrite and torch._debug_has_internal_overlap(logits) != 0:
+        raise ValueError(f"{name}=True needs logits whose elements have storage of their own, got strides "
+                         f"{logits.stride()} (expanded or overlapping); pass {name}=False")
 
 
 def check_temperature(temperature):
@@ -86,8 +99,15 @@ def check_groups(batch, group_size, group_ids, device, jackknife, needs_pairs_re
 
 
 def check_scale_rewards(scale_rewards, group_counts):
-    if scale_rewards and _checking_values() and bool((group_counts < 2).any()):
-        raise ValueError("scale_rewards=True needs >= 2 members per group (std of one reward)")
+    """True/False, or TRL's "group" / "batch" / "none" (groups.advantages_from_rewards)."""
+    if not any(scale_rewards is mode or (isinstance(scale_rewards, str) and scale_rewards == mode)
+               for mode in SCALE_REWARDS):
+        raise ValueError(f"scale_rewards must be one of {SCALE_REWARDS}, got {scale_rewards!r}")
+    if scale_rewards_mode(scale_rewards) == "group" and _checking_values() \
+            and bool((group_counts < 2).any()):
+        raise ValueError(f"scale_rewards={scale_rewards!r} needs >= 2 members per group (std of one reward)")
+    if scale_rewards == "batch" and _checking_values() and int(group_counts.sum()) < 2:
+        raise ValueError("scale_rewards='batch' needs >= 2 rewards in the batch (std of one reward)")
 
 
 def check_options(loss_type, lam, beta, epsilon_low, epsilon_high, delta, importance_sampling_level,
@@ -97,12 +117,12 @@ def check_options(loss_type, lam, beta, epsilon_low, epsilon_high, delta, import
     if importance_sampling_level not in IS_LEVELS:
         raise ValueError(f"importance_sampling_level must be one of {IS_LEVELS}, "
                          f"got {importance_sampling_level!r}")
-    _check_number("lam", lam, lambda x: x > 0, "> 0")
-    _check_number("beta", beta, lambda x: True, "finite")
-    _check_number("epsilon_low", epsilon_low, lambda x: x >= 0, ">= 0")
-    _check_number("epsilon_high", epsilon_high, lambda x: x >= 0, ">= 0")
+    _check_number("lam", lam, lambda x: x > 0, "a finite number > 0")
+    _check_number("beta", beta, lambda x: True, "a finite number")
+    _check_number("epsilon_low", epsilon_low, lambda x: x >= 0, "a finite number >= 0")
+    _check_number("epsilon_high", epsilon_high, lambda x: x >= 0, "a finite number >= 0")
     if delta is not None:
-        _check_number("delta", delta, lambda x: x > 1, "> 1")
+        _check_number("delta", delta, lambda x: x > 1, "a finite number > 1")
     if max_completion_length is not None and (
             isinstance(max_completion_length, bool) or not isinstance(max_completion_length, int)
             or max_completion_length < 1):
@@ -110,9 +130,11 @@ def check_options(loss_type, lam, beta, epsilon_low, epsilon_high, delta, import
 
 
 def _check_number(name, value, ok, what):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-            or not ok(value):
-        raise ValueError(f"{name} must be a finite number {what}, got {value!r}")
+    """A real number (Python, NumPy or a one-element tensor's .item()) that is finite and ok()."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {_describe(value)}")
+    if not math.isfinite(value) or not ok(value):
+        raise ValueError(f"{name} must be {what}, got {float(value)!r}")
 
 
 def _describe(value):

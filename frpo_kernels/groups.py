@@ -37,29 +37,93 @@ def make_groups(batch_size: int, group_size=None, group_ids=None, device=None) -
     return Groups(index, counts, int(counts.numel()))
 
 
-def advantages_from_rewards(rewards: torch.Tensor, groups: Groups, scale_rewards: bool) -> torch.Tensor:
-    """A_i = r_i - mean_g r; with scale_rewards divided by (unbiased std_g(r) + 1e-4)."""
+SCALE_REWARDS = ("group", "batch", "none", True, False)
+
+
+def scale_rewards_mode(scale_rewards) -> str:
+    """"group" | "batch" | "none" from TRL's strings or this package's booleans (True = "group")."""
+    if scale_rewards is True:
+        return "group"
+    if scale_rewards is False:
+        return "none"
+    return scale_rewards
+
+
+def advantages_from_rewards(rewards: torch.Tensor, groups: Groups, scale_rewards) -> torch.Tensor:
+    """A_i = r_i - mean_g r, divided by (std + 1e-4) where std is the unbiased std of the group's
+    rewards ("group" / True) or of the whole batch's ("batch", as TRL); "none" / False: not divided."""
     mean = groups.broadcast(groups.mean(rewards))
     advantages = rewards - mean
-    if scale_rewards:
+    mode = scale_rewards_mode(scale_rewards)
+    if mode == "group":
         sq = groups.sum((rewards - mean) ** 2)
         std = torch.sqrt(sq / (groups.counts - 1).to(rewards.dtype))
         advantages = advantages / (groups.broadcast(std) + 1e-4)
+    elif mode == "batch":
+        advantages = advantages / (rewards.std() + 1e-4)
     return advantages
 
 
-def group_log_mean(values: torch.Tensor, groups: Groups, jackknife: bool, floor: float = 1e-12):
-    """mean over groups of log(mean_{i in g} values_i), optionally jackknife bias-corrected.
+def group_log_mean(log_values: torch.Tensor, valid: torch.Tensor, groups: Groups, jackknife: bool):
+    """Mean over non-empty groups of log(mean_{i in g, valid} exp(log_values_i)), optionally jackknifed.
 
-    Jackknife per group: n*log(u) - (n-1) * mean_i log(u_{-i}), u_{-i} the leave-one-out mean.
-    Returns (scalar, u [num]).
+    Only rows with valid True count: n_g is the number of valid members. Jackknife per group with
+    n_g >= 2: n*log(u) - (n-1) * mean_i log(u_{-i}), u_{-i} the leave-one-out mean; a group with one
+    valid row uses log(u); a group with none drops out of the mean (no group at all: 0). Everything
+    stays in the log domain (FRPO's values exp(-A/lam) overflow for small lam), and each
+    leave-one-out sum is formed from its own members rather than as total - own, which cancels
+    catastrophically when one member dominates. Returns (scalar, log_u [num], -inf for empty groups).
     """
-    u = groups.mean(values)
-    log_u = torch.log(u.clamp_min(floor))
-    if not jackknife:
-        return log_u.mean(), u
-    n = groups.counts.to(values.dtype)
-    total = groups.broadcast(groups.sum(values))
-    leave_one_out = (total - values) / (groups.broadcast(n) - 1)
-    mean_log_loo = groups.mean(torch.log(leave_one_out.clamp_min(floor)))
-    return (n * log_u - (n - 1) * mean_log_loo).mean(), u
+    n = groups.sum(valid.to(log_values.dtype))
+    lv = torch.where(valid, log_values, torch.full_like(log_values, float("-inf")))
+    top, shift = _group_max(lv, valid, groups)
+    log_u = _log_sum(shift, groups.sum(torch.exp(lv - shift[groups.index])), n > 0) - torch.log(n.clamp_min(1))
+    terms = log_u
+    if jackknife:
+        log_loo = _log_leave_one_out_sums(lv, valid, top, shift, groups) \
+            - torch.log((groups.broadcast(n) - 1).clamp_min(1))
+        mean_log_loo = groups.sum(torch.where(valid, log_loo, torch.zeros_like(log_loo))) / n.clamp_min(1)
+        terms = torch.where(n >= 2, n * log_u - (n - 1) * mean_log_loo, log_u)
+    nonempty = n > 0
+    value = torch.where(nonempty, terms, torch.zeros_like(terms)).sum() / nonempty.sum().clamp_min(1)
+    return value, log_u
+
+
+def _log_sum(shift, total, ok):
+    """shift + log(total) where ok and total > 0, else -inf; never takes log of an unused entry (its
+    -inf or NaN derivative would poison the gradient through torch.where)."""
+    use = ok & (total > 0)
+    return torch.where(use, shift + torch.log(torch.where(use, total, torch.ones_like(total))),
+                       torch.full_like(total, float("-inf")))
+
+
+def _group_max(lv, valid, groups):
+    """(top [B] bool: the first valid row attaining its group's max; the max [num], 0 where it is not
+    finite). The max only shifts the log-sum-exps, so it is detached."""
+    lv = lv.detach()
+    group_max = torch.full((groups.num,), float("-inf"), dtype=lv.dtype, device=lv.device)
+    group_max = group_max.scatter_reduce(0, groups.index, lv, "amax", include_self=True)
+    position = torch.arange(lv.shape[0], device=lv.device)
+    at_max = valid & (lv == group_max[groups.index])
+    first = torch.full((groups.num,), lv.shape[0], dtype=torch.long, device=lv.device)
+    first = first.scatter_reduce(0, groups.index, torch.where(at_max, position, lv.shape[0]), "amin",
+                                 include_self=True)
+    top = valid & (position == first[groups.index])
+    return top, torch.where(torch.isfinite(group_max), group_max, torch.zeros_like(group_max))
+
+
+def _log_leave_one_out_sums(lv, valid, top, shift, groups):
+    """log(sum_{j in g, valid, j != i} exp(lv_j)) for every row i, [B].
+
+    A row other than its group's top: after the shift by the max its sum still holds the top's
+    exp(0) = 1, so total - own loses no precision. The top row: the sum of the rest, shifted by the
+    runner-up."""
+    row_shift = shift[groups.index]
+    scaled = torch.exp(lv - row_shift)
+    others = groups.broadcast(groups.sum(scaled)) - scaled
+    not_top = _log_sum(row_shift, others, valid & ~top)
+    rest = torch.where(top, torch.full_like(lv, float("-inf")), lv)
+    _, runner_up = _group_max(rest, valid & ~top, groups)
+    rest_sum = _log_sum(runner_up, groups.sum(torch.exp(rest - runner_up[groups.index])),
+                        torch.ones_like(runner_up, dtype=torch.bool))
+    return torch.where(top, groups.broadcast(rest_sum), not_top)

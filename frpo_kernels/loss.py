@@ -42,6 +42,7 @@ def loss(logits, completion_ids, completion_mask=None, *, advantages=None, rewar
     options (loss_type, beta, advantages vs rewards, old_logps given or not, return_metrics).
     """
     checks.check_logits_and_ids(logits, completion_ids)
+    checks.check_overwritable("overwrite_logits", overwrite_logits, logits)
     batch, length, _ = logits.shape
     device = logits.device
     checks.check_token_tensor("completion_mask", completion_mask, (batch, length), device)
@@ -81,7 +82,8 @@ def loss(logits, completion_ids, completion_mask=None, *, advantages=None, rewar
         checks.check_scale_rewards(scale_rewards, groups.counts)
         advantages = advantages_from_rewards(rewards.to(dtype), groups, scale_rewards)
     advantages = advantages.to(dtype)
-    ref = None if ref_logps is None else ref_logps.to(dtype)
+    ref = _unmasked_only(ref_logps, mask)
+    old_logps = _unmasked_only(old_logps, mask)
     kl_coef = kl_weights(mask, cfg) if beta != 0 else None
 
     # The fused path takes autograd.grad of a probe inside forward, which torch.compile cannot trace:
@@ -98,6 +100,13 @@ def loss(logits, completion_ids, completion_mask=None, *, advantages=None, rewar
         entropy = span.gather(entropy.detach())
     return result, _metrics(logp.detach(), None if entropy is None else entropy.detach(), mask, ref,
                             details, groups, cfg)
+
+
+def _unmasked_only(token_values, mask):
+    """Per-token log-probs as mask.dtype with 0 where mask == 0: padding there (-inf, NaN) is never read."""
+    if token_values is None:
+        return None
+    return torch.where(mask != 0, token_values.to(mask.dtype), torch.zeros_like(mask))
 
 
 def _fused_path(logits, ids, row_mask, mask, advantages, groups, cfg, old_logps, ref, kl_coef,
@@ -117,11 +126,12 @@ def _fused_path(logits, ids, row_mask, mask, advantages, groups, cfg, old_logps,
         kernel_kl_coef = None if kl_coef is None else local_kl_coef * span.world
 
     def value_from_logp(logp):
-        value = policy_value.detach()
-        if kl_coef is None:
-            return value
-        kl = (local_kl_coef * k3_kl(logp.to(dtype), local_ref)).sum()
-        return value + (kl if span is None else span.all_sum(kl))
+        # the on-policy value does not read logp but for the KL term; `logp * 0` still makes a NaN
+        # log-prob (a NaN logit) turn the value NaN, as it does on the two-pass path
+        local = (logp.to(dtype) * 0).sum()
+        if kl_coef is not None:
+            local = local + (local_kl_coef * k3_kl(logp.to(dtype), local_ref)).sum()
+        return policy_value.detach() + (local if span is None else span.all_sum(local))
 
     result, logp, entropy = fused_loss(logits, ids, row_mask, temperature, coef, kernel_kl_coef,
                                        local_ref, with_entropy, name, value_from_logp, overwrite_logits)
@@ -167,10 +177,14 @@ def _metrics(logp, entropy, mask, ref, details, groups, cfg):
     }
     if ref is not None:
         metrics["kl"] = masked_mean(k3_kl(logp, ref))
-    if cfg.loss_type == "frpo":
-        w, u = details["w"].detach(), details["u"].detach()
-        metrics.update({"frpo/w_mean": w.mean(), "frpo/w_max": w.max(), "frpo/u_mean": u.mean(),
-                        "frpo/u_min": u.min(), "frpo/u_max": u.max()})
+    if cfg.loss_type == "frpo":  # exp of log-domain values: inf where lam is small enough to overflow
+        w, log_u = details["log_w"].detach().exp(), details["log_u"].detach()
+        nonempty = log_u > float("-inf")  # groups with at least one completion token
+        u = log_u.exp()
+        metrics.update({"frpo/w_mean": w.mean(), "frpo/w_max": w.max(),
+                        "frpo/u_mean": torch.where(nonempty, u, 0).sum() / nonempty.sum().clamp_min(1),
+                        "frpo/u_min": torch.where(nonempty, u, float("inf")).min(),
+                        "frpo/u_max": u.max()})
     return metrics
 
 

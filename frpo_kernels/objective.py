@@ -4,6 +4,7 @@ Readable torch; every formula of the issue lives here once. Shapes: [B, T] token
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -33,15 +34,34 @@ def sequence_lengths(mask: torch.Tensor) -> torch.Tensor:
     return mask.sum(-1, keepdim=True).clamp_min(1)
 
 
-def clipped_ratios(logp, old, mask, cfg: LossConfig):
-    """(c1, c2): the ratio (delta-capped) and its clip; [B, T] or [B, 1] for sequence-level IS."""
+def log_ratios(logp, old, mask, cfg: LossConfig, positive):
+    """log(pi/pi_old) per token [B, T] (per sequence [B, 1] for sequence-level IS), capped only where
+    the cap cannot change the loss: past the point where both c1 and c2 are constant, the token's value
+    is fixed and its gradient 0. For a positive factor (A >= 0, or FRPO's w) that is the clip at
+    1 + epsilon_high; for a negative one, max(delta, 1 + epsilon_high) (no point without delta).
+    So a ratio that would overflow (old_logps far below logp) never reaches exp, whose inf would turn
+    that zero gradient into NaN. positive: [B, 1] bool."""
     log_ratio = logp - old
     if cfg.importance_sampling_level == "sequence":
         log_ratio = (log_ratio * mask).sum(-1, keepdim=True) / sequence_lengths(mask)
+    clip_high = math.log1p(cfg.epsilon_high)
+    negative_cap = math.inf if cfg.delta is None else max(math.log(cfg.delta), clip_high) + 1.0
+    return torch.where(positive, log_ratio.clamp(max=clip_high + 1.0), log_ratio.clamp(max=negative_cap))
+
+
+def clipped_ratios(log_ratio, cfg: LossConfig):
+    """(c1, c2): the ratio (delta-capped) and its clip to [1 - epsilon_low, 1 + epsilon_high]."""
     ratio = torch.exp(log_ratio)
     c2 = torch.clamp(ratio, 1 - cfg.epsilon_low, 1 + cfg.epsilon_high)
     c1 = ratio if cfg.delta is None else torch.clamp(ratio, max=cfg.delta)
     return c1, c2
+
+
+def log_min_ratio(log_ratio, cfg: LossConfig):
+    """log(min(c1, c2)), formed from the log-ratio (no exp, so no overflow or underflow)."""
+    log_c1 = log_ratio if cfg.delta is None else log_ratio.clamp(max=math.log(cfg.delta))
+    low = math.log(1 - cfg.epsilon_low) if cfg.epsilon_low < 1 else None
+    return torch.minimum(log_c1, log_ratio.clamp(min=low, max=math.log1p(cfg.epsilon_high)))
 
 
 def token_weights(mask, cfg: LossConfig) -> torch.Tensor:
@@ -67,19 +87,42 @@ def kl_weights(mask, cfg: LossConfig):
 
 
 def policy_loss(logp, old, mask, advantages, groups: Groups, cfg: LossConfig):
-    """The loss without its KL term. Returns (scalar, details) with details for the metrics."""
-    c1, c2 = clipped_ratios(logp, old, mask, cfg)
+    """The loss without its KL term. Returns (scalar, details) with details for the metrics.
+
+    old must be finite wherever mask != 0 (masked positions are never read)."""
     adv = advantages.unsqueeze(-1)
+    positive = torch.ones_like(adv, dtype=torch.bool) if cfg.loss_type == "frpo" else adv >= 0
+    log_ratio = log_ratios(logp, old, mask, cfg, positive)
+    c1, c2 = clipped_ratios(log_ratio, cfg)
     details = {"c1": c1, "adv": adv}
     if cfg.loss_type != "frpo":
         per_token = -torch.minimum(c1 * adv, c2 * adv)
         return (token_weights(mask, cfg) * per_token).sum(), details
-    lengths = sequence_lengths(mask).squeeze(-1)
-    w = torch.exp(-adv / cfg.lam)
-    s = (mask * torch.minimum(c1 * w, c2 * w)).sum(-1) / lengths
-    robust, u = group_log_mean(s, groups, cfg.jackknife)
-    if cfg.baseline:
-        offset = (mask * torch.minimum(c1, c2)).sum(-1) / lengths
-        robust = robust - groups.mean(offset).mean()
-    details.update(w=w, u=u)
+    robust, log_u = frpo_group_term(log_ratio, mask, advantages, groups, cfg)
+    details.update(log_w=-adv / cfg.lam, log_u=log_u)
     return max(cfg.lam, 1.0) * robust, details
+
+
+def frpo_group_term(log_ratio, mask, advantages, groups: Groups, cfg: LossConfig):
+    """J = mean_g [jackknifed] log mean_i s_i  (- mean_g mean_i o_i with the baseline), where
+    s_i = w_i * o_i, w_i = exp(-A_i / lam), o_i = mean_t min(c1, c2) over the row's tokens.
+
+    Rows with no completion token are not samples: they are left out of every group statistic
+    (n_g counts rows with a token; a group left with none drops out). log s_i is formed in the log
+    domain, so exp(-A/lam) never overflows, whatever lam. Returns (J, log_u [num])."""
+    valid = mask.sum(-1) > 0
+    log_min = log_min_ratio(log_ratio, cfg)
+    if cfg.importance_sampling_level == "sequence":
+        log_o = log_min.squeeze(-1)
+    else:
+        weighted = torch.where(mask > 0, log_min + torch.log(torch.where(mask > 0, mask, torch.ones_like(mask))),
+                               torch.full_like(log_min, float("-inf")))
+        weighted = torch.where(valid.unsqueeze(-1), weighted, torch.zeros_like(weighted))
+        log_o = torch.logsumexp(weighted, -1) - torch.log(sequence_lengths(mask).squeeze(-1))
+    robust, log_u = group_log_mean(-advantages / cfg.lam + log_o, valid, groups, cfg.jackknife)
+    if cfg.baseline:
+        o = torch.where(valid, torch.exp(log_o), torch.zeros_like(log_o))
+        per_group = groups.sum(o) / groups.sum(valid.to(o.dtype)).clamp_min(1)
+        nonempty = groups.sum(valid.to(o.dtype)) > 0
+        robust = robust - per_group.sum() / nonempty.sum().clamp_min(1)
+    return robust, log_u

@@ -29,15 +29,25 @@ def spec_group_members(batch, group_size, group_ids):
     return [members[g] for g in sorted(members)]
 
 
+def spec_std(vals):
+    mean = sum(vals) / len(vals)
+    return math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1))
+
+
 def spec_advantages(rewards, groups, scale):
+    """scale: True or "group" (group std), "batch" (std of all rewards, as TRL), False or "none"."""
     adv = [None] * len(rewards)
     for members in groups:
         vals = [rewards[i] for i in members]
         mean = sum(vals) / len(vals)
-        std = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) if scale else None
+        std = spec_std(vals) if scale in (True, "group") else spec_std(rewards) if scale == "batch" else None
         for i in members:
-            adv[i] = (rewards[i] - mean) / (std + 1e-4) if scale else rewards[i] - mean
+            adv[i] = rewards[i] - mean if std is None else (rewards[i] - mean) / (std + 1e-4)
     return adv
+
+
+def spec_logsumexp(values):
+    return torch.logsumexp(torch.stack(values), dim=0)
 
 
 def spec_loss(logits, ids, mask, *, advantages=None, rewards=None, group_size=None, group_ids=None,
@@ -93,26 +103,31 @@ def spec_loss(logits, ids, mask, *, advantages=None, rewards=None, group_size=No
         lmax = max_completion_length or length
         return sum(sum(r) for r in per_tok) / (batch * lmax)
 
-    s, o = [], []
+    # FRPO. Rows with no completion token are not samples: groups count only rows with a token.
+    # log s_i = -A_i/lam + log o_i, all group means as log-sum-exps (exp(-A/lam) overflows for small lam).
+    log_s, o = {}, {}
     for i in range(batch):
-        w = math.exp(-adv[i] / lam)
+        if float(m[i].sum()) == 0:
+            continue
         rc = ratios(i)
-        s.append(sum(m[i, t] * torch.minimum(rc[t][0] * w, rc[t][1] * w) for t in range(length)) / T[i])
-        o.append(sum(m[i, t] * torch.minimum(rc[t][0], rc[t][1]) for t in range(length)) / T[i])
-    terms = []
+        o[i] = sum(m[i, t] * torch.minimum(rc[t][0], rc[t][1]) for t in range(length)) / T[i]
+        log_s[i] = -adv[i] / lam + torch.log(o[i])
+    terms, offsets = [], []
     for members in groups:
-        n = len(members)
-        u = sum(s[i] for i in members) / n
-        log_u = torch.log(torch.clamp(u, min=1e-12))
-        if not jackknife:
+        rows = [i for i in members if i in log_s]
+        n = len(rows)
+        if n == 0:
+            continue
+        log_u = spec_logsumexp([log_s[i] for i in rows]) - math.log(n)
+        offsets.append(sum(o[i] for i in rows) / n)
+        if not jackknife or n == 1:
             terms.append(log_u)
             continue
-        total = sum(s[i] for i in members)
-        loo = [torch.log(torch.clamp((total - s[i]) / (n - 1), min=1e-12)) for i in members]
+        loo = [spec_logsumexp([log_s[j] for j in rows if j != i]) - math.log(n - 1) for i in rows]
         terms.append(n * log_u - (n - 1) * sum(loo) / n)
-    robust = sum(terms) / len(groups)
-    if baseline:
-        robust = robust - sum(sum(o[i] for i in g) / len(g) for g in groups) / len(groups)
+    robust = sum(terms) / len(terms) if terms else torch.zeros((), dtype=torch.float64)
+    if baseline and offsets:
+        robust = robust - sum(offsets) / len(offsets)
     result = max(lam, 1.0) * robust
     if beta != 0:
         result = result + beta * sum(

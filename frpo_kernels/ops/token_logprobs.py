@@ -24,6 +24,13 @@ class TokenLogprobs(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dlogp, _dlse, dentropy):
+        _refuse_double_backward()
+        if ctx.overwrite_logits:
+            if getattr(ctx, "logits_overwritten", False):
+                raise RuntimeError("frpo_kernels: overwrite_logits=True wrote the logits' gradient into their "
+                                   "storage on the first backward, so a second backward (retain_graph=True) "
+                                   "cannot recompute it; use overwrite_logits=False to backward twice")
+            ctx.logits_overwritten = True
         logits, ids, mask, lse, entropy = ctx.saved_tensors
         if dlogp is None:
             dlogp = torch.zeros_like(lse)
@@ -33,7 +40,23 @@ class TokenLogprobs(torch.autograd.Function):
             logits, ids, mask, lse, dlogp.float().contiguous(), entropy,
             None if dentropy is None else dentropy.float().contiguous(), ctx.temperature,
             ctx.overwrite_logits)
+        if ctx.overwrite_logits:
+            _mark_overwritten(logits)
         return grad, None, None, None, None, None, None
+
+
+def _refuse_double_backward():
+    """The kernels' backward is not itself differentiable: with create_graph=True autograd would take
+    the returned gradient for a constant and give zero higher-order derivatives."""
+    if torch.is_grad_enabled():
+        raise RuntimeError("frpo_kernels: double backward (create_graph=True, e.g. a Hessian-vector product) "
+                           "is not supported by the cpu/triton kernels; use backend='torch'")
+
+
+def _mark_overwritten(logits):
+    """Bumps the version counter the kernels bypassed, so autograd refuses any function that saved the
+    logits (e.g. torch.exp saves its output) instead of differentiating through the gradient."""
+    torch.autograd.graph.increment_version(logits)
 
 
 def token_logprobs(logits, ids, mask, temperature, with_entropy, backend, overwrite_logits=False):
@@ -42,7 +65,7 @@ def token_logprobs(logits, ids, mask, temperature, with_entropy, backend, overwr
     if backend == "torch":
         logp, _, entropy = reference.forward(logits, ids, mask, temperature, with_entropy)
         return logp, entropy
-    logp, _, entropy = TokenLogprobs.apply(_unit_stride_rows(logits), ids, mask, temperature,
+    logp, _, entropy = TokenLogprobs.apply(_unit_stride_rows(logits), ids.long(), mask, temperature,
                                             with_entropy, backend, overwrite_logits)
     return logp, (entropy if with_entropy else None)
 
@@ -62,6 +85,7 @@ class _PrecomputedGradient(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        _refuse_double_backward()
         (grad_logits,) = ctx.saved_tensors
         if grad_out.numel() == 1 and bool(grad_out == 1):
             return grad_logits, None, None
@@ -75,11 +99,15 @@ def fused_loss(logits, ids, mask, temperature, coef, kl_coef, ref_logps, with_en
     value_from_logp(logp) -> scalar loss value (no gradient needed); returns (loss, logp, entropy).
     overwrite_logits: the gradient is written into the logits' own storage (no [B, T, V] buffer).
     """
-    logits = _unit_stride_rows(logits)
+    unit_stride = _unit_stride_rows(logits)
+    copied = unit_stride is not logits  # a copy of our own is free to hold the gradient
     logp, _, entropy, grad_logits = kernels(backend).fused(
-        logits.detach(), ids, mask, temperature, coef.float().contiguous(),
+        unit_stride.detach(), ids.long(), mask, temperature, coef.float().contiguous(),
         None if kl_coef is None else kl_coef.float().contiguous(),
-        None if ref_logps is None else ref_logps.float().contiguous(), with_entropy, overwrite_logits)
+        None if ref_logps is None else ref_logps.float().contiguous(), with_entropy,
+        overwrite_logits or copied)
+    if overwrite_logits and not copied:
+        _mark_overwritten(logits)
     value = value_from_logp(logp)
     loss = _PrecomputedGradient.apply(logits, value, grad_logits)
     return loss, logp, entropy

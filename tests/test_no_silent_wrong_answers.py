@@ -1,0 +1,368 @@
+"""Inputs that once gave a plausible but wrong value or gradient, on every backend that applies:
+NaN logits, padded old/ref log-probs, TRL's scale_rewards strings, overwrite_logits under autograd,
+double backward, int32 ids, overflowing ratios, rows with no completion token, small lam.
+
+The triton cases run in a subprocess with TRITON_INTERPRET=1 (Triton reads it at import), started
+by test_triton_cases_under_interpreter; here they skip with that reason.
+"""
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import frpo_kernels
+from frpo_kernels import backends
+from spec_loss import spec_loss
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+KERNEL_BACKENDS = ["cpu", "triton"]
+ALL_BACKENDS = ["torch"] + KERNEL_BACKENDS
+B, T, V = 4, 5, 11
+
+
+def test_triton_cases_under_interpreter():
+    if INTERPRETED:
+        pytest.skip("this process is the interpreter run")
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, "-m", "pytest", os.path.abspath(__file__), "-q", "-k", "triton",
+                           "-p", "no:cacheprovider", "-W", "ignore::RuntimeWarning"],
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-8000:] + proc.stderr[-4000:]
+    assert " passed" in proc.stdout and " skipped" not in proc.stdout.splitlines()[-1], proc.stdout[-2000:]
+
+
+def use(backend):
+    """Skips (with the reason) where this process cannot run `backend`; the cpu backend must exist in CI."""
+    if backend == "triton" and not INTERPRETED:
+        pytest.skip("runs in test_triton_cases_under_interpreter's subprocess (TRITON_INTERPRET=1)")
+    if backend == "torch" and INTERPRETED:
+        pytest.skip("the torch cases run in the main process")
+    if backend == "cpu":
+        if INTERPRETED:
+            pytest.skip("the cpu cases run in the main process")
+        try:
+            backends.resolve("cpu", torch.zeros(1, 1, 2))
+        except ValueError as exc:
+            if os.environ.get("CI"):
+                pytest.fail(f"cpu kernel backend must be built in CI: {exc}")
+            pytest.skip(f"cpu kernel backend not built: {exc}")
+    return backend
+
+
+def probe_batch(dtype=torch.float32, seed=0):
+    """The issue's probe: B=4, T=5, V=11, rewards [1, 0, 0, 1], groups of 2, row 1 masked from t=3."""
+    gen = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(B, T, V, generator=gen, dtype=torch.float64) * 2).to(dtype)
+    ids = torch.randint(0, V, (B, T), generator=gen)
+    mask = torch.ones(B, T)
+    mask[1, 3:] = 0
+    logp = torch.log_softmax(logits.double(), -1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+    old = logp + 0.2 * torch.randn(B, T, generator=gen, dtype=torch.float64)
+    ref = logp + 0.2 * torch.randn(B, T, generator=gen, dtype=torch.float64)
+    return logits, ids, mask, torch.tensor([1.0, 0.0, 0.0, 1.0]), old, ref
+
+
+def value_and_grad(logits, *args, **kwargs):
+    z = logits.detach().clone().requires_grad_(True)
+    value = frpo_kernels.loss(z, *args, **kwargs)
+    (grad,) = torch.autograd.grad(value, z)
+    return value.detach().double(), grad.double()
+
+
+def spec_value_and_grad(logits, ids, mask, **kwargs):
+    z = logits.detach().double().requires_grad_(True)
+    value = spec_loss(z, ids, mask, **kwargs)
+    (grad,) = torch.autograd.grad(value, z)
+    return value.detach(), grad
+
+
+def assert_close(actual, expected, rtol, atol):
+    assert torch.isfinite(actual).all(), actual
+    assert torch.allclose(actual, expected, rtol=rtol, atol=atol), \
+        f"max abs diff {(actual - expected).abs().max().item():.3e} (|expected| max {expected.abs().max():.3e})"
+
+
+# 1. A NaN logit: the loss is NaN, as torch's log_softmax gives, never a finite value.
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("with_old", [False, True], ids=["fused", "two_pass"])
+def test_nan_logit_propagates(backend, with_old):
+    backend = use(backend)
+    logits, ids, mask, rewards, old, _ = probe_batch()
+    col = (int(ids[2, 1]) + 3) % V  # a non-target entry of an unmasked row
+    logits[2, 1, col] = float("nan")
+    value, grad = value_and_grad(logits, ids, mask, rewards=rewards, group_size=2, backend=backend,
+                                 old_logps=old.float() if with_old else None)
+    assert torch.isnan(value), value
+    assert torch.isnan(grad[2, 1]).all()
+
+
+# 2. Padding of old/ref log-probs at masked positions (-inf, NaN) is never read.
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("pad", [float("-inf"), float("nan"), float("inf")])
+@pytest.mark.parametrize("loss_type", ["frpo", "grpo"])
+def test_padded_old_and_ref_are_not_read(backend, pad, loss_type):
+    backend = use(backend)
+    logits, ids, mask, rewards, old, ref = probe_batch()
+    kwargs = dict(rewards=rewards, group_size=2, loss_type=loss_type, beta=0.1, backend=backend)
+    for with_old in (False, True):
+        finite = dict(kwargs, ref_logps=ref.float(), old_logps=old.float() if with_old else None)
+        padded = dict(kwargs, ref_logps=ref.float().masked_fill(mask == 0, pad),
+                      old_logps=old.float().masked_fill(mask == 0, pad) if with_old else None)
+        want_value, want_grad = value_and_grad(logits, ids, mask, **finite)
+        got_value, got_grad = value_and_grad(logits, ids, mask, **padded)
+        assert_close(got_value, want_value, 0, 0)
+        assert_close(got_grad, want_grad, 0, 0)
+
+
+# 3. TRL's scale_rewards strings with TRL's meaning.
+@pytest.mark.parametrize("mode", ["group", "batch", "none", True, False])
+def test_scale_rewards_strings_match_trl_meaning(mode):
+    use("torch")
+    logits, ids, mask, _, old, _ = probe_batch(torch.float64)
+    rewards = torch.tensor([3.0, 0.5, -1.0, 2.0], dtype=torch.float64)
+    for loss_type in ("frpo", "grpo"):
+        kwargs = dict(rewards=rewards, group_size=2, loss_type=loss_type, scale_rewards=mode, old_logps=old)
+        got = value_and_grad(logits, ids, mask, backend="torch", **kwargs)
+        want = spec_value_and_grad(logits, ids, mask, **kwargs)
+        assert_close(got[0], want[0], 1e-10, 1e-10)
+        assert_close(got[1], want[1], 1e-10, 1e-10)
+    batch_std = rewards.std()  # TRL: advantages / (std of all the batch's rewards + 1e-4)
+    group_mean = rewards.view(2, 2).mean(1).repeat_interleave(2)
+    expected = {"batch": (rewards - group_mean) / (batch_std + 1e-4), "none": rewards - group_mean,
+                False: rewards - group_mean}
+    if mode in expected:
+        got = frpo_kernels.group_advantages(rewards, group_size=2, scale_rewards=mode)
+        assert torch.allclose(got, expected[mode], rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("bad", ["Group", "std", 1, None, "true"])
+def test_unknown_scale_rewards_names_the_argument(bad):
+    use("torch")
+    logits, ids, mask, rewards, _, _ = probe_batch()
+    with pytest.raises(ValueError, match="scale_rewards"):
+        frpo_kernels.loss(logits, ids, mask, rewards=rewards, group_size=2, scale_rewards=bad, backend="torch")
+    with pytest.raises(ValueError, match="scale_rewards"):
+        frpo_kernels.group_advantages(rewards, group_size=2, scale_rewards=bad)
+
+
+# 4. overwrite_logits on logits that autograd saved: autograd's in-place error, not a wrong gradient.
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("with_old", [False, True], ids=["fused", "two_pass"])
+def test_overwrite_of_saved_logits_is_refused_by_autograd(backend, with_old):
+    backend = use(backend)
+    logits, ids, mask, rewards, old, _ = probe_batch()
+    h = (logits / 4).requires_grad_(True)
+    value = frpo_kernels.loss(torch.exp(h), ids, mask, rewards=rewards, group_size=2, backend=backend,
+                              old_logps=old.float() if with_old else None, overwrite_logits=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        value.backward()
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_overwrite_of_unsaved_logits_still_gives_the_gradient(backend):
+    backend = use(backend)
+    logits, ids, mask, rewards, old, _ = probe_batch()
+    h = logits.clone().requires_grad_(True)
+    want = value_and_grad(h.detach(), ids, mask, rewards=rewards, group_size=2, backend="torch",
+                          old_logps=old.float())[1]
+    value = frpo_kernels.loss(h * 1.0, ids, mask, rewards=rewards, group_size=2, backend=backend,
+                              old_logps=old.float(), overwrite_logits=True)
+    value.backward()
+    assert_close(h.grad.double(), want, 1e-4, 1e-6)
+
+
+# 5. Two-pass with overwrite_logits: a second backward through the graph is a clear error.
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_second_backward_after_overwrite_is_refused(backend):
+    backend = use(backend)
+    logits, ids, mask, rewards, old, _ = probe_batch()
+    z = logits.clone().requires_grad_(True)
+    value = frpo_kernels.loss(z * 1.0, ids, mask, rewards=rewards, group_size=2, backend=backend,
+                              old_logps=old.float(), overwrite_logits=True)
+    value.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="overwrite_logits"):
+        value.backward()
+
+
+# 6. Double backward: exact on the torch backend, a clear error on the kernel backends.
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("with_old", [False, True], ids=["fused", "two_pass"])
+def test_double_backward(backend, with_old):
+    backend = use(backend)
+    logits, ids, mask, rewards, old, _ = probe_batch(torch.float64 if backend == "torch" else torch.float32)
+    kwargs = dict(rewards=rewards, group_size=2, old_logps=old if with_old else None)
+    vector = torch.randn(B, T, V, generator=torch.Generator().manual_seed(3), dtype=logits.dtype)
+    z = logits.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(frpo_kernels.loss(z, ids, mask, backend=backend, **kwargs), z,
+                                  create_graph=True) if backend == "torch" else (None,)
+    if backend != "torch":
+        with pytest.raises(RuntimeError, match="double backward"):
+            torch.autograd.grad(frpo_kernels.loss(z, ids, mask, backend=backend, **kwargs), z, create_graph=True)
+        return
+    (hvp,) = torch.autograd.grad((grad * vector).sum(), z)
+
+    # on-policy, old = logp.detach(): the Hessian holds old fixed at the current log-probs
+    fixed_old = kwargs["old_logps"] if with_old else \
+        torch.log_softmax(logits, -1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+
+    def spec_grad(x):
+        x = x.detach().requires_grad_(True)
+        return torch.autograd.grad(spec_loss(x, ids, mask, **dict(kwargs, old_logps=fixed_old)), x)[0]
+
+    eps = 1e-6  # central difference of the spec's gradient along the vector
+    fd = (spec_grad(logits + eps * vector) - spec_grad(logits - eps * vector)) / (2 * eps)
+    assert hvp.abs().max() > 1e-3
+    assert_close(hvp, fd, 1e-5, 1e-7)
+
+
+# 7. int32 ids work on every backend.
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("with_old", [False, True], ids=["fused", "two_pass"])
+def test_int32_ids(backend, with_old):
+    backend = use(backend)
+    logits, ids, mask, rewards, old, _ = probe_batch()
+    kwargs = dict(rewards=rewards, group_size=2, backend=backend, old_logps=old.float() if with_old else None)
+    want = value_and_grad(logits, ids, mask, **kwargs)
+    got = value_and_grad(logits, ids.int(), mask, **kwargs)
+    assert_close(got[0], want[0], 0, 0)
+    assert_close(got[1], want[1], 0, 0)
+    logp = frpo_kernels.token_logprobs(logits, ids.int(), backend=backend)
+    assert torch.equal(logp, frpo_kernels.token_logprobs(logits, ids, backend=backend))
+
+
+# 8. A ratio that overflows fp32 (old 89 below logp) on a capped or clipped token: finite gradient.
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("loss_type,delta,reward", [("grpo", 2.0, 0.0), ("grpo", None, 1.0),
+                                                      ("frpo", None, 0.0), ("frpo", 2.0, 1.0),
+                                                      ("dapo", 2.0, 0.0)])
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_overflowing_ratio_gives_the_float64_gradient(backend, loss_type, delta, reward, level):
+    backend = use(backend)
+    logits, ids, mask, rewards, old, _ = probe_batch()
+    rewards[0] = reward  # row 0's advantage: negative (capped by delta) or positive (clipped)
+    old[0, 2] -= 89.0 * (T if level == "sequence" else 1)
+    kwargs = dict(rewards=rewards, group_size=2, loss_type=loss_type, delta=delta,
+                  importance_sampling_level=level)
+    got = value_and_grad(logits, ids, mask, backend=backend, old_logps=old.float(), **kwargs)
+    want = spec_value_and_grad(logits, ids, mask, old_logps=old.float().double(), **kwargs)
+    assert_close(got[0], want[0], 1e-4, 1e-5)
+    assert_close(got[1], want[1], 1e-4, 1e-5)
+
+
+# 9. Rows with no completion token are not samples (the README's empty-row rule).
+EMPTY_ROW_CASES = {
+    "one_row_of_a_group": [1],
+    "three_of_four": [1, 2, 3],
+    "a_whole_group": [4, 5, 6, 7],
+    "every_row": list(range(8)),
+}
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("case", list(EMPTY_ROW_CASES))
+@pytest.mark.parametrize("with_old", [False, True], ids=["fused", "two_pass"])
+def test_rows_without_tokens_are_left_out_of_frpo_groups(backend, case, with_old):
+    backend = use(backend)
+    gen = torch.Generator().manual_seed(5)
+    logits = torch.randn(8, T, V, generator=gen)
+    ids = torch.randint(0, V, (8, T), generator=gen)
+    mask = (torch.rand(8, T, generator=gen) > 0.3).float()
+    mask[:, 0] = 1
+    mask[EMPTY_ROW_CASES[case]] = 0
+    old = torch.log_softmax(logits.double(), -1).gather(-1, ids.unsqueeze(-1)).squeeze(-1) \
+        + 0.3 * torch.randn(8, T, generator=gen, dtype=torch.float64)
+    rewards = torch.tensor([1.0, 0.0, 0.5, 0.0, 1.0, 1.0, 0.0, 0.2])
+    kwargs = dict(rewards=rewards, group_size=4, old_logps=old if with_old else None, beta=0.05,
+                  ref_logps=old + 0.1)
+    got = value_and_grad(logits, ids, mask, backend=backend, **kwargs)
+    want = spec_value_and_grad(logits, ids, mask, **kwargs)
+    assert_close(got[0], want[0], 1e-5, 1e-6)
+    assert_close(got[1], want[1], 1e-5, 1e-6)
+    if case == "every_row":
+        assert got[0] == 0 and not got[1].any()
+    if case == "one_row_of_a_group":  # without KL, an empty row changes nothing: same as leaving it out
+        keep = [0, 2, 3, 4, 5, 6, 7]
+        sub = dict(advantages=frpo_kernels.group_advantages(rewards, group_size=4)[keep],
+                   group_ids=torch.tensor([0, 0, 0, 1, 1, 1, 1]), old_logps=None if not with_old else old[keep])
+        full = value_and_grad(logits, ids, mask, backend=backend, **dict(sub, group_ids=torch.tensor(
+            [0, 0, 0, 0, 1, 1, 1, 1]), advantages=frpo_kernels.group_advantages(rewards, group_size=4),
+            old_logps=old if with_old else None))
+        part = value_and_grad(logits[keep], ids[keep], mask[keep], backend=backend, **sub)
+        assert_close(full[0], part[0], 1e-6, 1e-6)
+        assert_close(full[1][keep], part[1], 1e-6, 1e-7)
+
+
+def test_empty_row_rule_in_closed_form():
+    """Group of 4 with rows 1-3 empty, on-policy, no baseline, no KL: the group term is log(w_0) =
+    -A_0 / lam (one row left: no jackknife term); the other group is the usual jackknife."""
+    use("torch")
+    logits = torch.randn(8, 3, 5, dtype=torch.float64)
+    ids = torch.zeros(8, 3, dtype=torch.long)
+    mask = torch.ones(8, 3, dtype=torch.float64)
+    mask[1:4] = 0
+    adv = torch.tensor([0.7, -1.0, 2.0, 0.3, 0.5, -0.5, 0.25, -0.25], dtype=torch.float64)
+    lam = 0.8
+    got = frpo_kernels.loss(logits, ids, mask, advantages=adv, group_size=4, lam=lam, baseline=False,
+                            backend="torch")
+    w = torch.exp(-adv[4:] / lam)
+    jack = 4 * torch.log(w.mean()) - 3 * torch.stack(
+        [torch.log((w.sum() - w[i]) / 3) for i in range(4)]).mean()
+    assert torch.allclose(got, (-adv[0] / lam + jack) / 2, rtol=1e-12, atol=1e-12)
+
+
+# 10. Small lam: exp(-A/lam) overflows fp32 (and float64); the loss stays finite and exact.
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("lam,scale", [(1e-3, 1.0), (0.1, 20.0), (2e-3, 1.0)])
+@pytest.mark.parametrize("with_old", [False, True], ids=["fused", "two_pass"])
+@pytest.mark.parametrize("jackknife", [True, False])
+def test_small_lam_is_finite_and_matches_float64(backend, lam, scale, with_old, jackknife):
+    backend = use(backend)
+    logits, ids, mask, _, old, ref = probe_batch(seed=7)
+    logits, ids, mask = logits.repeat(2, 1, 1), ids.repeat(2, 1), mask.repeat(2, 1)
+    old, ref = old.repeat(2, 1), ref.repeat(2, 1)
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0, 1.0]) * scale
+    group_ids = torch.tensor([0, 0, 1, 1, 2, 2, 2, 2])  # groups of 2 and 4
+    kwargs = dict(rewards=rewards, group_ids=group_ids, lam=lam, jackknife=jackknife, beta=0.05,
+                  old_logps=old.float() if with_old else None, ref_logps=ref.float())
+    got = value_and_grad(logits, ids, mask, backend=backend, **kwargs)
+    want = spec_value_and_grad(logits, ids, mask, **dict(kwargs, old_logps=old.float().double()
+                                                        if with_old else None, ref_logps=ref.float().double()))
+    adv = frpo_kernels.group_advantages(rewards, group_ids=group_ids)
+    assert (adv.abs() / lam).max() > math.log(torch.finfo(torch.float32).max)  # exp(-A/lam) overflows fp32
+    assert_close(got[0], want[0], 1e-5, 1e-5)
+    assert_close(got[1], want[1], 1e-4, 1e-5 * want[1].abs().max().item())
+
+
+# Messages the probe met.
+def test_messages_name_the_argument_and_say_it_once():
+    use("torch")
+    logits, ids, mask, rewards, _, ref = probe_batch()
+    kwargs = dict(rewards=rewards, group_size=2, backend="torch")
+    with pytest.raises(ValueError) as err:
+        frpo_kernels.loss(logits, ids, mask, beta=math.inf, ref_logps=ref, **kwargs)
+    assert str(err.value) == "beta must be a finite number, got inf"
+    with pytest.raises(TypeError, match="lam must be a real number, got str"):
+        frpo_kernels.loss(logits, ids, mask, lam="1", **kwargs)
+    expanded = logits[:, :1].expand(B, T, V)
+    with pytest.raises(ValueError, match="overwrite_logits=True needs logits whose elements") as err:
+        frpo_kernels.loss(expanded, ids, mask, overwrite_logits=True, **dict(kwargs, backend="auto"))
+    assert "inplace" not in str(err.value)
+    with pytest.raises(ValueError, match="logits is a meta tensor"):
+        frpo_kernels.loss(logits.to("meta"), ids.to("meta"), mask.to("meta"), rewards=rewards.to("meta"),
+                          group_size=2)
+
+
+def test_numpy_scalars_are_numbers():
+    np = pytest.importorskip("numpy")
+    use("torch")
+    logits, ids, mask, rewards, _, ref = probe_batch(torch.float64)
+    want = frpo_kernels.loss(logits, ids, mask, rewards=rewards, group_size=2, lam=0.5, beta=0.1, ref_logps=ref,
+                             backend="torch")
+    got = frpo_kernels.loss(logits, ids, mask, rewards=rewards, group_size=2, lam=np.float32(0.5),
+                            beta=np.float64(0.1), ref_logps=ref, backend="torch")
+    assert torch.allclose(got, want, rtol=1e-7)
