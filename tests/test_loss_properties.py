@@ -30,7 +30,10 @@ def configurations(draw):
         level=draw(st.sampled_from(["token", "sequence"])), with_old=draw(st.booleans()),
         beta=draw(st.sampled_from([0.0, 0.2])), delta=draw(st.sampled_from([None, 1.05, 3.0])),
         lam=draw(st.floats(0.2, 5.0)), temperature=draw(st.floats(0.3, 2.0)),
-        scale=draw(st.booleans()), shuffle_groups=draw(st.booleans()),
+        scale=draw(st.sampled_from([True, False, "group", "batch", "none"])),
+        shuffle_groups=draw(st.booleans()),
+        empty_rows=draw(st.lists(st.integers(0, group_size * num_groups - 1), max_size=group_size + 1)),
+        lam_scale=draw(st.sampled_from([1.0, 1e-3])),  # 1e-3: exp(-A/lam) far beyond float64's range
     )
 
 
@@ -39,6 +42,7 @@ def configurations(draw):
 def test_random_configurations_match_spec(c):
     data = make_batch(batch=c["batch"], length=c["length"], vocab=c["vocab"], group_size=c["group_size"],
                       seed=c["seed"])
+    data["mask"][c["empty_rows"]] = 0.0  # rows with no completion token, anywhere in the groups
     group_kw = {"group_size": c["group_size"]}
     if c["shuffle_groups"]:
         perm = torch.randperm(c["batch"], generator=torch.Generator().manual_seed(c["seed"]))
@@ -47,13 +51,14 @@ def test_random_configurations_match_spec(c):
                   jackknife=c["jackknife"], baseline=c["baseline"], importance_sampling_level=c["level"],
                   old_logps=data["old"] if c["with_old"] else None,
                   ref_logps=data["ref"] if c["beta"] else None, beta=c["beta"], delta=c["delta"],
-                  lam=c["lam"], temperature=c["temperature"], scale_rewards=c["scale"], **group_kw)
+                  lam=c["lam"] * c["lam_scale"], temperature=c["temperature"], scale_rewards=c["scale"], **group_kw)
     z1 = data["logits"].clone().requires_grad_(True)
     z2 = data["logits"].clone().requires_grad_(True)
     got = frpo_kernels.loss(z1, data["ids"], data["mask"], backend="torch", **kwargs)
     want = spec_loss(z2, data["ids"], data["mask"], **kwargs)
     got.backward()
     want.backward()
+    assert torch.isfinite(got) and torch.isfinite(z1.grad).all()
     assert torch.allclose(got, want, rtol=1e-9, atol=1e-10)
     assert torch.allclose(z1.grad, z2.grad, rtol=1e-9, atol=1e-10)
 
