@@ -13,6 +13,7 @@ transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
 import frpo_kernels  # noqa: E402
+from spec_loss import spec_loss  # noqa: E402
 from frpo_kernels.integrations.trl import FRPOConfig, FRPOTrainer  # noqa: E402
 
 WORDS = [f"w{i}" for i in range(20)]
@@ -43,7 +44,7 @@ def reward_even_tokens(completions, completion_ids, **kwargs):
     return [sum(1 for t in ids if t % 2 == 0) / max(len(ids), 1) for ids in completion_ids]
 
 
-def train(model_dir, out_dir, capture_calls=True, **overrides):
+def train(model_dir, out_dir, capture_calls=True, reference=None, **overrides):
     prompts = [" ".join(WORDS[i:i + 3]) for i in range(12)]  # 12 distinct prompts
     args = dict(output_dir=out_dir, per_device_train_batch_size=4, num_generations=2, max_completion_length=6,
                 max_steps=2, learning_rate=1e-3, logging_steps=1, report_to="none", save_strategy="no",
@@ -59,7 +60,7 @@ def train(model_dir, out_dir, capture_calls=True, **overrides):
     def capture(model, inputs):
         """Recompute the loss independently on the batch the trainer sees, then let it compute."""
         with torch.no_grad():
-            expected = independent_loss(trainer, model, inputs)
+            expected = (reference or independent_loss)(trainer, model, inputs)
         value = compute_loss(model, inputs)
         calls.append((value.detach() * trainer.current_gradient_accumulation_steps, expected, inputs))
         return value
@@ -70,8 +71,17 @@ def train(model_dir, out_dir, capture_calls=True, **overrides):
     return trainer, calls
 
 
-def independent_loss(trainer, model, inputs):
-    """frpo_kernels.loss() from the model's own logits and groups = identical prompts."""
+def spec_reference(trainer, model, inputs):
+    """The float64 spec (tests/spec_loss.py) on the trainer's batch, groups = identical prompts."""
+    logits, group_ids = logits_and_groups(model, inputs)
+    cfg = trainer.args
+    return spec_loss(logits.double(), inputs["completion_ids"], inputs["completion_mask"].double(),
+                     advantages=inputs["advantages"].double(), group_ids=group_ids, loss_type=cfg.loss_type,
+                     lam=cfg.lam, jackknife=cfg.jackknife, baseline=cfg.baseline, temperature=cfg.temperature,
+                     epsilon_low=cfg.epsilon, epsilon_high=cfg.epsilon_high or cfg.epsilon)
+
+
+def logits_and_groups(model, inputs):
     prompt_ids, completion_ids = inputs["prompt_ids"], inputs["completion_ids"]
     input_ids = torch.cat([prompt_ids, completion_ids], 1)
     attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
@@ -83,6 +93,13 @@ def independent_loss(trainer, model, inputs):
     same_prompt = group_ids[:, None] == group_ids[None, :]
     same_id = inputs["group_ids"][:, None] == inputs["group_ids"][None, :]
     assert torch.equal(same_prompt, same_id.cpu())
+    return logits, group_ids
+
+
+def independent_loss(trainer, model, inputs):
+    """frpo_kernels.loss() from the model's own logits and groups = identical prompts."""
+    logits, group_ids = logits_and_groups(model, inputs)
+    completion_ids = inputs["completion_ids"]
     # one process: every micro-batch holds whole groups (TRL shuffles rows; FRPOTrainer keeps groups)
     assert torch.bincount(group_ids).tolist() == [trainer.num_generations] * (int(group_ids.max()) + 1)
     # and TRL's advantages (scale_rewards="none") are centred within these groups
@@ -115,6 +132,22 @@ def test_trainer_loss_is_frpo_kernels_loss(tiny_model_dir, tmp_path, loss_type, 
     assert "policy_loss" in logged and "entropy" in logged
     if loss_type == "frpo":
         assert "frpo/u_mean" in logged
+
+
+def test_truncated_completions_are_not_samples(tiny_model_dir, tmp_path):
+    """mask_truncated_completions empties the rows that hit max_completion_length: FRPO's group
+    statistics run over the other rows (the README's empty-row rule), as in the float64 spec."""
+    trainer, calls = train(tiny_model_dir, str(tmp_path), loss_type="frpo", reference=spec_reference,
+                           mask_truncated_completions=True, max_completion_length=3, lam=0.5)
+    empty_rows = sum(int((inputs["completion_mask"].sum(1) == 0).sum()) for _, _, inputs in calls)
+    assert empty_rows > 0  # the case under test happened
+    for value, expected, _ in calls:
+        torch.testing.assert_close(value.double(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_unknown_kernel_backend_is_refused_by_the_config(tmp_path):
+    with pytest.raises(ValueError, match="kernel_backend"):
+        FRPOConfig(output_dir=str(tmp_path), kernel_backend="cuda", use_cpu=True, report_to="none")
 
 
 def test_frpo_rejects_split_groups(tiny_model_dir, tmp_path):

@@ -34,6 +34,7 @@ from trl import GRPOConfig, GRPOTrainer
 from trl.trainer.utils import split_tensor_dict
 
 import frpo_kernels
+from frpo_kernels.backends import BACKENDS
 from frpo_kernels.objective import LOSS_TYPES
 
 TESTED_TRL_VERSIONS = ("1.16.0",)
@@ -57,6 +58,8 @@ class FRPOConfig(GRPOConfig):
             raise ValueError(f"FRPOConfig.loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}")
         if not self.lam > 0:
             raise ValueError(f"FRPOConfig.lam must be > 0, got {self.lam!r}")
+        if self.kernel_backend not in BACKENDS:
+            raise ValueError(f"FRPOConfig.kernel_backend must be one of {BACKENDS}, got {self.kernel_backend!r}")
 
 
 class FRPOTrainer(GRPOTrainer):
