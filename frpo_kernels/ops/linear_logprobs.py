@@ -1,0 +1,438 @@
+"""Per-token log-probs and the fused loss gradient straight from hidden states and the LM head.
+
+The logits `hidden @ weight.T (+ bias)` are never held as [N, V]: rows go through in tiles. Each
+tile's logits are written by one GEMM into a single reused workspace [rows, V], the backend's
+per-row kernel (forward / backward / fused of the contract in reference.py) runs in place on it,
+and the gradient it leaves there feeds two more GEMMs:
+
+    grad_hidden[rows]  = dtile @ weight
+    grad_weight       += dtile.T @ hidden[rows]      (only when the head trains: not under LoRA)
+    grad_bias         += dtile.sum(0)
+
+Memory beyond inputs and gradients: the workspace plus O(N) statistics. Two autograd paths:
+
+* `LinearTokenLogprobs` (two passes): the forward sweep keeps logp, lse (and entropy); the backward
+  recomputes each tile and turns it into its gradient with the saved lse.
+* `linear_fused_loss` (one pass): when dloss/dlogp is known once a row's logp is (on-policy), one
+  sweep computes logp and every gradient; backward only scales them by the upstream gradient.
+
+Masked rows (mask False) are left out of the tiles altogether: no GEMM rows, logp = lse = entropy
+= 0 and zero gradient. Precision: fp32 inputs run fp32 GEMMs and kernels; float64 inputs (torch
+backend only) run in float64; bf16/fp16 inputs keep a tile of their own dtype on CUDA (cuBLAS
+accumulates in fp32, the kernels read the tile and compute in fp32, grad_weight/grad_bias sum in
+fp32), while on CPU their GEMMs run in fp32 on an fp32 copy of the weight (see
+CPU_LOW_PRECISION_GEMMS_IN_FP32).
+"""
+from __future__ import annotations
+
+import torch
+
+from frpo_kernels.backends import kernels, resolve
+
+# Rows per tile for every sweep when set (tests, benchmarks); None: tile_rows() chooses.
+TILE_ROWS = None
+
+# On CPU, bf16/fp16 GEMMs run in fp32: torch 2.13's CPU bf16 matmul on this AVX2 EPYC (no native
+# bf16 dot products) ran at 4.0 GFLOP/s for [256, 576] x [576, 49152] and 0.5 GFLOP/s for the
+# [256, 49152] x [49152, 576] gradient GEMM, against 19.7 and 21.6 for fp32 on the same loaded
+# machine. The cost is an fp32 copy of the weight per sweep (V*H*4 bytes). False: tiles of the
+# input dtype, as on CUDA (tests use it to run the bf16-tile path of the kernels on CPU).
+CPU_LOW_PRECISION_GEMMS_IN_FP32 = True
+
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
+_INT32_ELEMENTS = 2**31 - 1
+
+
+def tile_rows(vocab: int, hidden_size: int, dtype: torch.dtype, device: torch.device) -> int:
+    """Rows per tile for logits of `vocab` columns in `dtype` on `device` (TILE_ROWS overrides).
+
+    See CPU_WORKSPACE_BYTES / CUDA_WORKSPACE_BYTES for the measurement behind the rule. The tile
+    also keeps rows * vocab < 2**31 so that every offset inside a tile fits a 32-bit int in any
+    kernel (offsets across tiles are torch's slicing, in int64).
+    """
+    if TILE_ROWS is not None:
+        return max(1, int(TILE_ROWS))
+    esize = torch.empty((), dtype=dtype).element_size()
+    row_bytes = vocab * esize
+    if torch.device(device).type == "cuda":
+        rows = CUDA_WORKSPACE_BYTES // row_bytes
+        rows = min(CUDA_MAX_ROWS, max(CUDA_MIN_ROWS, rows // 128 * 128))
+    else:
+        rows = CPU_WORKSPACE_BYTES // row_bytes
+        rows = min(CPU_MAX_ROWS, max(CPU_MIN_ROWS, rows // 16 * 16))
+    return max(1, min(rows, _INT32_ELEMENTS // max(1, vocab)))
+
+
+# CPU rule (measured, see the module's tile sweep in bench/test_bench_linear.py): filled in below.
+CPU_WORKSPACE_BYTES = 48 * 2**20
+CPU_MIN_ROWS = 16
+CPU_MAX_ROWS = 1024
+# CUDA rule (not measured in this session; bench/gpu_check.sh times alternatives): the GEMMs read
+# the whole weight once per tile, so a tile needs ~1k rows before cuBLAS is compute-bound
+# (bf16 H100: ~300 flop per byte of weight read, a tile does `rows` flop per byte).
+CUDA_WORKSPACE_BYTES = 1 << 30
+CUDA_MIN_ROWS = 256
+CUDA_MAX_ROWS = 4096
+
+
+def _compute_dtype(dtype, device):
+    if dtype in _LOW_PRECISION and device.type == "cpu" and CPU_LOW_PRECISION_GEMMS_IN_FP32:
+        return torch.float32
+    return dtype
+
+
+def _token_dtype(compute):
+    """dtype of per-token statistics and coefficients: float64 for float64 GEMMs, else float32."""
+    return torch.float64 if compute == torch.float64 else torch.float32
+
+
+try:  # fp32 accumulation of a bf16/fp16 product without a rounded intermediate (CUDA, torch >= 2.8)
+    _ADDMM_OUT_DTYPE = "out_dtype" in str(torch.ops.aten.addmm.dtype_out._schema)
+except (AttributeError, RuntimeError):
+    _ADDMM_OUT_DTYPE = False
+
+
+def _accumulate_product(acc, a, b):
+    """acc += a @ b, acc possibly of a wider dtype than a and b."""
+    if a.dtype == acc.dtype:
+        acc.addmm_(a, b)
+    elif _ADDMM_OUT_DTYPE and acc.device.type == "cuda":
+        torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+    else:
+        acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
+
+
+class _Sweep:
+    """One pass over the active rows of hidden [N, H] in tiles: the tile GEMMs, the reused buffers,
+    and moving per-token vectors between [N] and a tile's [1, rows]."""
+
+    def __init__(self, hidden, weight, bias, ids, mask, rows=None):
+        self.n, self.hidden_size = hidden.shape
+        self.vocab = weight.shape[0]
+        self.device = hidden.device
+        self.compute = _compute_dtype(hidden.dtype, hidden.device)
+        self.token_dtype = _token_dtype(self.compute)
+        self.hidden = hidden
+        # one conversion per sweep where the GEMMs run in another dtype than the inputs (CPU bf16)
+        self.weight = weight if weight.dtype == self.compute else weight.to(self.compute)
+        self.bias = None if bias is None else (bias if bias.dtype == self.compute else bias.to(self.compute))
+        self.ids = ids
+        self.index = None
+        if mask is not None and not bool(mask.all()):
+            self.index = mask.nonzero().squeeze(1)
+        self.active = self.n if self.index is None else self.index.numel()
+        rows = rows or tile_rows(self.vocab, self.hidden_size, self.compute, self.device)
+        self.rows = max(1, min(rows, self.active))
+        self.workspace = torch.empty(self.rows, self.vocab, dtype=self.compute, device=self.device) \
+            if self.active else None
+        self._gather = self.index is not None or hidden.dtype != self.compute
+        self._hidden_buf = torch.empty(self.rows, self.hidden_size, dtype=self.compute, device=self.device) \
+            if self._gather and self.active else None
+        self._grad_buf = None
+
+    def tiles(self):
+        for start in range(0, self.active, self.rows):
+            yield start, min(start + self.rows, self.active)
+
+    def _positions(self, start, stop):
+        return self.index[start:stop]
+
+    def hidden_tile(self, start, stop):
+        """hidden's rows of the tile in the GEMMs' dtype: a view, or a copy in the reused buffer."""
+        if not self._gather:
+            return self.hidden[start:stop]
+        buf = self._hidden_buf[:stop - start]
+        if self.index is None:
+            buf.copy_(self.hidden[start:stop])
+        elif self.hidden.dtype == self.compute:
+            torch.index_select(self.hidden, 0, self._positions(start, stop), out=buf)
+        else:
+            buf.copy_(self.hidden.index_select(0, self._positions(start, stop)))
+        return buf
+
+    def logits_tile(self, hidden_rows):
+        """The tile's logits [1, rows, V] (in the workspace), as the kernels take them."""
+        out = self.workspace[:hidden_rows.shape[0]]
+        if self.bias is None:
+            torch.mm(hidden_rows, self.weight.t(), out=out)
+        else:
+            torch.addmm(self.bias, hidden_rows, self.weight.t(), out=out)
+        return out.unsqueeze(0)
+
+    def take(self, vector, start, stop):
+        """A per-token [N] vector's entries for the tile, as [1, rows]."""
+        if self.index is None:
+            return vector[start:stop].unsqueeze(0)
+        return vector.index_select(0, self._positions(start, stop)).unsqueeze(0)
+
+    def put(self, out, start, stop, values):
+        """Writes a tile's [1, rows] values into the per-token [N] vector out."""
+        values = values.reshape(-1)
+        if self.index is None:
+            out[start:stop].copy_(values)
+        else:
+            out.index_copy_(0, self._positions(start, stop), values.to(out.dtype))
+
+    def token_vector(self):
+        """A new per-token [N] vector, zero where rows are masked."""
+        make = torch.empty if self.index is None else torch.zeros
+        return make(self.n, dtype=self.token_dtype, device=self.device)
+
+    def per_token(self, vector):
+        """A caller's per-token [N] tensor as the kernels take it (None stays None)."""
+        if vector is None:
+            return None
+        return vector.reshape(-1).to(self.token_dtype).contiguous()
+
+    # -- gradients ---------------------------------------------------------------------------
+    def gradient_buffers(self, want_hidden, want_weight, want_bias):
+        """Zeroed gradients: grad_hidden [N, H] in hidden's dtype, grad_weight [V, H] and
+        grad_bias [V] in fp32 when the inputs are bf16/fp16 (summed over tiles), else their dtype."""
+        acc = torch.float32 if self.compute in _LOW_PRECISION or self.hidden.dtype in _LOW_PRECISION \
+            else self.compute
+        make_hidden = torch.empty if self.index is None else torch.zeros
+        grad_hidden = make_hidden(self.n, self.hidden_size, dtype=self.hidden.dtype, device=self.device) \
+            if want_hidden else None
+        grad_weight = torch.zeros(self.vocab, self.hidden_size, dtype=acc, device=self.device) \
+            if want_weight else None
+        grad_bias = torch.zeros(self.vocab, dtype=acc, device=self.device) if want_bias else None
+        return grad_hidden, grad_weight, grad_bias
+
+    def accumulate(self, dtile, hidden_rows, start, stop, grad_hidden, grad_weight, grad_bias):
+        """Adds a tile's contribution: dtile [1, rows, V] holds dloss/dlogits of the tile's rows."""
+        dtile = dtile[0]
+        if grad_hidden is not None:
+            if self.index is None and grad_hidden.dtype == self.compute:
+                torch.mm(dtile, self.weight, out=grad_hidden[start:stop])
+            else:
+                if self._grad_buf is None:
+                    self._grad_buf = torch.empty(self.rows, self.hidden_size, dtype=self.compute,
+                                                 device=self.device)
+                buf = self._grad_buf[:stop - start]
+                torch.mm(dtile, self.weight, out=buf)
+                if self.index is None:
+                    grad_hidden[start:stop].copy_(buf)
+                else:
+                    grad_hidden.index_copy_(0, self._positions(start, stop), buf.to(grad_hidden.dtype))
+        if grad_weight is not None:
+            _accumulate_product(grad_weight, dtile.t(), hidden_rows)
+        if grad_bias is not None:
+            grad_bias.add_(dtile.sum(0, dtype=grad_bias.dtype))
+
+
+def _forward_sweep(sweep, backend, temperature, with_entropy):
+    """(logp, lse, entropy or None) [N] from one sweep of kernel forwards."""
+    run = kernels(backend).forward
+    logp, lse = sweep.token_vector(), sweep.token_vector()
+    entropy = sweep.token_vector() if with_entropy else None
+    for start, stop in sweep.tiles():
+        tile = sweep.logits_tile(sweep.hidden_tile(start, stop))
+        lp, ls, ent = run(tile, sweep.take(sweep.ids, start, stop), None, temperature, with_entropy)
+        sweep.put(logp, start, stop, lp)
+        sweep.put(lse, start, stop, ls)
+        if with_entropy:
+            sweep.put(entropy, start, stop, ent)
+    return logp, lse, entropy
+
+
+def _as_param_grad(grad, like):
+    return None if grad is None else (grad if grad.dtype == like.dtype else grad.to(like.dtype))
+
+
+class LinearTokenLogprobs(torch.autograd.Function):
+    """(logp [N], entropy [N] or a 0-dim placeholder) of log_softmax((hidden @ weight.T + bias) / T)
+    at ids, differentiable w.r.t. hidden [N, H], weight [V, H] and bias [V]. ids [N] int64, mask [N]
+    bool or None; backend a resolved name ("torch", "cpu", "triton")."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, ids, mask, temperature, with_entropy, backend, rows):
+        sweep = _Sweep(hidden, weight, bias, ids, mask, rows)
+        logp, lse, entropy = _forward_sweep(sweep, backend, temperature, with_entropy)
+        ctx.save_for_backward(hidden, weight, bias, ids, mask, lse, entropy)
+        ctx.temperature, ctx.backend, ctx.rows = temperature, backend, rows
+        if entropy is None:
+            entropy = lse.new_zeros(())
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx, dlogp, dentropy):
+        hidden, weight, bias, ids, mask, lse, entropy = ctx.saved_tensors
+        want_hidden, want_weight, want_bias = ctx.needs_input_grad[:3]
+        if not (want_hidden or want_weight or want_bias):
+            return (None,) * 9
+        sweep = _Sweep(hidden, weight, bias, ids, mask, ctx.rows)
+        if dlogp is None:
+            dlogp = torch.zeros_like(lse)
+        if entropy is None or dentropy is None or not bool(dentropy.any()):
+            entropy = dentropy = None
+        dlogp, dentropy = sweep.per_token(dlogp), sweep.per_token(dentropy)
+        grad_hidden, grad_weight, grad_bias = sweep.gradient_buffers(want_hidden, want_weight, want_bias)
+        run = kernels(ctx.backend).backward
+        for start, stop in sweep.tiles():
+            hidden_rows = sweep.hidden_tile(start, stop)
+            tile = sweep.logits_tile(hidden_rows)
+            run(tile, sweep.take(ids, start, stop), None, sweep.take(lse, start, stop),
+                sweep.take(dlogp, start, stop),
+                None if entropy is None else sweep.take(entropy, start, stop),
+                None if dentropy is None else sweep.take(dentropy, start, stop),
+                ctx.temperature, inplace=True)
+            sweep.accumulate(tile, hidden_rows, start, stop, grad_hidden, grad_weight, grad_bias)
+        return (grad_hidden, _as_param_grad(grad_weight, weight), _as_param_grad(grad_bias, bias),
+                None, None, None, None, None, None)
+
+
+class _PrecomputedLinearGradient(torch.autograd.Function):
+    """Returns `value`; its gradients w.r.t. hidden, weight and bias are the given tensors scaled
+    by the upstream gradient."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, value, grad_hidden, grad_weight, grad_bias):
+        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+        return value.detach().clone()
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grads = ctx.saved_tensors
+        if not (grad_out.numel() == 1 and bool(grad_out == 1)):
+            grads = tuple(None if g is None else g * grad_out.to(g.dtype) for g in grads)
+        return (*grads, None, None, None, None)
+
+
+def linear_fused_loss(hidden, weight, bias, ids, mask, temperature, coef, kl_coef, ref_logps,
+                      with_entropy, backend, value_from_logp, rows=None):
+    """The loss whose per-token gradient dloss/dlogp is coef + kl_coef * (1 - exp(ref_logps - logp)),
+    from hidden [..., H] and the head weight [V, H] (+ bias [V]), in one sweep over the tiles.
+
+    ids, mask (bool or None), coef, kl_coef and ref_logps (both or neither None) have hidden's
+    leading shape; backend is a resolved name. value_from_logp(logp) -> the scalar loss value (no
+    gradient needed). Returns (loss, logp, entropy or None); logp and entropy have ids' shape, are
+    float32 (float64 for float64 inputs) and carry no gradient. The gradients w.r.t. hidden, weight
+    and bias (each only if it requires grad) are computed here and scaled by the upstream
+    gradient in backward; a weight shared with an input embedding accumulates both through autograd.
+    """
+    shape = ids.shape
+    flat_hidden = hidden.reshape(-1, hidden.shape[-1])
+    flat_mask = None if mask is None else (mask if mask.dtype == torch.bool else mask != 0).reshape(-1)
+    sweep = _Sweep(flat_hidden.detach(), weight.detach(), None if bias is None else bias.detach(),
+                   ids.reshape(-1).to(torch.int64), flat_mask, rows)
+    grad_on = torch.is_grad_enabled()
+    want = [grad_on and t is not None and t.requires_grad for t in (hidden, weight, bias)]
+    if not any(want):
+        logp, _, entropy = _forward_sweep(sweep, backend, temperature, with_entropy)
+        logp = logp.view(shape)
+        entropy = None if entropy is None else entropy.view(shape)
+        return value_from_logp(logp), logp, entropy
+    coef = sweep.per_token(coef if isinstance(coef, torch.Tensor)
+                           else torch.full(shape, float(coef), device=hidden.device))
+    if kl_coef is not None and ref_logps is None:
+        raise ValueError("linear_fused_loss: kl_coef needs ref_logps")
+    kl_coef = sweep.per_token(kl_coef)
+    ref_logps = None if kl_coef is None else sweep.per_token(ref_logps)
+    logp = sweep.token_vector()
+    entropy = sweep.token_vector() if with_entropy else None
+    grad_hidden, grad_weight, grad_bias = sweep.gradient_buffers(*want)
+    run = kernels(backend).fused
+    for start, stop in sweep.tiles():
+        hidden_rows = sweep.hidden_tile(start, stop)
+        tile = sweep.logits_tile(hidden_rows)
+        lp, _, ent, _ = run(tile, sweep.take(sweep.ids, start, stop), None, temperature,
+                            sweep.take(coef, start, stop),
+                            None if kl_coef is None else sweep.take(kl_coef, start, stop),
+                            None if ref_logps is None else sweep.take(ref_logps, start, stop),
+                            with_entropy, inplace=True)
+        sweep.put(logp, start, stop, lp)
+        if with_entropy:
+            sweep.put(entropy, start, stop, ent)
+        sweep.accumulate(tile, hidden_rows, start, stop, grad_hidden, grad_weight, grad_bias)
+    logp = logp.view(shape)
+    entropy = None if entropy is None else entropy.view(shape)
+    value = value_from_logp(logp)
+    if grad_hidden is not None:
+        grad_hidden = grad_hidden.view(hidden.shape)
+    loss = _PrecomputedLinearGradient.apply(hidden, weight, bias, value, grad_hidden,
+                                            _as_param_grad(grad_weight, weight),
+                                            _as_param_grad(grad_bias, bias))
+    return loss, logp, entropy
+
+
+def _describe(value):
+    if isinstance(value, torch.Tensor):
+        return f"a {value.dtype} tensor of shape {tuple(value.shape)} on {value.device}"
+    return f"{type(value).__name__} {value!r}"
+
+
+def check_linear_inputs(hidden, weight, bias, ids, mask):
+    """ValueError/TypeError naming the bad argument, before any GEMM runs."""
+    if not isinstance(hidden, torch.Tensor) or not hidden.is_floating_point():
+        raise TypeError(f"hidden must be a floating-point tensor, got {_describe(hidden)}")
+    if hidden.dim() not in (2, 3):
+        raise ValueError(f"hidden must have shape [B, T, H] or [N, H], got {tuple(hidden.shape)}")
+    if any(s == 0 for s in hidden.shape):
+        raise ValueError(f"hidden has a zero-size dimension (shape {tuple(hidden.shape)}); nothing to compute")
+    if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
+        raise TypeError(f"weight must be a floating-point tensor [V, H], got {_describe(weight)}")
+    if weight.dim() != 2 or weight.shape[0] == 0:
+        raise ValueError(f"weight must have shape [V, H] with V > 0, got {tuple(weight.shape)}")
+    if weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"weight has H = {weight.shape[1]} (shape {tuple(weight.shape)}) but hidden has "
+                         f"H = {hidden.shape[-1]} (shape {tuple(hidden.shape)})")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"weight is {weight.dtype} but hidden is {hidden.dtype}; pass both in one dtype")
+    if weight.device != hidden.device:
+        raise ValueError(f"weight is on {weight.device} but hidden is on {hidden.device}")
+    vocab = weight.shape[0]
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor) or not bias.is_floating_point():
+            raise TypeError(f"bias must be None or a floating-point tensor [V], got {_describe(bias)}")
+        if tuple(bias.shape) != (vocab,):
+            raise ValueError(f"bias must have shape [V] = ({vocab},) (weight's rows), got {tuple(bias.shape)}")
+        if bias.dtype != hidden.dtype:
+            raise TypeError(f"bias is {bias.dtype} but hidden is {hidden.dtype}; pass both in one dtype")
+        if bias.device != hidden.device:
+            raise ValueError(f"bias is on {bias.device} but hidden is on {hidden.device}")
+    lead = tuple(hidden.shape[:-1])
+    if not isinstance(ids, torch.Tensor) or ids.dtype.is_floating_point or ids.dtype == torch.bool \
+            or ids.is_complex():
+        raise TypeError(f"ids must be an integer tensor, got {_describe(ids)}")
+    if tuple(ids.shape) != lead:
+        raise ValueError(f"ids must have shape {lead} (hidden's leading dimensions), got {tuple(ids.shape)}")
+    if ids.device != hidden.device:
+        raise ValueError(f"ids is on {ids.device} but hidden is on {hidden.device}")
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor):
+            raise TypeError(f"mask must be None or a tensor of shape {lead}, got {_describe(mask)}")
+        if tuple(mask.shape) != lead:
+            raise ValueError(f"mask must have shape {lead} (hidden's leading dimensions), got {tuple(mask.shape)}")
+        if mask.device != hidden.device:
+            raise ValueError(f"mask is on {mask.device} but hidden is on {hidden.device}")
+    if not torch.compiler.is_compiling():
+        checked = ids if mask is None else ids[mask != 0]
+        if checked.numel() and bool(((checked < 0) | (checked >= vocab)).any()):
+            raise ValueError(f"ids has entries outside [0, {vocab}) (V = weight.shape[0]): "
+                             f"min {int(checked.min())}, max {int(checked.max())}")
+
+
+def linear_token_logprobs(hidden, weight, ids, *, bias=None, temperature=1.0, return_entropy=False,
+                          mask=None, backend="auto"):
+    """log_softmax((hidden @ weight.T + bias) / temperature)[ids] without the [N, V] logits.
+
+    hidden [B, T, H] with ids [B, T] (or [N, H] with [N]); weight [V, H] (the LM head, trainable,
+    frozen or tied to the input embedding); bias [V] or None; mask of ids' shape (False: the row is
+    skipped: logp = entropy = 0, no gradient, no GEMM work). Returns logp of ids' shape, float32
+    (float64 for float64 inputs), differentiable w.r.t. hidden, weight and bias; with
+    return_entropy also the per-token entropy (differentiable too).
+    """
+    from frpo_kernels import checks
+
+    check_linear_inputs(hidden, weight, bias, ids, mask)
+    checks.check_temperature(temperature)
+    name = resolve(backend, hidden)
+    shape = ids.shape
+    flat_mask = None if mask is None else (mask != 0).reshape(-1)
+    logp, entropy = LinearTokenLogprobs.apply(
+        hidden.reshape(-1, hidden.shape[-1]), weight, bias, ids.reshape(-1).to(torch.int64),
+        flat_mask, float(temperature), bool(return_entropy), name, None)
+    logp = logp.view(shape)
+    if return_entropy:
+        return logp, entropy.view(shape)
+    return logp
