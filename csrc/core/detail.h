@@ -76,6 +76,7 @@ constexpr float kRoundMagic = 12583039.f;
 constexpr float kE1 = 0.9999997019767761f, kE2 = 0.4999915063381195f, kE3 = 0.1666763573884964f,
                 kE4 = 0.04189793020486832f, kE5 = 0.008290315046906471f;
 
+// NaN stays NaN (both comparisons are false): a NaN logit must reach the sums and the gradient.
 inline float clamp_exp_arg(float x) {
   x = x < kExpLo ? kExpLo : x;
   return x > kExpHi ? kExpHi : x;
@@ -119,12 +120,22 @@ constexpr int64_t kBwdPrefetch = FRPO_BWD_PREFETCH;
 
 struct RowStats { float logp, lse, entropy; };
 
+// Whether x[0, n) holds a NaN: for the rare non-finite paths, never in a hot loop.
+template <class E>
+bool any_nan(const typename E::T* x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float v = E::load(x + i);
+    if (v != v) return true;
+  }
+  return false;
+}
+
 inline int64_t row_offset(int64_t r, int64_t length, int64_t stride_b, int64_t stride_t) {
   return (r / length) * stride_b + (r % length) * stride_t;
 }
 
 // The per-row algorithm. Ops supplies the inner loops over a span of one row:
-//   max_raw<E>(x, n) -> float                      max of the raw logits (-inf if all are -inf)
+//   max_raw<E>(x, n) -> float                      max of the raw logits, NaN ignored (-inf if none is larger)
 //   sum_exp<E, Ent, Store>(x, n, inv_t, m, &s, &t, pf, e_out)
 //                                                  s = sum e, t = sum e*d, d = max(x*inv_t - m, lo), e = exp(d);
 //                                                  Store: also e_out[i] = e (fp32 scratch)
@@ -146,14 +157,21 @@ struct Row {
   // chunk_m[c] = -inf where the chunk was skipped (all -inf so far: e_out not written).
   static RowStats forward(const T* x, int64_t vocab, int64_t id, float inv_t, bool with_entropy,
                           int64_t next_row = 0, float* e_out = nullptr, float* chunk_m = nullptr) {
-    float m = -std::numeric_limits<float>::infinity();
+    constexpr float kInf = std::numeric_limits<float>::infinity();
+    float m = -kInf;
     double s = 0.0, t = 0.0;  // sum exp(z - m), sum exp(z - m) * (z - m)
+    bool nan_seen = false;
     for (int64_t c = 0; c < vocab; c += kChunk) {
       const int64_t n = vocab - c < kChunk ? vocab - c : kChunk;
+      // max_raw ignores NaN; a NaN elsewhere reaches the sums through exp(NaN) = NaN (the exp
+      // arguments' clamps keep NaN), so only chunks skipped here need looking at for NaN
       const float cm = Ops::template max_raw<E>(x + c, n) * inv_t;
       const float m_new = cm > m ? cm : m;
       if (chunk_m) chunk_m[c / kChunk] = m_new;
-      if (m_new == -std::numeric_limits<float>::infinity()) continue;  // all -inf so far
+      if (m_new == -kInf) {  // all -inf so far (rare): nothing to sum, but a NaN here must not be lost
+        nan_seen = nan_seen || any_nan<E>(x + c, n);
+        continue;
+      }
       float cs = 0.f, ct = 0.f;
       const int64_t pf = c + kChunk < vocab ? kChunk : (next_row ? next_row - c : 0);
       if (e_out) {
@@ -172,8 +190,21 @@ struct Row {
       t += ct;
       m = m_new;
     }
-    const double log_s = std::log(s);
     RowStats st;
+    // Non-finite rows, as torch's log_softmax / logsumexp give them: any NaN makes everything NaN;
+    // otherwise a +inf logit gives lse = +inf and logp = entropy = NaN (inf - inf). Both leave s NaN,
+    // so they are told apart by a look for NaN, on this rare path only.
+    if (nan_seen || (m == kInf && any_nan<E>(x, vocab))) {
+      st.logp = st.lse = st.entropy = std::numeric_limits<float>::quiet_NaN();
+      return st;
+    }
+    if (m == kInf) {
+      st.lse = kInf;
+      st.logp = st.entropy = std::numeric_limits<float>::quiet_NaN();
+      return st;
+    }
+    // all -inf (m = -inf, s = 0): lse = -inf, logp = entropy = NaN, as torch gives, from the formulas
+    const double log_s = std::log(s);
     st.lse = float(double(m) + log_s);
     st.logp = float((double(E::load(x + id) * inv_t) - double(m)) - log_s);
     st.entropy = with_entropy ? float(log_s - t / s) : 0.f;
@@ -292,8 +323,12 @@ void fused_rows_t(const LogitsView& L, const TokenInputs& tok, const FusedIn& in
     if (out.entropy) out.entropy[r] = st.entropy;
     float dlogp = in.coef[r];
     if (with_kl) dlogp += float(double(in.kl_coef[r]) * (1.0 - std::exp(double(in.ref_logps[r]) - st.logp)));
-    gradient_from_exps<Ops, E>(e, chunk_m, g, L.vocab, id, xid, inv_t, st.lse, dlogp, G.streaming,
-                               FRPO_FUSED_PF && next ? x + next : nullptr);
+    if (std::isfinite(st.lse)) {
+      gradient_from_exps<Ops, E>(e, chunk_m, g, L.vocab, id, xid, inv_t, st.lse, dlogp, G.streaming,
+                                 FRPO_FUSED_PF && next ? x + next : nullptr);
+    } else {  // NaN / +inf / all -inf row (rare): the kept exps hold NaN; the plain sweep gives torch's pattern
+      Row<Ops, E>::gradient(x, g, L.vocab, id, inv_t, st.lse, dlogp, false, 0.f, 0.f, G.streaming, kBwdPrefetch);
+    }
   }
   if (G.streaming) Ops::fence();
 }

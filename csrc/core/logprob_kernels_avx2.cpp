@@ -106,12 +106,13 @@ FRPO_AVX2_INLINE void prefetch(const T* p) {
 }
 
 // Arguments are x/T - m (chunk max) or x/T - lse, so at most a rounding error above 0: only the low
-// clamp is needed (-inf logits and NaN-free underflow to exactly 0).
+// clamp is needed (-inf logits and NaN-free underflow to exactly 0). maxps returns its second operand
+// when either is NaN, so the argument goes second: a NaN logit stays NaN (torch's NaN propagation).
 FRPO_AVX2_INLINE __m256 clamp8(__m256 d) {
 #if FRPO_CLAMP_HI
-  return _mm256_min_ps(_mm256_max_ps(d, _mm256_set1_ps(kExpLo)), _mm256_set1_ps(kExpHi));
+  return _mm256_min_ps(_mm256_set1_ps(kExpHi), _mm256_max_ps(_mm256_set1_ps(kExpLo), d));
 #else
-  return _mm256_max_ps(d, _mm256_set1_ps(kExpLo));
+  return _mm256_max_ps(_mm256_set1_ps(kExpLo), d);
 #endif
 }
 
@@ -134,13 +135,14 @@ struct Avx2Ops {
     const __m256 ninf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
     __m256 m0 = ninf, m1 = ninf, m2 = ninf, m3 = ninf;
     int64_t i = 0;
+    // maxps(x, m) returns m when x is NaN: the max ignores NaN (forward() finds NaN through the sums)
     for (; i + 32 <= n; i += 32) {
-      m0 = _mm256_max_ps(m0, Vec<E>::load(x + i));
-      m1 = _mm256_max_ps(m1, Vec<E>::load(x + i + 8));
-      m2 = _mm256_max_ps(m2, Vec<E>::load(x + i + 16));
-      m3 = _mm256_max_ps(m3, Vec<E>::load(x + i + 24));
+      m0 = _mm256_max_ps(Vec<E>::load(x + i), m0);
+      m1 = _mm256_max_ps(Vec<E>::load(x + i + 8), m1);
+      m2 = _mm256_max_ps(Vec<E>::load(x + i + 16), m2);
+      m3 = _mm256_max_ps(Vec<E>::load(x + i + 24), m3);
     }
-    for (; i + 8 <= n; i += 8) m0 = _mm256_max_ps(m0, Vec<E>::load(x + i));
+    for (; i + 8 <= n; i += 8) m0 = _mm256_max_ps(Vec<E>::load(x + i), m0);
     float m = hmax8(_mm256_max_ps(_mm256_max_ps(m0, m1), _mm256_max_ps(m2, m3)));
     for (; i < n; ++i) {
       const float v = E::load(x + i);

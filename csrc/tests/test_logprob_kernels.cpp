@@ -261,6 +261,39 @@ static void run_conversion_checks() {
   CHECK(detail::exp_poly(detail::clamp_exp_arg(-kInf)) == 0.f, "exp(-inf) must be 0");
 }
 
+// NaN / +inf as torch gives them (tests/test_cpu_nan.py checks every pattern against reference.py): a NaN
+// anywhere makes logp, lse, entropy and the whole gradient row NaN; a +inf gives lse = +inf, logp = NaN.
+static void run_nonfinite_checks() {
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  for (DType d : {DType::F32, DType::BF16, DType::F16})
+    for (int64_t vocab : {13, 4141}) {
+      for (int64_t pos : {int64_t(0), vocab / 2, vocab - 3, vocab - 1}) {
+        for (float bad : {nan, kInf}) {
+          std::snprintf(g_case, sizeof g_case, "nonfinite dtype %d V %lld pos %lld value %g isa %s", int(d),
+                        (long long)vocab, (long long)pos, bad, active_isa());
+          Buffer x(d, size_t(vocab)), g(d, size_t(vocab));
+          for (int64_t v = 0; v < vocab; ++v) x.set(size_t(v), 0.01f * float(v % 97));
+          x.set(size_t(pos), bad);
+          int64_t id = 1;
+          float logp = 0, lse = 0, ent = 0, coef = 0.5f;
+          LogitsView L{x.data(), d, 1, 1, vocab, vocab, vocab};
+          TokenInputs tok{&id, nullptr, 1.f};
+          fused_rows(L, tok, FusedIn{&coef, nullptr, nullptr}, ForwardOut{&logp, &lse, &ent}, GradView{g.data(), vocab, vocab, false}, 0, 1);
+          const bool is_nan = bad != bad;
+          CHECK(std::isnan(logp) && std::isnan(ent), "logp %g entropy %g must be NaN", logp, ent);
+          CHECK(is_nan ? std::isnan(lse) : lse == kInf, "lse %g", lse);
+          for (int64_t v = 0; v < vocab; ++v) {
+            const double gv = g.value(size_t(v));
+            // +inf row: p = 0 except at the +inf entry (inf - inf = NaN); the target keeps coef*(1 - 0)
+            const bool want_nan = is_nan || v == pos;
+            CHECK(want_nan ? std::isnan(gv) : gv == (v == id ? 0.5 : 0.0),
+                  "grad %lld: %g", (long long)v, gv);
+          }
+        }
+      }
+    }
+}
+
 static void run_isa_choice_checks() {
   CHECK(set_isa("auto").empty(), "auto must always be accepted");
   const std::string best = active_isa();
@@ -285,6 +318,7 @@ int main() {
       continue;
     }
     CHECK(std::string(active_isa()) == isa, "set_isa(%s) runs %s", isa, active_isa());
+    run_nonfinite_checks();
     for (DType d : {DType::F32, DType::BF16, DType::F16})
       for (int64_t vocab : {1, 7, 33, 257, 4097, 9001})
         for (int variant = 0; variant < 4; ++variant) {
