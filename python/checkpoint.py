@@ -1,5 +1,6 @@
 """Atomic checkpoints of a run (LoRA adapter, optimizer, RNG states, position, results, metrics)
-and a guard that defers Ctrl-C while an optimizer step is being committed.
+and stop signals: SIGTERM raises Terminated, a KeyboardInterrupt, so that it takes Ctrl-C's path,
+and both can be deferred while a training step is run and committed.
 """
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 def rng_state() -> dict:
@@ -50,18 +53,70 @@ def load(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what SLURM, Kubernetes and torchrun's agent send before a kill), raised as a
+    KeyboardInterrupt so that every `except KeyboardInterrupt` treats it like Ctrl-C."""
+
+
+def stop_exception(signum: int) -> KeyboardInterrupt:
+    return Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+
+def stop_name(exc: KeyboardInterrupt) -> str:
+    return "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
+
+
+def exit_status(exc: KeyboardInterrupt) -> int:
+    """128 + the signal number, as a shell reports a process killed by it: 143 SIGTERM, 130 Ctrl-C."""
+    return 128 + (signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT)
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated
+
+
+def _set_handlers(handlers: dict) -> dict:
+    """Install {signal: handler}; the handlers they replace."""
+    return {s: signal.signal(s, signal.SIG_DFL if h is None else h) for s, h in handlers.items()}
+
+
 @contextmanager
-def deferred_interrupt():
-    """Ctrl-C inside the block is raised when the block ends, so a step is committed whole."""
-    pending = []
+def sigterm_raises():
+    """SIGTERM raises Terminated in the main thread while the block runs (Python's default for
+    SIGTERM is to die on the spot, without a checkpoint)."""
     try:
-        previous = signal.signal(signal.SIGINT, lambda signum, frame: pending.append(signum))
-    except ValueError:  # not the main thread: nothing to defer
+        previous = _set_handlers({signal.SIGTERM: _raise_terminated})
+    except ValueError:  # not the main thread, which is the one that gets signals
         yield
         return
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
-        if pending:
-            raise KeyboardInterrupt
+        _set_handlers(previous)
+
+
+@contextmanager
+def deferred_interrupt():
+    """Ctrl-C and SIGTERM inside the block are appended to the yielded list instead of raised; the
+    block may act on them at safe points (stop_exception). Those left are raised when it ends."""
+    pending = []
+    try:
+        previous = _set_handlers({s: lambda signum, frame: pending.append(signum) for s in STOP_SIGNALS})
+    except ValueError:  # not the main thread: nothing to defer
+        yield pending
+        return
+    try:
+        yield pending
+    finally:
+        _set_handlers(previous)
+    if pending:
+        raise stop_exception(pending[0])
+
+
+@contextmanager
+def uninterruptible():
+    """The block runs whole; Ctrl-C and SIGTERM inside it are dropped. For what ends the run anyway:
+    the checkpoint written on a stop, the report of a finished run."""
+    with deferred_interrupt() as pending:
+        yield
+        pending.clear()

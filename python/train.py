@@ -16,6 +16,7 @@ import json
 import os
 import random
 import resource
+import signal
 import sys
 import time
 import warnings
@@ -277,8 +278,7 @@ def rl_step(model, tokenizer, optimizer, task, arm, args, step, ctx: Dist = Dist
         if not losses:  # the global rewards and lengths, once, before the step's first update
             all_rewards = torch.tensor(ctx.gather(rewards.tolist()))
             lengths = torch.tensor(ctx.gather(ro.completion_mask.sum(1).tolist()), dtype=torch.float)
-        with ckpt.deferred_interrupt():
-            optimizer.step()
+        optimizer.step()
         losses.append(loss.item())
     t3 = time.perf_counter()
     out = {"loss": losses[0], "reward_mean": float(all_rewards.mean()), "reward_std": float(all_rewards.std()),
@@ -309,8 +309,7 @@ def sft_step(model, tokenizer, optimizer, downstream, args, step, ctx: Dist = Di
     reduce_gradients(params, ctx, average=False)
     torch.nn.utils.clip_grad_norm_(params, 1.0)
     (value,) = ctx.all_sum([nll.item()])
-    with ckpt.deferred_interrupt():
-        optimizer.step()
+    optimizer.step()
     return {"loss": value / tokens}, {"t_loss": time.perf_counter() - t0}
 
 
@@ -318,7 +317,12 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     ctx = setup_distributed(args)
     try:
-        return run_pipeline(args, ctx)
+        with ckpt.sigterm_raises():  # SIGTERM takes Ctrl-C's path: a checkpoint, then exit 143
+            return run_pipeline(args, ctx)
+    except KeyboardInterrupt as exc:  # while starting (loading the model): nothing to checkpoint yet
+        if ctx.rank == 0:
+            print(f"\n{ckpt.stop_name(exc)} before training began; nothing new saved", file=sys.stderr)
+        return ckpt.exit_status(exc)
     finally:  # also on errors and KeyboardInterrupt
         if ctx.pg is not None and dist.is_initialized():
             dist.destroy_process_group()
@@ -349,7 +353,8 @@ def run_pipeline(args, ctx: Dist) -> int:
                 "pass the same flags as the interrupted run", file=sys.stderr)
             return 2
         if run_complete(saved["state"], arms):
-            return report_complete_run(out, saved["state"], config, lead)
+            with ckpt.uninterruptible():  # a few files, and the run is complete
+                return report_complete_run(out, saved["state"], config, lead)
     try:  # fail now, not after the model load, if the kernel backend cannot run here
         frpo_kernels.token_logprobs(torch.zeros(1, 1, 2, device=ctx.device),
                                     torch.zeros(1, 1, dtype=torch.long, device=ctx.device), backend=args.backend)
@@ -433,24 +438,24 @@ def run_pipeline(args, ctx: Dist) -> int:
                 state["position"] = [a, p + 1, 0]
                 resume_at = None
                 save()
-    except KeyboardInterrupt:
-        if state["rng"] is not None:  # the RNG as it was at the last step boundary
-            ckpt.set_rng_state(state["rng"])
-        save()
-        log(f"\ninterrupted: checkpoint saved to {out / 'checkpoint.pt'} at {position_text(state['position'])}; "
-            "continue with the same command plus --resume", flush=True)
-        return 130
-    if lead:
-        report_run(out, state, config, args, ctx, t_start)
-    return 0
+        with ckpt.uninterruptible():  # the run is complete: its report is written whole
+            if lead:
+                report_run(out, state, config, args, ctx, t_start)
+        return 0
+    except KeyboardInterrupt as exc:  # Ctrl-C, SIGTERM or --stop-after-steps
+        with ckpt.uninterruptible():  # a second signal while saving asks for what is being done
+            if state["rng"] is not None:  # the RNG as it was at the last step boundary
+                ckpt.set_rng_state(state["rng"])
+            save()
+        log(f"\n{ckpt.stop_name(exc)}: checkpoint saved to {out / 'checkpoint.pt'} at "
+            f"{position_text(state['position'])}; continue with the same command plus --resume", flush=True)
+        return ckpt.exit_status(exc)
 
 
 def position_text(position) -> str:
-    """'arm A, phase P, step S' for a checkpoint position; [a, len(PHASES), 0] (arm a done) is arm a + 1's start."""
+    """'arm A, phase P, step S' for a checkpoint position, or 'the end of arm A' when its phases are done."""
     a, p, step = position
-    if p == len(PHASES):
-        a, p, step = a + 1, 0, 0
-    return f"arm {a}, phase {PHASES[p]}, step {step}"
+    return f"the end of arm {a}" if p == len(PHASES) else f"arm {a}, phase {PHASES[p]}, step {step}"
 
 
 def run_complete(state: dict, arms: list[dict]) -> bool:
@@ -501,11 +506,44 @@ def report_complete_run(out: Path, state: dict, config: dict, lead: bool) -> int
 
 def train_phase(model, tokenizer, task, downstream, arm, args, phase, params, initial_adapter, state, run,
                 saved, save, record, ctx: Dist = Dist()):
-    """The RL or SFT steps of one arm, from state['position'][2] on (checkpointing as it goes)."""
+    """The RL or SFT steps of one arm, from state['position'][2] on (checkpointing as it goes).
+
+    Ctrl-C and SIGTERM wait for the step in flight: the run stops at the next step boundary, the
+    same one on every rank, so a checkpoint holds whole steps only."""
     steps = args.rl_steps if phase == "rl" else args.sft_steps
-    lr = args.lr if phase == "rl" else args.sft_lr
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    if saved is not None:
+    stage = "rl" if phase == "rl" else "sft"
+    with ckpt.deferred_interrupt() as signals:
+        run["optimizer"] = start_phase(model, params, args, phase, initial_adapter, saved, state)
+        bar = tqdm(range(state["position"][2], steps), initial=state["position"][2], total=steps,
+                   desc=f"{arm['name']} {'RL' if stage == 'rl' else 'downstream SFT'}", dynamic_ncols=True,
+                   disable=ctx.rank != 0)
+        for step in bar:
+            stop_if_signalled(signals, ctx)
+            if stage == "rl":
+                values, timing = rl_step(model, tokenizer, run["optimizer"], task, arm, args, step, ctx)
+            else:
+                values, timing = sft_step(model, tokenizer, run["optimizer"], downstream, args, step, ctx)
+            state["global_step"] += 1
+            state["position"][2] = step + 1
+            record({"arm": arm["name"], "stage": stage, "step": step, "global_step": state["global_step"],
+                    **values, **{k: round(v, 4) for k, v in timing.items()}})
+            state["rng"] = ckpt.rng_state()
+            bar.set_postfix({k: f"{v:.3f}" for k, v in values.items() if k in ("loss", "reward_mean")}
+                            | {k: f"{v:.1f}s" for k, v in timing.items()})
+            if (step + 1) % args.save_every == 0:
+                save()
+            if args.stop_after_steps and state["global_step"] >= args.stop_after_steps:
+                raise KeyboardInterrupt
+        stop_if_signalled(signals, ctx)
+    bar.close()
+    check_in_sync(params, ctx)
+
+
+def start_phase(model, params, args, phase, initial_adapter, saved, state) -> torch.optim.Optimizer:
+    """The phase's AdamW, and its adapter and RNG: the checkpoint's when resuming after some of the
+    phase's steps, else fresh (RL from the initial adapter; the phase's seed). Sets state['rng']."""
+    optimizer = torch.optim.AdamW(params, lr=args.lr if phase == "rl" else args.sft_lr, weight_decay=0.0)
+    if saved is not None and state["position"][2] > 0:
         if saved["optimizer"] is not None:
             optimizer.load_state_dict(saved["optimizer"])
         ckpt.set_rng_state(saved["state"]["rng"])
@@ -513,31 +551,18 @@ def train_phase(model, tokenizer, task, downstream, arm, args, phase, params, in
         if phase == "rl":  # every arm starts from the same fresh adapter and seed
             ckpt.load_adapter_state(model, initial_adapter)
         torch.manual_seed(args.seed + (0 if phase == "rl" else 1))
-    run["optimizer"] = optimizer
     state["rng"] = ckpt.rng_state()
-    stage = "rl" if phase == "rl" else "sft"
-    bar = tqdm(range(state["position"][2], steps), initial=state["position"][2], total=steps,
-               desc=f"{arm['name']} {'RL' if stage == 'rl' else 'downstream SFT'}", dynamic_ncols=True,
-               disable=ctx.rank != 0)
-    for step in bar:
-        if stage == "rl":
-            values, timing = rl_step(model, tokenizer, optimizer, task, arm, args, step, ctx)
-        else:
-            values, timing = sft_step(model, tokenizer, optimizer, downstream, args, step, ctx)
-        with ckpt.deferred_interrupt():  # commit the step as a whole
-            state["global_step"] += 1
-            state["position"][2] = step + 1
-            record({"arm": arm["name"], "stage": stage, "step": step, "global_step": state["global_step"],
-                    **values, **{k: round(v, 4) for k, v in timing.items()}})
-            state["rng"] = ckpt.rng_state()
-        bar.set_postfix({k: f"{v:.3f}" for k, v in values.items() if k in ("loss", "reward_mean")}
-                        | {k: f"{v:.1f}s" for k, v in timing.items()})
-        if (step + 1) % args.save_every == 0:
-            save()
-        if args.stop_after_steps and state["global_step"] >= args.stop_after_steps:
-            raise KeyboardInterrupt
-    bar.close()
-    check_in_sync(params, ctx)
+    return optimizer
+
+
+def stop_if_signalled(signals: list[int], ctx: Dist):
+    """At a step boundary: stop the run (Terminated for SIGTERM, else KeyboardInterrupt) if Ctrl-C or
+    SIGTERM has reached any rank. Every rank takes part, so all of them stop after the same step."""
+    term, interrupt = ctx.all_sum([float(signal.SIGTERM in signals), float(signal.SIGINT in signals)])
+    if term:
+        raise ckpt.Terminated
+    if interrupt:
+        raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

@@ -1,15 +1,20 @@
 """End-to-end smoke test of python/train.py on the tiny preset: both arms, the report files, an
-interrupted run that --resume continues to the same losses as an uninterrupted one, and --resume of
-a run that is already complete.
+interrupted run (--stop-after-steps, SIGTERM mid-step, mid-eval and from outside) that --resume
+continues to the same losses as an uninterrupted one, and --resume of a run that is already complete.
 """
 import json
+import os
 import shutil
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
+TRAIN_PY = Path(__file__).resolve().parents[1] / "python" / "train.py"
+sys.path.insert(0, str(TRAIN_PY.parent))
 train = pytest.importorskip("train", reason="python/train.py needs transformers, peft and tqdm")
 
 TINY = ["--preset", "tiny", "--seed", "3"]  # the full_run fixture's flags (plus --out)
@@ -57,6 +62,70 @@ def test_resume_reproduces_uninterrupted_losses(full_run, tmp_path, capsys):
     assert len(losses(tmp_path)) == stop
     assert train.main(argv + ["--resume"]) == 0
     assert losses(tmp_path) == losses(full_run)
+
+
+@pytest.fixture
+def sigterm_fails_the_test():
+    """A SIGTERM that train.main leaves unhandled fails the test here instead of killing pytest."""
+    def unhandled(signum, frame):
+        raise AssertionError("SIGTERM was not handled by train.py")
+
+    previous = signal.signal(signal.SIGTERM, unhandled)
+    yield
+    signal.signal(signal.SIGTERM, previous)
+
+
+def sigterm_on_call(n: int, function):
+    """function, wrapped to send this process SIGTERM as its n-th call starts."""
+    calls = []
+
+    def wrapped(*args, **kwargs):
+        calls.append(None)
+        if len(calls) == n:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return function(*args, **kwargs)
+    return wrapped
+
+
+def test_sigterm_mid_step_and_mid_eval_resume_exactly(full_run, tmp_path, monkeypatch, capsys,
+                                                      sigterm_fails_the_test):
+    argv = TINY + ["--out", str(tmp_path)]
+    # in RL step 1, between its loss and its optimizer step: the step is finished, then the run stops
+    monkeypatch.setattr(train.frpo_kernels, "loss", sigterm_on_call(2, train.frpo_kernels.loss))
+    assert train.main(argv) == 143
+    assert "checkpoint saved to" in capsys.readouterr().out
+    assert [row[:3] for row in losses(tmp_path)] == [("grpo", "rl", 0), ("grpo", "rl", 1)]
+    monkeypatch.undo()
+    # in the eval after RL (the resumed run's first): the run stops at once; --resume redoes the eval
+    monkeypatch.setattr(train.evaluate, "evaluate", sigterm_on_call(1, train.evaluate.evaluate))
+    assert train.main(argv + ["--resume"]) == 143
+    assert "at arm 0, phase eval_rl, step 0; continue with the same command plus --resume" in capsys.readouterr().out
+    assert len(losses(tmp_path)) == json.loads((full_run / "report.json").read_text())["config"]["rl_steps"]
+    monkeypatch.undo()
+    assert train.main(argv + ["--resume"]) == 0
+    assert losses(tmp_path) == losses(full_run)
+
+
+def test_sigterm_from_outside_saves_a_checkpoint_that_resumes_exactly(full_run, tmp_path):
+    # what SLURM, Kubernetes and torchrun send before a kill, at whatever point the run has reached
+    # once its first checkpoint exists (mid-step or not)
+    out, log = tmp_path / "run", tmp_path / "log.txt"
+    with log.open("w") as output:
+        proc = subprocess.Popen([sys.executable, str(TRAIN_PY), *TINY, "--out", str(out)],
+                                stdout=output, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 120
+            while not (out / "checkpoint.pt").exists() and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.02)
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=120) == 143, log.read_text()[-3000:]
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    assert "checkpoint saved to" in log.read_text() and "--resume" in log.read_text()
+    assert 0 < len(losses(out)) < len(losses(full_run))
+    assert train.main(TINY + ["--out", str(out), "--resume"]) == 0
+    assert losses(out) == losses(full_run)
 
 
 def resume_complete_run(run: Path, capsys) -> str:
