@@ -2,7 +2,8 @@
 
 Public API only; see README.md.
 """
-from frpo_kernels.loss import group_advantages, loss, token_logprobs
+from frpo_kernels.loss import group_advantages, linear_loss, loss, token_logprobs
+from frpo_kernels.ops.linear_logprobs import linear_token_logprobs
 
-__all__ = ["loss", "token_logprobs", "group_advantages"]
+__all__ = ["loss", "linear_loss", "token_logprobs", "linear_token_logprobs", "group_advantages"]
 __version__ = "0.1.0"

@@ -8,7 +8,6 @@ import numbers
 import torch
 
 from frpo_kernels.groups import SCALE_REWARDS, scale_rewards_mode
-from frpo_kernels.objective import IS_LEVELS, LOSS_TYPES
 
 
 def _checking_values() -> bool:
@@ -98,11 +97,14 @@ def check_groups(batch, group_size, group_ids, device, jackknife, needs_pairs_re
                              "mean needs >= 2 members per group (use jackknife=False)")
 
 
-def check_scale_rewards(scale_rewards, group_counts):
-    """True/False, or TRL's "group" / "batch" / "none" (groups.advantages_from_rewards)."""
+def check_scale_rewards_name(scale_rewards):
     if not any(scale_rewards is mode or (isinstance(scale_rewards, str) and scale_rewards == mode)
                for mode in SCALE_REWARDS):
         raise ValueError(f"scale_rewards must be one of {SCALE_REWARDS}, got {scale_rewards!r}")
+
+
+def check_scale_rewards(scale_rewards, group_counts):
+    """Enough rewards for the std that scale_rewards divides by (its name is checked by LossConfig)."""
     if scale_rewards_mode(scale_rewards) == "group" and _checking_values() \
             and bool((group_counts < 2).any()):
         raise ValueError(f"scale_rewards={scale_rewards!r} needs >= 2 members per group (std of one reward)")
@@ -110,26 +112,7 @@ def check_scale_rewards(scale_rewards, group_counts):
         raise ValueError("scale_rewards='batch' needs >= 2 rewards in the batch (std of one reward)")
 
 
-def check_options(loss_type, lam, beta, epsilon_low, epsilon_high, delta, importance_sampling_level,
-                  max_completion_length):
-    if loss_type not in LOSS_TYPES:
-        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
-    if importance_sampling_level not in IS_LEVELS:
-        raise ValueError(f"importance_sampling_level must be one of {IS_LEVELS}, "
-                         f"got {importance_sampling_level!r}")
-    _check_number("lam", lam, lambda x: x > 0, "a finite number > 0")
-    _check_number("beta", beta, lambda x: True, "a finite number")
-    _check_number("epsilon_low", epsilon_low, lambda x: x >= 0, "a finite number >= 0")
-    _check_number("epsilon_high", epsilon_high, lambda x: x >= 0, "a finite number >= 0")
-    if delta is not None:
-        _check_number("delta", delta, lambda x: x > 1, "a finite number > 1")
-    if max_completion_length is not None and (
-            isinstance(max_completion_length, bool) or not isinstance(max_completion_length, int)
-            or max_completion_length < 1):
-        raise ValueError(f"max_completion_length must be a positive int, got {max_completion_length!r}")
-
-
-def _check_number(name, value, ok, what):
+def check_number(name, value, ok, what):
     """A real number (Python, NumPy or a one-element tensor's .item()) that is finite and ok()."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {_describe(value)}")

@@ -49,9 +49,9 @@ class BatchSpan:
 
     @classmethod
     def create(cls, process_group, batch, length, device):
-        """A span, or None for a group of one rank (then loss() is the plain single-process loss)."""
-        if world_size(process_group) == 1:
-            return None
+        """A span over the ranks of process_group, or a LocalSpan (no process group, or one rank)."""
+        if process_group is None or world_size(process_group) == 1:
+            return LocalSpan(batch, length, device)
         return cls(process_group, batch, length, device)
 
     def gather(self, x: torch.Tensor) -> torch.Tensor:
@@ -89,15 +89,42 @@ class BatchSpan:
         scaled = global_loss * self.world
         return global_loss.detach() + (scaled - scaled.detach())
 
-    def group_ids(self, batch, group_size, group_ids, jackknife):
-        """Global group ids [B_global]: this rank's group_ids [B_r] gathered, or contiguous blocks of
-        group_size over the global batch; checked against the global batch (a group may span ranks)."""
+    def groups(self, group_size, group_ids, jackknife):
+        """(group_size, group_ids) of the global batch: this rank's group_ids [B_r] gathered, or
+        contiguous blocks of group_size over the global batch; checked against the global batch (a
+        group may span ranks)."""
         if group_ids is None or group_size is not None:
             checks.check_groups(self.total, group_size, group_ids, self.device, jackknife)
-            return torch.arange(self.total, device=self.device) // group_size
-        checks.check_token_tensor("group_ids", group_ids, (batch,), self.device, allow_none=False)
+            return None, torch.arange(self.total, device=self.device) // group_size
+        checks.check_token_tensor("group_ids", group_ids, (self.local_batch,), self.device, allow_none=False)
         if group_ids.dtype.is_floating_point or group_ids.dtype == torch.bool:
             raise TypeError(f"group_ids must be an integer tensor, got {group_ids.dtype}")
         group_ids = self.gather(group_ids.long())
         checks.check_groups(self.total, None, group_ids, self.device, jackknife)
-        return group_ids
+        return None, group_ids
+
+
+class LocalSpan:
+    """The single-process batch: the span whose collectives do nothing, so the loss has no
+    `if distributed` branches."""
+
+    world = 1
+
+    def __init__(self, batch: int, length: int, device: torch.device):
+        self.total, self.length, self.device = batch, length, device
+
+    def gather(self, x):
+        return x
+
+    def local(self, x):
+        return x
+
+    def all_sum(self, value):
+        return value
+
+    def scale_gradient(self, global_loss):
+        return global_loss
+
+    def groups(self, group_size, group_ids, jackknife):
+        checks.check_groups(self.total, group_size, group_ids, self.device, jackknife)
+        return group_size, group_ids

@@ -5,28 +5,11 @@ Readable torch; every formula of the issue lives here once. Shapes: [B, T] token
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 
+from frpo_kernels.config import LossConfig
 from frpo_kernels.groups import Groups, group_log_mean
-
-LOSS_TYPES = ("frpo", "grpo", "bnpo", "dr_grpo", "dapo")
-IS_LEVELS = ("token", "sequence")
-
-
-@dataclass(frozen=True)
-class LossConfig:
-    loss_type: str = "frpo"
-    lam: float = 1.0
-    beta: float = 0.0
-    epsilon_low: float = 0.2
-    epsilon_high: float = 0.2
-    delta: float | None = None
-    jackknife: bool = True
-    baseline: bool = True
-    importance_sampling_level: str = "token"
-    max_completion_length: int | None = None
 
 
 def sequence_lengths(mask: torch.Tensor) -> torch.Tensor:

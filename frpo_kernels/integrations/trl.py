@@ -35,7 +35,7 @@ from trl.trainer.utils import split_tensor_dict
 
 import frpo_kernels
 from frpo_kernels.backends import BACKENDS
-from frpo_kernels.objective import LOSS_TYPES
+from frpo_kernels.config import LOSS_TYPES
 
 TESTED_TRL_VERSIONS = ("1.16.0",)
 
