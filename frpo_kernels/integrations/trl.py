@@ -11,10 +11,11 @@ three GRPOTrainer internals, which TRL may rename between releases:
   _prepare_inputs  with steps_per_generation > 1 and loss_type="frpo", shuffles whole groups instead
       of rows, so that every micro-batch holds complete groups (needs per_device_train_batch_size to
       be a multiple of num_generations; checked at construction).
-  _compute_loss  runs the model for completion logits [B, T, V] (not TRL's fused log-prob head,
-      which never materialises logits) and calls frpo_kernels.loss() with TRL's advantages, the
-      carried group ids, old/ref log-probs and, with several processes, process_group=WORLD (groups
-      may span processes; see frpo_kernels.loss for the gradient convention, which matches DDP).
+  _compute_loss  runs the model for its final hidden states of the completion positions and calls
+      frpo_kernels.linear_loss() with the LM head (the [B, T, V] logits never exist: tiles of rows
+      only), TRL's advantages, the carried group ids, old/ref log-probs and, with several
+      processes, process_group=WORLD (groups may span processes; see frpo_kernels.loss for the
+      gradient convention, which matches DDP).
 
 Differences from GRPOTrainer's own loss: dapo is normalised by the global token count of the
 micro-batch (TRL: of the accumulation window); bnpo by the global token count (TRL: per process);
@@ -36,6 +37,7 @@ from trl.trainer.utils import split_tensor_dict
 import frpo_kernels
 from frpo_kernels.backends import BACKENDS
 from frpo_kernels.config import LOSS_TYPES
+from frpo_kernels.integrations.hf import completion_hidden_states, logit_scale
 
 TESTED_TRL_VERSIONS = ("1.16.0",)
 
@@ -94,6 +96,7 @@ class FRPOTrainer(GRPOTrainer):
         if self.beta != 0 and getattr(a, "use_bias_correction_kl", False):
             warnings.warn("FRPOTrainer ignores use_bias_correction_kl: its KL term is the plain k3 "
                           "estimator of frpo_kernels.loss()", stacklevel=2)
+        logit_scale(self.model.config)  # a soft-capped head cannot be scored from hidden states: fail now
         self._whole_group_shuffle = self.loss_type == "frpo" and a.steps_per_generation > 1
         if self._whole_group_shuffle and a.per_device_train_batch_size % self.num_generations:
             raise ValueError(
@@ -121,10 +124,24 @@ class FRPOTrainer(GRPOTrainer):
             self._buffered_inputs = split_tensor_dict(batch, self.args.steps_per_generation)
         return self._buffered_inputs[self._step % self.args.steps_per_generation]
 
-    def completion_logits(self, model, inputs):
-        """[B, T, V] logits predicting inputs["completion_ids"] (the model's plain forward)."""
+    def completion_hidden_states(self, model, inputs):
+        """(hidden [B, T, H], head weight, head bias): hidden[b, t] through the head gives the logits
+        predicting inputs["completion_ids"][b, t]; no [B, T, V] logits are built."""
+        self._check_text_only(inputs)
+        input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
+        attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+        with self.accelerator.autocast():
+            return completion_hidden_states(model, input_ids, attention_mask, inputs["completion_ids"].size(1))
+
+    @staticmethod
+    def _check_text_only(inputs):
         if any(inputs.get(key) is not None for key in ("pixel_values", "image_grid_thw", "num_images")):
             raise ValueError("FRPOTrainer does not support multimodal inputs")
+
+    def completion_logits(self, model, inputs):
+        """[B, T, V] logits predicting inputs["completion_ids"] (the model's plain forward; the loss does
+        not use them, tests compare against them)."""
+        self._check_text_only(inputs)
         completion_ids = inputs["completion_ids"]
         input_ids = torch.cat([inputs["prompt_ids"], completion_ids], dim=1)
         attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
@@ -151,10 +168,11 @@ class FRPOTrainer(GRPOTrainer):
             process_group=process_group, **self.frpo_options)
 
     def _compute_loss(self, model, inputs):
-        logits = self.completion_logits(model, inputs)
+        hidden, weight, bias = self.completion_hidden_states(model, inputs)
         kwargs = self.frpo_loss_kwargs(inputs)
-        loss, metrics = frpo_kernels.loss(logits, kwargs.pop("completion_ids"), kwargs.pop("completion_mask"),
-                                          return_metrics=True, **kwargs)
+        loss, metrics = frpo_kernels.linear_loss(hidden, weight, kwargs.pop("completion_ids"),
+                                                 kwargs.pop("completion_mask"), bias=bias, return_metrics=True,
+                                                 **kwargs)
         mode = "train" if self.model.training else "eval"
         # metrics already describe the global batch (process_group gathers them): no further gather
         for key, value in metrics.items():
