@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
+from frpo_kernels.integrations.hf import completion_hidden_states
+
 from tasks import SYSTEM_PROMPT
 
 
@@ -146,6 +148,13 @@ def teacher_forced(tokenizer, messages: list[str], targets: list[str], device=No
         for name in ("input_ids", "attention_mask", "completion_ids", "completion_mask"):
             setattr(ro, name, getattr(ro, name).to(device))
     return ro
+
+
+def completion_hidden(model, rollout: Rollout):
+    """(hidden [B, T, H], head weight, head bias) whose product gives the logits that predict the
+    completion tokens, for frpo_kernels.linear_loss / linear_token_logprobs (no [B, T, V] logits)."""
+    return completion_hidden_states(model, rollout.input_ids, rollout.attention_mask, rollout.completion_length,
+                                    position_ids=position_ids(rollout.attention_mask))
 
 
 def completion_logits(model, rollout: Rollout) -> torch.Tensor:

@@ -250,20 +250,17 @@ def rl_step(model, tokenizer, optimizer, task, arm, args, step, ctx: Dist = Dist
     old_logps = ref_logps = None
     with torch.no_grad():  # log-probs of the sampling policy and of the reference (= adapters off)
         if args.num_iterations > 1:
-            old_logps = frpo_kernels.token_logprobs(rollout.completion_logits(model, ro), ro.completion_ids,
-                                                    args.temperature, backend=args.backend, mask=ro.completion_mask)
+            old_logps = completion_logprobs(model, ro, args)
         if args.beta != 0:
             with model.disable_adapter():
-                ref_logps = frpo_kernels.token_logprobs(rollout.completion_logits(model, ro), ro.completion_ids,
-                                                        args.temperature, backend=args.backend,
-                                                        mask=ro.completion_mask)
+                ref_logps = completion_logprobs(model, ro, args)
     t2 = time.perf_counter()
     model.train()
     losses = []
     for _ in range(args.num_iterations):
-        logits = rollout.completion_logits(model, ro)
-        loss, metrics = frpo_kernels.loss(
-            logits, ro.completion_ids, ro.completion_mask, rewards=rewards, group_size=args.group_size,
+        hidden, head, head_bias = rollout.completion_hidden(model, ro)
+        loss, metrics = frpo_kernels.linear_loss(
+            hidden, head, ro.completion_ids, ro.completion_mask, bias=head_bias, rewards=rewards, group_size=args.group_size,
             old_logps=old_logps, ref_logps=ref_logps, loss_type=arm["loss_type"], lam=arm["lam"] or 1.0,
             beta=args.beta, epsilon_low=args.epsilon_low, epsilon_high=args.epsilon_high, delta=args.delta,
             jackknife=args.jackknife, baseline=args.baseline,
@@ -287,6 +284,14 @@ def rl_step(model, tokenizer, optimizer, task, arm, args, step, ctx: Dist = Dist
     return out, {"t_gen": t1 - t0, "t_logp": t2 - t1, "t_loss": t3 - t2}
 
 
+def completion_logprobs(model, ro, args, temperature=None):
+    """Per-token log-probs of the completion tokens from the model's hidden states and LM head."""
+    hidden, head, head_bias = rollout.completion_hidden(model, ro)
+    return frpo_kernels.linear_token_logprobs(hidden, head, ro.completion_ids, bias=head_bias,
+                                              temperature=args.temperature if temperature is None else temperature,
+                                              backend=args.backend, mask=ro.completion_mask)
+
+
 def sft_step(model, tokenizer, optimizer, downstream, args, step, ctx: Dist = Dist()):
     """One supervised step on the downstream task: mean NLL of the target tokens of the batch.
 
@@ -298,8 +303,7 @@ def sft_step(model, tokenizer, optimizer, downstream, args, step, ctx: Dist = Di
     batch = batch[lo:hi]
     ro = rollout.teacher_forced(tokenizer, [e.prompt for e in batch], [e.answer for e in batch], device=ctx.device)
     model.train()
-    logp = frpo_kernels.token_logprobs(rollout.completion_logits(model, ro), ro.completion_ids,
-                                       backend=args.backend, mask=ro.completion_mask)
+    logp = completion_logprobs(model, ro, args, temperature=1.0)
     nll = -(logp * ro.completion_mask).sum()
     (tokens,) = ctx.all_sum([float(ro.completion_mask.sum())])
     loss = nll / tokens
@@ -356,8 +360,8 @@ def run_pipeline(args, ctx: Dist) -> int:
             with ckpt.uninterruptible():  # a few files, and the run is complete
                 return report_complete_run(out, saved["state"], config, lead)
     try:  # fail now, not after the model load, if the kernel backend cannot run here
-        frpo_kernels.token_logprobs(torch.zeros(1, 1, 2, device=ctx.device),
-                                    torch.zeros(1, 1, dtype=torch.long, device=ctx.device), backend=args.backend)
+        frpo_kernels.linear_token_logprobs(torch.zeros(1, 1, 2, device=ctx.device), torch.zeros(3, 2, device=ctx.device),
+                                           torch.zeros(1, 1, dtype=torch.long, device=ctx.device), backend=args.backend)
     except (ValueError, TypeError) as exc:
         log(f"error: --backend {args.backend}: {exc}; use --backend torch or auto", file=sys.stderr)
         return 2

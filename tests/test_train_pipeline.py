@@ -91,7 +91,7 @@ def test_sigterm_mid_step_and_mid_eval_resume_exactly(full_run, tmp_path, monkey
                                                       sigterm_fails_the_test):
     argv = TINY + ["--out", str(tmp_path)]
     # in RL step 1, between its loss and its optimizer step: the step is finished, then the run stops
-    monkeypatch.setattr(train.frpo_kernels, "loss", sigterm_on_call(2, train.frpo_kernels.loss))
+    monkeypatch.setattr(train.frpo_kernels, "linear_loss", sigterm_on_call(2, train.frpo_kernels.linear_loss))
     assert train.main(argv) == 143
     assert "checkpoint saved to" in capsys.readouterr().out
     assert [row[:3] for row in losses(tmp_path)] == [("grpo", "rl", 0), ("grpo", "rl", 1)]
@@ -176,3 +176,13 @@ def test_missing_model_path_says_so(tmp_path):
 
     with pytest.raises(model_loading.ModelNotFound, match="no such file or directory"):
         model_loading.load_model(str(tmp_path / "no-such-model"))
+
+
+def test_rl_and_sft_never_build_vocab_logits(tmp_path, monkeypatch):
+    """RL and SFT score completions from hidden states (linear_loss / linear_token_logprobs): the
+    logits-taking entry points are never called."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("train.py built [B, T, V] logits for the loss")
+    monkeypatch.setattr(train.frpo_kernels, "loss", refuse)
+    monkeypatch.setattr(train.frpo_kernels, "token_logprobs", refuse)
+    assert train.main(TINY + ["--out", str(tmp_path), "--rl-steps", "1", "--sft-steps", "1"]) == 0
