@@ -104,6 +104,16 @@ class BatchSpan:
         return None, group_ids
 
 
+def sum_over_ranks(value: torch.Tensor, process_group) -> torch.Tensor:
+    """The sum of every rank's `value`; its gradient is world_size times this rank's (undone by DDP's
+    average over ranks)."""
+    world = world_size(process_group)
+    total = value.detach().clone()
+    dist.all_reduce(total, op=dist.ReduceOp.SUM, group=process_group)
+    scaled = value * world
+    return total + (scaled - scaled.detach())
+
+
 class LocalSpan:
     """The single-process batch: the span whose collectives do nothing, so the loss has no
     `if distributed` branches."""

@@ -127,3 +127,18 @@ def _log_leave_one_out_sums(lv, valid, top, shift, groups):
     rest_sum = _log_sum(runner_up, groups.sum(torch.exp(rest - runner_up[groups.index])),
                         torch.ones_like(runner_up, dtype=torch.bool))
     return torch.where(top, groups.broadcast(rest_sum), not_top)
+
+
+def group_logsumexp(values: torch.Tensor, include: torch.Tensor, groups: Groups) -> torch.Tensor:
+    """[num]: log(sum_{i in g, include_i} exp(values_i)), -inf for a group with no included row."""
+    lv = torch.where(include, values, torch.full_like(values, float("-inf")))
+    _, shift = _group_max(lv, include, groups)
+    return _log_sum(shift, groups.sum(torch.exp(lv - shift[groups.index])), torch.ones_like(shift, dtype=torch.bool))
+
+
+def leave_one_out_log_means(log_values, valid, groups: Groups):
+    """(log u_{g,-i} [B] for valid rows, top [B] bool: the row each group's exclusions treat apart)."""
+    lv = torch.where(valid, log_values, torch.full_like(log_values, float("-inf")))
+    top, shift = _group_max(lv, valid, groups)
+    n = groups.broadcast(groups.sum(valid.to(log_values.dtype)))
+    return _log_leave_one_out_sums(lv, valid, top, shift, groups) - torch.log((n - 1).clamp_min(1)), top

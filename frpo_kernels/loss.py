@@ -15,7 +15,8 @@ import torch
 from frpo_kernels import checks
 from frpo_kernels.backends import resolve
 from frpo_kernels.config import LossConfig
-from frpo_kernels.distributed import BatchSpan
+from frpo_kernels.distributed import BatchSpan, LocalSpan, sum_over_ranks
+from frpo_kernels.group_stats import GroupStats
 from frpo_kernels.groups import Groups, advantages_from_rewards, make_groups
 from frpo_kernels.logprob_sources import HiddenSource, LogitsSource
 from frpo_kernels.objective import k3_kl, kl_weights, policy_loss
@@ -67,13 +68,15 @@ class _Batch:
     old: torch.Tensor | None  # [B, T], 0 where mask == 0
     ref: torch.Tensor | None
     kl_coef: torch.Tensor | None  # [B, T]: the loss adds sum(kl_coef * k3_kl)
+    stats: GroupStats | None = None  # a micro-batch of the batch these describe
 
 
 def _loss(make_source, like, completion_mask, *, advantages=None, rewards=None, group_size=None,
           group_ids=None, old_logps=None, ref_logps=None, loss_type="frpo", lam=1.0, beta=0.0,
           epsilon_low=0.2, epsilon_high=0.2, delta=None, jackknife=True, baseline=True,
           importance_sampling_level="token", scale_rewards=False, temperature=1.0,
-          max_completion_length=None, backend="auto", return_metrics=False, process_group=None):
+          max_completion_length=None, backend="auto", return_metrics=False, process_group=None,
+          group_stats=None):
     """The loss of loss() / linear_loss(); `like` (logits or hidden) gives [B, T], device and dtype.
 
     process_group (torch.distributed): groups may span the ranks of this group. Each rank passes its
@@ -85,6 +88,12 @@ def _loss(make_source, like, completion_mask, *, advantages=None, rewards=None, 
     the single-process gradient. Only O(B*T) tensors are gathered; the fused kernel path stays on
     (its token gradient carries the world_size factor). Every rank must call with the same options
     (loss_type, beta, advantages vs rewards, old_logps given or not, return_metrics).
+
+    group_stats (from frpo_kernels.group_stats on the whole generation batch): these rows are a
+    micro-batch of that batch, identified by their global group_ids; the result is their share, and
+    the shares of any partition of the batch add up to its loss in value and gradient. With
+    process_group too, the value is the sum of every rank's share and the gradient world_size times
+    this rank's (the same DDP convention).
     """
     cfg = LossConfig(loss_type=loss_type, lam=lam, beta=beta, epsilon_low=epsilon_low,
                      epsilon_high=epsilon_high, delta=delta, jackknife=jackknife, baseline=baseline,
@@ -102,20 +111,29 @@ def _loss(make_source, like, completion_mask, *, advantages=None, rewards=None, 
     checks.check_token_tensor("ref_logps", ref_logps, (batch, length), device)
     if cfg.beta != 0 and ref_logps is None:
         raise ValueError(f"beta={cfg.beta} needs ref_logps (the reference policy's per-token log-probs)")
-    span = BatchSpan.create(process_group, batch, length, device)
-    group_size, group_ids = span.groups(group_size, group_ids, cfg.frpo_jackknife)
+    # The O(B*T) objective runs in float64 whatever the logits' dtype: it costs nothing next to the
+    # vocabulary sweep, and FRPO's log-domain terms (-A/lam, in the thousands for small lam) keep
+    # their digits. The result comes back in float32 (float64 for float64 inputs).
+    mask = torch.ones(batch, length, dtype=torch.float64, device=device) if completion_mask is None \
+        else completion_mask.to(torch.float64)
+    if group_stats is None:
+        span = BatchSpan.create(process_group, batch, length, device)
+        group_size, group_ids = span.groups(group_size, group_ids, cfg.frpo_jackknife)
+        data = _global_batch(cfg, span, mask, advantages, rewards, group_size, group_ids, old_logps, ref_logps)
+    else:
+        span = LocalSpan(batch, length, device)
+        data = _micro_batch(cfg, group_stats, mask, advantages, rewards, group_size, group_ids, old_logps,
+                            ref_logps)
     source = make_source(backend, cfg.temperature)
-
-    dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
-    mask = torch.ones(batch, length, dtype=dtype, device=device) if completion_mask is None \
-        else completion_mask.to(dtype)
-    data = _global_batch(cfg, span, mask, advantages, rewards, group_size, group_ids, old_logps, ref_logps)
     # The fused path takes autograd.grad of a probe inside forward, which torch.compile cannot trace:
     # compiled graphs use the two-pass kernels instead.
     fused = source.backend != "torch" and old_logps is None and source.requires_grad \
         and torch.is_grad_enabled() and not torch.compiler.is_compiling()
     result, logp, entropy, details = (_fused_path if fused else _two_pass_path)(
         source, data, cfg, span, return_metrics)
+    if group_stats is not None and process_group is not None:
+        result = sum_over_ranks(result, process_group)
+    result = result.to(torch.float64 if like.dtype == torch.float64 else torch.float32)
     if not return_metrics:
         return result
     entropy = None if entropy is None else span.gather(entropy.detach())
@@ -147,6 +165,25 @@ def _global_batch(cfg, span, mask, advantages, rewards, group_size, group_ids, o
                   _unmasked_only(span, ref_logps, mask), kl_weights(mask, cfg) if cfg.beta != 0 else None)
 
 
+def _micro_batch(cfg, stats, mask, advantages, rewards, group_size, group_ids, old_logps, ref_logps):
+    """A micro-batch of the batch `stats` describe: its rows' groups are positions in the statistics,
+    and the loss types normalise by the whole batch's size."""
+    if not isinstance(stats, GroupStats):
+        raise TypeError(f"group_stats must come from frpo_kernels.group_stats(), got {type(stats).__name__}")
+    stats.check_matches(cfg)
+    if group_size is not None or group_ids is None:
+        raise ValueError("with group_stats pass group_ids (the rows' global group ids); group_size is "
+                         "ambiguous for part of a batch")
+    checks.check_token_tensor("group_ids", group_ids, (mask.shape[0],), mask.device, allow_none=False)
+    index = stats.index_of(group_ids)
+    groups = Groups(index, stats.n.long(), stats.n.numel())
+    local = LocalSpan(*mask.shape, mask.device)
+    advantages = stats.advantages(rewards, index) if advantages is None else advantages
+    return _Batch(mask, mask != 0, advantages.to(mask.dtype), groups, _unmasked_only(local, old_logps, mask),
+                  _unmasked_only(local, ref_logps, mask),
+                  kl_weights(mask, cfg, stats.size) if cfg.beta != 0 else None, stats)
+
+
 def _unmasked_only(span, token_values, mask):
     """Gathered per-token log-probs as mask.dtype with 0 where mask == 0: padding there (-inf, NaN) is
     never read."""
@@ -162,7 +199,8 @@ def _fused_path(source, data, cfg, span, with_entropy):
     dtype = data.mask.dtype
     with torch.enable_grad():
         probe = torch.zeros(data.mask.shape, dtype=dtype, device=data.mask.device, requires_grad=True)
-        policy_value, details = policy_loss(probe, probe.detach(), data.mask, data.advantages, data.groups, cfg)
+        policy_value, details = policy_loss(probe, probe.detach(), data.mask, data.advantages, data.groups, cfg,
+                                            data.stats)
         (coef,) = torch.autograd.grad(policy_value, probe)
     # this rank's rows; their gradient carries the world_size factor (see _loss)
     coef = span.local(coef) * span.world
@@ -191,7 +229,7 @@ def _two_pass_path(source, data, cfg, span, with_entropy):
     logp, entropy = source.two_pass(data.row_mask, with_entropy)
     logp = span.gather(logp.to(data.mask.dtype))  # this rank's rows keep their gradient
     old = logp.detach() if data.old is None else data.old
-    result, details = policy_loss(logp, old, data.mask, data.advantages, data.groups, cfg)
+    result, details = policy_loss(logp, old, data.mask, data.advantages, data.groups, cfg, data.stats)
     if data.kl_coef is not None:
         result = result + (data.kl_coef * k3_kl(logp, data.ref)).sum()
     return span.scale_gradient(result), logp, entropy, details

@@ -5,6 +5,7 @@ Readable torch; every formula of the issue lives here once. Shapes: [B, T] token
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -47,15 +48,27 @@ def log_min_ratio(log_ratio, cfg: LossConfig):
     return torch.minimum(log_c1, log_ratio.clamp(min=low, max=math.log1p(cfg.epsilon_high)))
 
 
-def token_weights(mask, cfg: LossConfig) -> torch.Tensor:
+@dataclass(frozen=True)
+class BatchSize:
+    """What the loss types normalise by: the whole batch's rows, completion tokens and length T.
+    A micro-batch scored against group statistics (group_stats.py) uses the whole batch's."""
+    rows: float
+    tokens: float
+    length: int
+
+    @classmethod
+    def of(cls, mask):
+        return cls(mask.shape[0], mask.sum().clamp_min(1), mask.shape[1])
+
+
+def token_weights(mask, cfg: LossConfig, size: BatchSize | None = None) -> torch.Tensor:
     """w [B, T] with loss = sum(w * per-token term): the loss type's normalisation of token sums."""
-    batch, length = mask.shape
+    size = size or BatchSize.of(mask)
     if cfg.loss_type in ("grpo", "frpo"):
-        return mask / (sequence_lengths(mask) * batch)
+        return mask / (sequence_lengths(mask) * size.rows)
     if cfg.loss_type in ("bnpo", "dapo"):
-        return mask / mask.sum().clamp_min(1)
-    max_len = cfg.max_completion_length or length
-    return mask / (batch * max_len)
+        return mask / size.tokens
+    return mask / (size.rows * (cfg.max_completion_length or size.length))
 
 
 def k3_kl(logp, ref_logps):
@@ -64,15 +77,18 @@ def k3_kl(logp, ref_logps):
     return torch.exp(diff) - diff - 1
 
 
-def kl_weights(mask, cfg: LossConfig):
+def kl_weights(mask, cfg: LossConfig, size: BatchSize | None = None):
     """The loss is policy_loss + sum(kl_weights * k3_kl): beta times the loss type's token weights."""
-    return cfg.beta * token_weights(mask, cfg)
+    return cfg.beta * token_weights(mask, cfg, size)
 
 
-def policy_loss(logp, old, mask, advantages, groups: Groups, cfg: LossConfig):
+def policy_loss(logp, old, mask, advantages, groups: Groups, cfg: LossConfig, stats=None):
     """The loss without its KL term. Returns (scalar, details) with details for the metrics.
 
-    old must be finite wherever mask != 0 (masked positions are never read)."""
+    old must be finite wherever mask != 0 (masked positions are never read). With stats (a
+    GroupStats of the whole generation batch; groups then index into its groups) the rows are a
+    micro-batch and the result is their share: the shares of any partition of the batch add up to
+    the whole batch's loss, in value and gradient."""
     adv = advantages.unsqueeze(-1)
     positive = torch.ones_like(adv, dtype=torch.bool) if cfg.loss_type == "frpo" else adv >= 0
     log_ratio = log_ratios(logp, old, mask, cfg, positive)
@@ -80,19 +96,20 @@ def policy_loss(logp, old, mask, advantages, groups: Groups, cfg: LossConfig):
     details = {"c1": c1, "adv": adv}
     if cfg.loss_type != "frpo":
         per_token = -torch.minimum(c1 * adv, c2 * adv)
-        return (token_weights(mask, cfg) * per_token).sum(), details
-    robust, log_u = frpo_group_term(log_ratio, mask, advantages, groups, cfg)
+        return (token_weights(mask, cfg, None if stats is None else stats.size) * per_token).sum(), details
+    log_s, log_o, valid = frpo_log_terms(log_ratio, mask, advantages, cfg)
+    if stats is None:
+        robust, log_u = frpo_group_term(log_s, log_o, valid, groups, cfg)
+    else:
+        robust, log_u = stats.frpo_share(log_s, log_o, valid, groups.index), stats.log_u
     details.update(log_w=-adv / cfg.lam, log_u=log_u)
     return max(cfg.lam, 1.0) * robust, details
 
 
-def frpo_group_term(log_ratio, mask, advantages, groups: Groups, cfg: LossConfig):
-    """J = mean_g [jackknifed] log mean_i s_i  (- mean_g mean_i o_i with the baseline), where
-    s_i = w_i * o_i, w_i = exp(-A_i / lam), o_i = mean_t min(c1, c2) over the row's tokens.
-
-    Rows with no completion token are not samples: they are left out of every group statistic
-    (n_g counts rows with a token; a group left with none drops out). log s_i is formed in the log
-    domain, so exp(-A/lam) never overflows, whatever lam. Returns (J, log_u [num])."""
+def frpo_log_terms(log_ratio, mask, advantages, cfg: LossConfig):
+    """(log s_i, log o_i, valid_i) [B]: s_i = w_i * o_i, w_i = exp(-A_i / lam), o_i = mean_t min(c1, c2)
+    over the row's tokens; valid: the row has a completion token. In the log domain, so exp(-A/lam)
+    never overflows, whatever lam."""
     valid = mask.sum(-1) > 0
     log_min = log_min_ratio(log_ratio, cfg)
     if cfg.importance_sampling_level == "sequence":
@@ -102,10 +119,17 @@ def frpo_group_term(log_ratio, mask, advantages, groups: Groups, cfg: LossConfig
                                torch.full_like(log_min, float("-inf")))
         weighted = torch.where(valid.unsqueeze(-1), weighted, torch.zeros_like(weighted))
         log_o = torch.logsumexp(weighted, -1) - torch.log(sequence_lengths(mask).squeeze(-1))
-    robust, log_u = group_log_mean(-advantages / cfg.lam + log_o, valid, groups, cfg.jackknife)
+    return -advantages / cfg.lam + log_o, log_o, valid
+
+
+def frpo_group_term(log_s, log_o, valid, groups: Groups, cfg: LossConfig):
+    """J = mean_g [jackknifed] log mean_i s_i  (- mean_g mean_i o_i with the baseline).
+
+    Rows with no completion token are not samples: they are left out of every group statistic
+    (n_g counts rows with a token; a group left with none drops out). Returns (J, log_u [num])."""
+    robust, log_u = group_log_mean(log_s, valid, groups, cfg.jackknife)
     if cfg.baseline:
         o = torch.where(valid, torch.exp(log_o), torch.zeros_like(log_o))
-        per_group = groups.sum(o) / groups.sum(valid.to(o.dtype)).clamp_min(1)
-        nonempty = groups.sum(valid.to(o.dtype)) > 0
-        robust = robust - per_group.sum() / nonempty.sum().clamp_min(1)
+        n = groups.sum(valid.to(o.dtype))
+        robust = robust - (groups.sum(o) / n.clamp_min(1)).sum() / (n > 0).sum().clamp_min(1)
     return robust, log_u

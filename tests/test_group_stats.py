@@ -1,0 +1,148 @@
+"""group_stats + loss(group_stats=...): for any partition of a batch into micro-batches (groups split
+anywhere, micro-batches of one row), the sum of the micro-batch losses equals the whole batch's loss,
+in value and in gradient w.r.t. every row's logits. float64 on the torch backend to 1e-10 over the
+options (loss types, jackknife, baseline, beta, token/sequence IS, rewards or advantages, empty rows,
+small lam, on- and off-policy); fp32 through the cpu kernels (fused and two-pass) to 1e-5.
+"""
+import os
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+import frpo_kernels
+from frpo_kernels import backends
+
+
+def make(batch, length, vocab, seed, dtype=torch.float64):
+    gen = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(batch, length, vocab, generator=gen, dtype=torch.float64) * 2).to(dtype)
+    ids = torch.randint(0, vocab, (batch, length), generator=gen)
+    mask = (torch.rand(batch, length, generator=gen) > 0.25).double()
+    mask[:, 0] = 1
+    logp = torch.log_softmax(logits.double(), -1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+    old = logp + 0.3 * torch.randn(batch, length, generator=gen, dtype=torch.float64)
+    ref = logp + 0.3 * torch.randn(batch, length, generator=gen, dtype=torch.float64)
+    rewards = torch.randint(0, 3, (batch,), generator=gen).double() + 0.1 * torch.rand(batch, generator=gen).double()
+    return logits, ids, mask, old, ref, rewards
+
+
+def whole_and_parts(logits, ids, mask, parts, *, with_old, old, group_ids, backend="torch", **options):
+    """(value, grad) of the whole batch, and of the sum over micro-batches with group_stats."""
+    z = logits.detach().clone().requires_grad_(True)
+    old_logps = old if with_old else None
+    whole = frpo_kernels.loss(z, ids, mask, group_ids=group_ids, old_logps=old_logps, backend=backend, **options)
+    (whole_grad,) = torch.autograd.grad(whole, z)
+
+    stat_options = {k: v for k, v in options.items() if k not in ("beta", "ref_logps", "temperature")}
+    logps = None
+    if with_old:  # off-policy: the current policy's log-probs of the whole batch, no grad
+        with torch.no_grad():
+            logps = frpo_kernels.token_logprobs(z, ids, backend=backend, temperature=options.get("temperature", 1.0))
+    stats = frpo_kernels.group_stats(mask, group_ids=group_ids, logps=logps, old_logps=old_logps, **stat_options)
+    total, grad = 0.0, torch.zeros_like(z)
+    for rows in parts:
+        zr = z.detach()[rows].clone().requires_grad_(True)
+        sub = {k: (v[rows] if isinstance(v, torch.Tensor) and k in ("rewards", "advantages", "ref_logps") else v)
+               for k, v in options.items()}
+        part = frpo_kernels.loss(zr, ids[rows], mask[rows], group_ids=group_ids[rows], group_stats=stats,
+                                 old_logps=None if old_logps is None else old_logps[rows], backend=backend, **sub)
+        part.backward()
+        total = total + part.detach()
+        grad[rows] += zr.grad
+    return (whole.detach(), whole_grad), (total, grad)
+
+
+def assert_same(whole, parts, tol):
+    (wv, wg), (pv, pg) = whole, parts
+    assert torch.isfinite(pv) and torch.isfinite(pg).all()
+    assert torch.allclose(pv.double(), wv.double(), rtol=tol, atol=tol), (float(pv), float(wv))
+    scale = wg.abs().max().item()
+    assert torch.allclose(pg.double(), wg.double(), rtol=tol, atol=tol * max(scale, 1e-30)), \
+        f"max abs diff {(pg - wg).abs().max().item():.3e} (max |grad| {scale:.3e})"
+
+
+@st.composite
+def cases(draw):
+    num_groups, group_size = draw(st.integers(1, 3)), draw(st.integers(2, 4))
+    batch = num_groups * group_size
+    order = draw(st.permutations(range(batch)))
+    cuts = sorted(set(draw(st.lists(st.integers(1, batch - 1), max_size=batch - 1)))) if batch > 1 else []
+    bounds = [0] + cuts + [batch]
+    return dict(
+        batch=batch, group_size=group_size, seed=draw(st.integers(0, 10_000)),
+        parts=[list(order[a:b]) for a, b in zip(bounds, bounds[1:])],
+        loss_type=draw(st.sampled_from(["frpo", "frpo", "frpo", "grpo", "bnpo", "dr_grpo", "dapo"])),
+        jackknife=draw(st.booleans()), baseline=draw(st.booleans()),
+        level=draw(st.sampled_from(["token", "sequence"])), with_old=draw(st.booleans()),
+        beta=draw(st.sampled_from([0.0, 0.1])), lam=draw(st.sampled_from([0.5, 2.0, 1e-3])),
+        by_rewards=draw(st.booleans()), scale=draw(st.sampled_from([False, "group", "batch"])),
+        delta=draw(st.sampled_from([None, 1.5])),
+        empty_rows=draw(st.lists(st.integers(0, batch - 1), max_size=group_size)),
+        shuffled_ids=draw(st.booleans()),
+    )
+
+
+@settings(max_examples=80, deadline=None)
+@given(cases())
+def test_sum_of_micro_batches_is_the_whole_batch(c):
+    logits, ids, mask, old, ref, rewards = make(c["batch"], 4, 7, c["seed"])
+    mask[c["empty_rows"]] = 0
+    group_ids = torch.arange(c["batch"]) // c["group_size"]
+    if c["shuffled_ids"]:  # groups interleaved, arbitrary ids
+        group_ids = (group_ids * 7 + 3)[torch.randperm(c["batch"], generator=torch.Generator().manual_seed(c["seed"]))]
+    signal = dict(rewards=rewards, scale_rewards=c["scale"]) if c["by_rewards"] else \
+        dict(advantages=frpo_kernels.group_advantages(rewards, group_ids=group_ids))
+    options = dict(loss_type=c["loss_type"], jackknife=c["jackknife"], baseline=c["baseline"],
+                   importance_sampling_level=c["level"], beta=c["beta"], ref_logps=ref if c["beta"] else None,
+                   lam=c["lam"], delta=c["delta"], **signal)
+    whole, parts = whole_and_parts(logits, ids, mask, c["parts"], with_old=c["with_old"], old=old,
+                                   group_ids=group_ids, **options)
+    assert_same(whole, parts, 1e-10)
+
+
+@pytest.mark.parametrize("parts", [[[0, 1, 2, 3, 4, 5, 6, 7]], [[0], [1], [2], [3], [4], [5], [6], [7]],
+                                   [[0, 4], [1, 5], [2, 6], [3, 7]], [[7, 0, 3], [1, 2, 4, 5, 6]]],
+                         ids=["one", "single_rows", "across_every_group", "mixed"])
+@pytest.mark.parametrize("lam", [1.0, 1e-3])
+def test_splits_inside_every_group(parts, lam):
+    logits, ids, mask, old, ref, rewards = make(8, 5, 11, seed=1)
+    rewards[:] = torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 0.0, 1.0])  # a unique top row in group 0
+    whole, got = whole_and_parts(logits, ids, mask, parts, with_old=False, old=old,
+                                 group_ids=torch.arange(8) // 4, rewards=rewards, lam=lam, beta=0.05, ref_logps=ref)
+    assert_same(whole, got, 1e-10)
+
+
+def test_options_must_match_the_statistics():
+    logits, ids, mask, _, _, rewards = make(4, 3, 5, seed=2)
+    stats = frpo_kernels.group_stats(mask, rewards=rewards, group_size=2, lam=0.5)
+    with pytest.raises(ValueError, match="lam=1.0 differs from the group_stats' lam=0.5"):
+        frpo_kernels.loss(logits, ids, mask, rewards=rewards, group_ids=torch.tensor([0, 0, 1, 1]), group_stats=stats)
+    with pytest.raises(ValueError, match="group_ids"):
+        frpo_kernels.loss(logits, ids, mask, rewards=rewards, group_size=2, group_stats=stats, lam=0.5)
+    with pytest.raises(ValueError, match="did not see"):
+        frpo_kernels.loss(logits, ids, mask, rewards=rewards, group_ids=torch.tensor([0, 0, 1, 5]),
+                          group_stats=stats, lam=0.5)
+    with pytest.raises(ValueError, match="both old_logps and logps"):
+        frpo_kernels.group_stats(mask, rewards=rewards, group_size=2, old_logps=torch.zeros(4, 3))
+
+
+def _cpu_or_skip():
+    try:
+        backends.resolve("cpu", torch.zeros(1, 1, 2))
+    except ValueError as exc:
+        if os.environ.get("CI"):
+            pytest.fail(f"cpu kernel backend must be built in CI: {exc}")
+        pytest.skip(f"cpu kernel backend not built: {exc}")
+
+
+@pytest.mark.parametrize("with_old", [False, True], ids=["fused", "two_pass"])
+@pytest.mark.parametrize("lam", [1.0, 1e-3])
+def test_cpu_kernels_fp32(with_old, lam):
+    _cpu_or_skip()
+    logits, ids, mask, old, ref, rewards = make(8, 6, 301, seed=4, dtype=torch.float32)
+    mask[3] = 0
+    whole, got = whole_and_parts(logits, ids, mask, [[0, 5], [1, 2, 7], [3, 4, 6]], with_old=with_old,
+                                 old=old.float(), group_ids=torch.arange(8) // 4, rewards=rewards, lam=lam,
+                                 beta=0.05, ref_logps=ref.float(), backend="cpu")
+    assert_same(whole, got, 1e-5)
