@@ -146,3 +146,63 @@ def test_cpu_kernels_fp32(with_old, lam):
                                  old=old.float(), group_ids=torch.arange(8) // 4, rewards=rewards, lam=lam,
                                  beta=0.05, ref_logps=ref.float(), backend="cpu")
     assert_same(whole, got, 1e-5)
+
+
+# 2 gloo ranks x 2 micro-batches each == 1 process x 1 batch. Logits are x @ weight with a weight
+# shared by the ranks, whose gradient DDP would average.
+WORLD, ROWS, LENGTH, HIDDEN, VOCAB = 2, 8, 5, 6, 11
+GROUP_IDS = torch.tensor([0, 1, 2, 0, 1, 2, 3, 3])  # every group spans both ranks (rows 0-3, 4-7)
+
+
+def _distributed_data():
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(ROWS, LENGTH, HIDDEN, generator=gen, dtype=torch.float64)
+    weight = torch.randn(HIDDEN, VOCAB, generator=gen, dtype=torch.float64)
+    ids = torch.randint(0, VOCAB, (ROWS, LENGTH), generator=gen)
+    mask = (torch.rand(ROWS, LENGTH, generator=gen) > 0.25).double()
+    mask[:, 0] = 1
+    mask[5] = 0
+    rewards = torch.randn(ROWS, generator=gen, dtype=torch.float64)
+    ref = -torch.rand(ROWS, LENGTH, generator=gen, dtype=torch.float64) * 3
+    return x, weight, ids, mask, rewards, ref
+
+
+OPTIONS = dict(lam=0.5, beta=0.1, loss_type="frpo")
+
+
+def _group_stats_worker(rank, init_file, out_dir):
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    torch.set_num_threads(1)
+    x, weight, ids, mask, rewards, ref = _distributed_data()
+    mine = slice(4 * rank, 4 * rank + 4)
+    weight = weight.requires_grad_(True)
+    stats = frpo_kernels.group_stats(mask[mine], rewards=rewards[mine], group_ids=GROUP_IDS[mine], lam=0.5,
+                                     process_group=dist.group.WORLD)
+    total = 0.0
+    for part in ([0, 3], [1, 2]):
+        rows = [4 * rank + i for i in part]
+        value = frpo_kernels.loss(x[rows] @ weight, ids[rows], mask[rows], rewards=rewards[rows],
+                                  group_ids=GROUP_IDS[rows], ref_logps=ref[rows], group_stats=stats,
+                                  process_group=dist.group.WORLD, **OPTIONS)
+        value.backward()
+        total += float(value)
+    dist.all_reduce(weight.grad)  # DDP: the sum over ranks, divided by the world size
+    torch.save((total, weight.grad / WORLD), os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_two_ranks_two_micro_batches_match_one_process():
+    import tempfile
+
+    import torch.multiprocessing as mp
+    x, weight, ids, mask, rewards, ref = _distributed_data()
+    weight = weight.requires_grad_(True)
+    whole = frpo_kernels.loss(x @ weight, ids, mask, rewards=rewards, group_ids=GROUP_IDS, ref_logps=ref, **OPTIONS)
+    whole.backward()
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_group_stats_worker, args=(os.path.join(tmp, "rendezvous"), tmp), nprocs=WORLD, join=True)
+        results = [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(WORLD)]
+    for total, grad in results:
+        assert total == pytest.approx(float(whole), rel=1e-10, abs=1e-12)
+        torch.testing.assert_close(grad, weight.grad, rtol=1e-10, atol=1e-12)
