@@ -19,17 +19,19 @@ def _jit_compile():
     """Compiles csrc/ with torch.utils.cpp_extension.load when running from a source checkout."""
     from torch.utils import cpp_extension
 
+    from frpo_kernels import _build
+
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    csrc = os.path.join(root, "csrc")
-    sources = [os.path.join(csrc, p) for p in ("ops.cpp", "core/logprob_kernels.cpp", "core/logprob_kernels_avx2.cpp")]
+    sources = [os.path.join(root, p) for p in _build.EXTENSION_SOURCES]
     missing = [s for s in sources if not os.path.exists(s)]
     if missing:
         raise RuntimeError(f"frpo_kernels._C is not built and the sources are not here ({missing[0]})")
     print("frpo_kernels: compiling the CPU kernels (csrc/) on first use, about a minute ...", file=sys.stderr,
           flush=True)
-    cpp_extension.load(name="frpo_kernels_cpu", sources=sources, extra_include_paths=[csrc],
-                       extra_cflags=["-O3", "-std=c++17", "-fopenmp", "-fno-math-errno"],
-                       extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
+    cpp_extension.load(name="frpo_kernels_cpu", sources=sources,
+                       extra_include_paths=[os.path.join(root, d) for d in _build.INCLUDE_DIRS],
+                       extra_cflags=list(_build.CXX_FLAGS + _build.OPENMP_FLAGS),
+                       extra_ldflags=list(_build.OPENMP_FLAGS), is_python_module=False, verbose=False)
 
 
 def _load():

@@ -1,4 +1,4 @@
-// Internals shared by the scalar and AVX2 implementations: element conversions, a branch-free
+// Internals shared by the portable and AVX2 implementations: element conversions, a branch-free
 // polynomial exp, and the per-row algorithm written once over an "inner loops" policy (Ops).
 #pragma once
 
@@ -16,28 +16,43 @@ namespace detail {
 inline uint32_t float_bits(float f) { uint32_t u; std::memcpy(&u, &f, 4); return u; }
 inline float bits_float(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
 
+// Conversions are branch-free (selects, no early returns) so that loops over them vectorise.
 inline float bf16_to_f32(uint16_t h) { return bits_float(uint32_t(h) << 16); }
-inline uint16_t f32_to_bf16(float f) {  // round to nearest even, NaN stays NaN
-  uint32_t u = float_bits(f);
-  if ((u & 0x7FFFFFFFu) > 0x7F800000u) return uint16_t((u >> 16) | 0x40u);
-  return uint16_t((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+inline uint16_t f32_to_bf16(float f) {  // round to nearest even, NaN stays NaN (quietened)
+  const uint32_t u = float_bits(f);
+  const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  return uint16_t((u & 0x7FFFFFFFu) > 0x7F800000u ? (u >> 16) | 0x40u : rounded);
 }
+#if defined(__aarch64__)
+// AArch64 converts fp16 to fp32 in one instruction (fcvtl when vectorised), with the same results as
+// the bit manipulation below. (The other way, GCC 12 does not vectorise fcvtn: f32_to_f16 uses bits.)
 inline float f16_to_f32(uint16_t h) {
-  const uint32_t sign = uint32_t(h & 0x8000u) << 16, exp = (h >> 10) & 0x1Fu, mant = h & 0x3FFu;
-  if (exp == 0) {  // zero or subnormal: mant * 2^-24, exact in fp32
-    const float v = float(mant) * 5.9604644775390625e-8f;
-    return bits_float(float_bits(v) | sign);
-  }
-  if (exp == 31) return bits_float(sign | 0x7F800000u | (mant << 13));
-  return bits_float(sign | ((exp + 112u) << 23) | (mant << 13));
+  __fp16 v;
+  std::memcpy(&v, &h, 2);
+  return float(v);
 }
+#else
+inline float f16_to_f32(uint16_t h) {
+  const uint32_t sign = uint32_t(h & 0x8000u) << 16, em = h & 0x7FFFu;  // em: exponent and mantissa
+  const uint32_t normal = (em << 13) + 0x38000000u;                       // rebias 15 -> 127
+  const uint32_t special = (em << 13) | 0x7F800000u;                      // exponent 31: inf, NaN
+  const uint32_t tiny = float_bits(float(int32_t(em)) * 5.9604644775390625e-8f);  // 0, subnormal: em * 2^-24, exact
+  uint32_t r = em >= 0x7C00u ? special : normal;
+  r = em < 0x0400u ? tiny : r;
+  return bits_float(r | sign);
+}
+#endif
 inline uint16_t f32_to_f16(float f) {  // round to nearest even, with subnormals, inf and NaN
   const uint32_t u = float_bits(f), sign = (u >> 16) & 0x8000u, a = u & 0x7FFFFFFFu;
-  if (a >= 0x7F800000u) return uint16_t(sign | (a > 0x7F800000u ? 0x7E00u : 0x7C00u));
-  if (a >= 0x477FF000u) return uint16_t(sign | 0x7C00u);  // >= 65520 rounds to inf
-  if (a < 0x38800000u)  // below 2^-14: a multiple of 2^-24; scaling by 2^24 is exact
-    return uint16_t(sign | uint32_t(std::nearbyint(bits_float(a) * 16777216.f)));
-  return uint16_t(sign | ((a + 0xFFFu + ((a >> 13) & 1u) - 0x38000000u) >> 13));
+  // normal results: rebias and round the 13 dropped mantissa bits to nearest even
+  uint32_t r = (a + 0xFFFu + ((a >> 13) & 1u) - 0x38000000u) >> 13;
+  // below 2^-14 the result is a multiple of 2^-24, the spacing of fp32 in [0.5, 1): adding 0.5 rounds
+  // |f| to that grid (nearest even) and leaves the multiple in the low bits
+  const uint32_t sub = float_bits(bits_float(a) + 0.5f) - 0x3F000000u;
+  r = a < 0x38800000u ? sub : r;
+  r = a >= 0x477FF000u ? 0x7C00u : r;  // >= 65520 rounds to inf
+  r = a > 0x7F800000u ? 0x7E00u : r;   // NaN
+  return uint16_t(sign | r);
 }
 
 struct F32 {
@@ -62,9 +77,6 @@ constexpr float kExpLo = -88.0f, kExpHi = 88.3f;
 constexpr float kLog2e = 1.44269504088896341f;
 constexpr float kLn2 = 0.693147180559945309f;
 constexpr float kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;  // n*kLn2Hi is exact for |n| < 2^8
-#ifndef FRPO_EXP_2STEP
-#define FRPO_EXP_2STEP 0
-#endif
 // Adding kRoundMagic (1.5 * 2^23 + 127) rounds x*log2e to an integer n and leaves n + 127, the
 // exponent field of 2^n, in the low mantissa bits, so 2^n is one shift of the sum's bits.
 constexpr float kRoundMagic = 12583039.f;
@@ -81,16 +93,13 @@ inline float clamp_exp_arg(float x) {
   x = x < kExpLo ? kExpLo : x;
   return x > kExpHi ? kExpHi : x;
 }
-// exp of an argument already in [kExpLo, kExpHi]; branch-free so compilers can vectorise it.
-// Same operation order as the AVX2 exp8 (std::fma where it uses FMAs), so both paths round alike.
+// exp of an argument already in [kExpLo, kExpHi], with fused multiply-adds: where FMA is in hardware
+// (the AVX2 file's scalar tails, aarch64, -mfma builds). Branch-free, so loops over it vectorise; the
+// same operations in the same order as the AVX2 exp8, so both round alike.
 inline float exp_poly(float x) {
   const float t = std::fma(x, kLog2e, kRoundMagic);
   const float n = t - kRoundMagic;
-#if FRPO_EXP_2STEP
-  const float r = std::fma(-n, kLn2Lo, std::fma(-n, kLn2Hi, x));
-#else
   const float r = std::fma(-n, kLn2, x);
-#endif
   float p = std::fma(kE5, r, kE4);
   p = std::fma(p, r, kE3);
   p = std::fma(p, r, kE2);
@@ -99,24 +108,24 @@ inline float exp_poly(float x) {
   const float scale = bits_float(float_bits(t) << 23);  // 2^n; 0 for n = -127
   return p * scale;
 }
+// The same without FMA (x86-64 baseline: std::fma would be a slow library call): x*log2e and n*ln2
+// are rounded products, so ln2 is split in two (Cody-Waite) to keep x - n*ln2 exact to fp32.
+inline float exp_poly_nofma(float x) {
+  const float t = x * kLog2e + kRoundMagic;
+  const float n = t - kRoundMagic;
+  const float r = (x - n * kLn2Hi) - n * kLn2Lo;
+  const float p = ((((kE5 * r + kE4) * r + kE3) * r + kE2) * r + kE1) * r + 1.f;
+  return p * bits_float(float_bits(t) << 23);
+}
 
 // Elements per max/sum-exp chunk: the max sweep brings the chunk into L1 and the exp sweep reuses it.
 // While one chunk is summed the next one is prefetched, so two chunks must fit in L1 (32 KiB): 2048
 // fp32 (8 KiB); 2048..8192 measured within noise of each other, 1024 slower (csrc/bench/README.md).
-#ifndef FRPO_CHUNK
-#define FRPO_CHUNK 2048
-#endif
-constexpr int64_t kChunk = FRPO_CHUNK;
+constexpr int64_t kChunk = 2048;
 // Backward-only sweeps (nothing of the row is cached) prefetch this many elements ahead.
-#ifndef FRPO_BWD_PREFETCH
-#define FRPO_BWD_PREFETCH 2048
-#endif
-constexpr int64_t kBwdPrefetch = FRPO_BWD_PREFETCH;
-// Fused: prefetch the whole next row during this row's gradient sweep (1) or only its first chunk,
-// from the forward sweep's last chunk (0). 0 measured faster: 1.54x vs 1.91x the copy time.
-#ifndef FRPO_FUSED_PF
-#define FRPO_FUSED_PF 0
-#endif
+constexpr int64_t kBwdPrefetch = 2048;
+// The fused kernel prefetches only the next row's first chunk, from this row's last exp sweep:
+// prefetching the whole next row during the gradient sweep measured slower (1.91x vs 1.54x a copy).
 
 struct RowStats { float logp, lse, entropy; };
 
@@ -139,8 +148,7 @@ inline int64_t row_offset(int64_t r, int64_t length, int64_t stride_b, int64_t s
 //   sum_exp<E, Ent, Store>(x, n, inv_t, m, &s, &t, pf, e_out)
 //                                                  s = sum e, t = sum e*d, d = max(x*inv_t - m, lo), e = exp(d);
 //                                                  Store: also e_out[i] = e (fp32 scratch)
-//   scale_span<E>(e, g, n, f, streaming, pf)       g = e*f (e: fp32 scratch); prefetches pf[i] (a pointer,
-//                                                  nullptr = none) while g[i] is written
+//   scale_span<E>(e, g, n, f, streaming)           g = e*f (e: fp32 scratch)
 //   grad_span<E, Ent>(x, g, n, inv_t, lse, a, b, streaming, pf)   g = p*(a + b*d), d = x*inv_t - lse, p = exp(d)
 //   (pf: a hint -- prefetch x[i + pf] while x[i] is processed; 0 = none. Prefetches never fault, so
 //   pf may point past the row or the buffer.)
@@ -240,14 +248,13 @@ struct Row {
 // as in gradient(). xid: the target logit, read before any write (in place, g may be the logits).
 template <class Ops, class E>
 void gradient_from_exps(const float* e, const float* chunk_m, typename E::T* g, int64_t vocab, int64_t id,
-                        float xid, float inv_t, float lse, float dlogp, bool streaming, const typename E::T* pf) {
+                        float xid, float inv_t, float lse, float dlogp, bool streaming) {
   const double a = -double(dlogp) * inv_t;
   for (int64_t c = 0; c < vocab; c += kChunk) {
     const int64_t n = vocab - c < kChunk ? vocab - c : kChunk;
     const float mc = chunk_m[c / kChunk];
     if (mc == -std::numeric_limits<float>::infinity()) Ops::template zero_span<E>(g + c, n, streaming);
-    else Ops::template scale_span<E>(e + c, g + c, n, float(a * std::exp(double(mc) - double(lse))), streaming,
-                                     pf ? pf + c : nullptr);
+    else Ops::template scale_span<E>(e + c, g + c, n, float(a * std::exp(double(mc) - double(lse))), streaming);
   }
   const double d = clamp_exp_arg(xid * inv_t - lse);
   g[id] = E::from(float(double(dlogp) * (1.0 - std::exp(d)) * inv_t));
@@ -315,7 +322,7 @@ void fused_rows_t(const LogitsView& L, const TokenInputs& tok, const FusedIn& in
     const float inv_t = tok.inv_temperature;
     const int64_t id = tok.ids[r];
     const float xid = E::load(x + id);  // before the (possibly in-place) writes
-    // the next row's first chunk is prefetched by this row's last chunk (see FRPO_FUSED_PF)
+    // the next row's first chunk is prefetched by this row's last chunk (see kBwdPrefetch)
     const int64_t next = r + 1 < r1 ? row_offset(r + 1, L.length, L.stride_b, L.stride_t) - (x - base) : 0;
     const RowStats st = Row<Ops, E>::forward(x, L.vocab, id, inv_t, out.entropy != nullptr, next, e, chunk_m);
     out.logp[r] = st.logp;
@@ -324,8 +331,7 @@ void fused_rows_t(const LogitsView& L, const TokenInputs& tok, const FusedIn& in
     float dlogp = in.coef[r];
     if (with_kl) dlogp += float(double(in.kl_coef[r]) * (1.0 - std::exp(double(in.ref_logps[r]) - st.logp)));
     if (std::isfinite(st.lse)) {
-      gradient_from_exps<Ops, E>(e, chunk_m, g, L.vocab, id, xid, inv_t, st.lse, dlogp, G.streaming,
-                                 FRPO_FUSED_PF && next ? x + next : nullptr);
+      gradient_from_exps<Ops, E>(e, chunk_m, g, L.vocab, id, xid, inv_t, st.lse, dlogp, G.streaming);
     } else {  // NaN / +inf / all -inf row (rare): the kept exps hold NaN; the plain sweep gives torch's pattern
       Row<Ops, E>::gradient(x, g, L.vocab, id, inv_t, st.lse, dlogp, false, 0.f, 0.f, G.streaming, kBwdPrefetch);
     }
@@ -369,7 +375,7 @@ struct DtypeSwitch {
   }
 };
 
-const Impl& scalar_impl();
+const Impl& portable_impl();
 const Impl* avx2_impl();  // nullptr when not built for x86-64 or the CPU lacks AVX2/FMA/F16C
 bool cpu_has_avx512();     // AVX-512 F+BW+DQ+VL (for the error message only: there is no AVX-512 path yet)
 

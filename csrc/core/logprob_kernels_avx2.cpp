@@ -54,11 +54,8 @@ template <> struct Vec<F16> {
 FRPO_AVX2_INLINE __m256 reduce8(__m256 d, __m256* t) {
   *t = _mm256_fmadd_ps(d, _mm256_set1_ps(kLog2e), _mm256_set1_ps(kRoundMagic));
   const __m256 n = _mm256_sub_ps(*t, _mm256_set1_ps(kRoundMagic));
-#if FRPO_EXP_2STEP
-  return _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Lo), _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Hi), d));
-#else
+  // one constant: the two-constant (Cody-Waite) reduction measured 10% slower (csrc/bench/README.md)
   return _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2), d);
-#endif
 }
 
 // exp of d already clamped to [kExpLo, kExpHi]; same algorithm and rounding as exp_poly.
@@ -89,32 +86,17 @@ FRPO_AVX2_INLINE __m256 exp8_times(__m256 d, const __m256* c) {
   return _mm256_mul_ps(p, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_castps_si256(t), 23)));
 }
 
-#ifndef FRPO_FOLD_A
-#define FRPO_FOLD_A 1
-#endif
-
-#ifndef FRPO_PF_HINT
-#define FRPO_PF_HINT _MM_HINT_T0
-#endif
+// T0: the prefetch hints T0 / T1 / NTA measured within noise of each other (csrc/bench/README.md).
 template <class T>
 FRPO_AVX2_INLINE void prefetch(const T* p) {
-#ifndef FRPO_NO_PREFETCH
-  _mm_prefetch(reinterpret_cast<const char*>(p), FRPO_PF_HINT);
-#else
-  (void)p;
-#endif
+  _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T0);
 }
 
 // Arguments are x/T - m (chunk max) or x/T - lse, so at most a rounding error above 0: only the low
-// clamp is needed (-inf logits and NaN-free underflow to exactly 0). maxps returns its second operand
-// when either is NaN, so the argument goes second: a NaN logit stays NaN (torch's NaN propagation).
-FRPO_AVX2_INLINE __m256 clamp8(__m256 d) {
-#if FRPO_CLAMP_HI
-  return _mm256_min_ps(_mm256_set1_ps(kExpHi), _mm256_max_ps(_mm256_set1_ps(kExpLo), d));
-#else
-  return _mm256_max_ps(_mm256_set1_ps(kExpLo), d);
-#endif
-}
+// clamp is needed (-inf logits and NaN-free underflow to exactly 0; an upper clamp cost 3-5%). maxps
+// returns its second operand when either is NaN, so the argument goes second: a NaN logit stays NaN
+// (torch's NaN propagation).
+FRPO_AVX2_INLINE __m256 clamp8(__m256 d) { return _mm256_max_ps(_mm256_set1_ps(kExpLo), d); }
 
 FRPO_AVX2_INLINE float hsum8(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -202,8 +184,7 @@ struct Avx2Ops {
 #define FRPO_GRAD_STEP(k)                                                         \
   {                                                                               \
     const __m256 d = clamp8(_mm256_fmadd_ps(Vec<E>::load(x + i + k), vt, vnl));   \
-    const __m256 v = Ent ? _mm256_mul_ps(exp8(d), _mm256_fmadd_ps(vb, d, va))    \
-                         : (FRPO_FOLD_A ? exp8_times(d, ca) : _mm256_mul_ps(exp8(d), va)); \
+    const __m256 v = Ent ? _mm256_mul_ps(exp8(d), _mm256_fmadd_ps(vb, d, va)) : exp8_times(d, ca); \
     if (Stream) Vec<E>::stream(g + i + k, v); else Vec<E>::store(g + i + k, v);   \
   }
     constexpr int64_t kLine = 64 / sizeof(typename E::T);
@@ -250,34 +231,22 @@ struct Avx2Ops {
 
   // g = e*f from the fp32 exps scratch (L1/L2-resident): load, multiply, store -- no exp.
   template <class E>
-  static FRPO_AVX2 void scale_span(const float* e, typename E::T* g, int64_t n, float f, bool streaming,
-                                   const typename E::T* pf) {
+  static FRPO_AVX2 void scale_span(const float* e, typename E::T* g, int64_t n, float f, bool streaming) {
     const __m256 vf = _mm256_set1_ps(f);
-    constexpr int64_t kLine = 64 / sizeof(typename E::T);
-#define FRPO_SCALE_PF \
-  if (pf) {           \
-    prefetch(pf + i); \
-    if (kLine < 32) prefetch(pf + i + kLine); \
-  }
     int64_t i = 0;
     if (streaming) {
       const uintptr_t mis = reinterpret_cast<uintptr_t>(g) & (Vec<E>::kAlign - 1);
       if (mis % sizeof(typename E::T) == 0) {
         while (i < n && (reinterpret_cast<uintptr_t>(g + i) & (Vec<E>::kAlign - 1)) != 0) { g[i] = E::from(e[i] * f); ++i; }
-        for (; i + 32 <= n; i += 32) {
-          FRPO_SCALE_PF
+        for (; i + 32 <= n; i += 32)
           for (int k = 0; k < 32; k += 8) Vec<E>::stream(g + i + k, _mm256_mul_ps(_mm256_loadu_ps(e + i + k), vf));
-        }
         for (; i + 8 <= n; i += 8) Vec<E>::stream(g + i, _mm256_mul_ps(_mm256_loadu_ps(e + i), vf));
       }
     }
-    for (; i + 32 <= n; i += 32) {
-      FRPO_SCALE_PF
+    for (; i + 32 <= n; i += 32)
       for (int k = 0; k < 32; k += 8) Vec<E>::store(g + i + k, _mm256_mul_ps(_mm256_loadu_ps(e + i + k), vf));
-    }
     for (; i + 8 <= n; i += 8) Vec<E>::store(g + i, _mm256_mul_ps(_mm256_loadu_ps(e + i), vf));
     for (; i < n; ++i) g[i] = E::from(e[i] * f);
-#undef FRPO_SCALE_PF
   }
 
   template <class E>

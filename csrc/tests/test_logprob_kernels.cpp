@@ -243,6 +243,34 @@ static void run_conversion_checks() {
     const float b = detail::bf16_to_f32(uint16_t(h));
     if (!std::isnan(b)) CHECK(detail::f32_to_bf16(b) == h, "bf16 round trip %x", h);
   }
+  // fp32 -> fp16 / bf16 of values between the representable ones: the nearest, ties to even, checked
+  // against the neighbours (independent of how the conversion is written: bits on x86, fcvt on aarch64)
+  for (uint64_t u = 0; u < 0x100000000ull; u += 0x3F1Bull) {
+    const float f = detail::bits_float(uint32_t(u));
+    if (std::isnan(f)) {
+      CHECK(std::isnan(detail::f16_to_f32(detail::f32_to_f16(f))), "f16 NaN %08x", uint32_t(u));
+      CHECK(std::isnan(detail::bf16_to_f32(detail::f32_to_bf16(f))), "bf16 NaN %08x", uint32_t(u));
+      continue;
+    }
+    const double a = std::fabs(double(f));
+    for (int kind = 0; kind < 2; ++kind) {  // 0: fp16, 1: bf16
+      const uint16_t h = kind ? detail::f32_to_bf16(f) : detail::f32_to_f16(f);
+      auto val = [&](uint32_t m) { return std::fabs(double(kind ? detail::bf16_to_f32(uint16_t(m)) : detail::f16_to_f32(uint16_t(m)))); };
+      const uint32_t mag = h & 0x7FFFu, inf_bits = kind ? 0x7F80u : 0x7C00u;
+      CHECK(((h & 0x8000u) != 0) == std::signbit(f), "%s sign of %08x", kind ? "bf16" : "f16", uint32_t(u));
+      if (mag == inf_bits) {  // overflow: f at least halfway past the largest finite value
+        const double top = val(inf_bits - 1), half = top + (top - val(inf_bits - 2)) / 2;
+        CHECK(a >= half, "%s inf for %g", kind ? "bf16" : "f16", f);
+        continue;
+      }
+      const double got = val(mag), below = mag ? val(mag - 1) : -1.0, above = val(mag + 1);
+      const double err = std::fabs(got - a);
+      CHECK(err <= std::fabs(above - a) && (mag == 0 || err <= std::fabs(below - a)), "%s not nearest for %g (%04x)",
+            kind ? "bf16" : "f16", f, h);
+      const bool tie = err == std::fabs(above - a) || (mag && err == std::fabs(below - a));
+      CHECK(!tie || err == 0.0 || (mag & 1u) == 0, "%s tie not even for %g (%04x)", kind ? "bf16" : "f16", f, h);
+    }
+  }
   CHECK(detail::f32_to_bf16(1.00390625f) == 0x3F80, "bf16 ties to even");   // 1 + 2^-8: halfway, even down
   CHECK(detail::f32_to_f16(65520.f) == 0x7C00, "f16 overflow to inf");
   CHECK(detail::f32_to_f16(5.96046448e-8f) == 0x0001, "f16 smallest subnormal");

@@ -1,0 +1,38 @@
+"""How csrc/ is compiled, in one place: read by setup.py, the JIT fallback in cpu.py, CMakeLists.txt
+(which runs this file: `python frpo_kernels/_build.py cmake`) and tests/test_csrc_aarch64.py.
+
+Standard library only: setup.py and CMake load it without importing frpo_kernels or torch.
+"""
+from __future__ import annotations
+
+import sys
+
+# The torch-free core (csrc/core): built into the extension, the CMake library and the cross build.
+# The AVX2 file uses per-function target attributes, so every file takes the same flags and the
+# binary runs on any CPU of its architecture (the AVX2 path is chosen at run time).
+CORE_SOURCES = (
+    "csrc/core/logprob_kernels.cpp",
+    "csrc/core/logprob_kernels_portable.cpp",
+    "csrc/core/logprob_kernels_avx2.cpp",
+)
+EXTENSION_SOURCES = ("csrc/ops.cpp",) + CORE_SOURCES  # + the torch binding
+INCLUDE_DIRS = ("csrc",)
+# -O3: the portable loops are vectorised at -O3 (GCC 12 vectorises only cheap loops at -O2).
+# -fno-math-errno: std::exp / std::log / std::fma need not set errno, so they inline.
+# -fopenmp-simd: the portable loops' `#pragma omp simd` (vector lanes for the sums), no OpenMP runtime.
+# -fno-trapping-math: nothing here reads the FP exception flags; without it GCC 12 will not turn the
+# exp argument's clamp (a float compare and select) into vector code, and the portable loops stay
+# scalar. NaN and inf are still honoured (this is not -ffinite-math-only).
+CXX_FLAGS = ("-O3", "-std=c++17", "-fno-math-errno", "-fno-trapping-math", "-fopenmp-simd", "-Wall", "-Wextra",
+             "-Wno-unused-parameter")
+# torch's ATen parallel backend is OpenMP and at::parallel_for is inlined into ops.cpp, so the extension
+# is compiled and linked with it; the core itself has no OpenMP (callers split rows across threads).
+OPENMP_FLAGS = ("-fopenmp",)
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] != ["cmake"]:
+        sys.exit("usage: python frpo_kernels/_build.py cmake")
+    for name in ("CORE_SOURCES", "EXTENSION_SOURCES", "INCLUDE_DIRS", "CXX_FLAGS", "OPENMP_FLAGS"):
+        for value in globals()[name]:  # one "FRPO_<NAME> <item>" line per list item
+            print(f"FRPO_{name} {value}")
