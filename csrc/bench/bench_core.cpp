@@ -1,8 +1,10 @@
 // Microbenchmark of the torch-free core (OpenMP over rows, one contiguous block per thread): the memcpy
-// floor vs forward / fused (new gradient buffer) / fused in place / backward, best of reps each.
+// floor vs forward / fused (new gradient buffer) / fused in place / backward. Each round runs all of
+// them in turn, the copy included (interleaved, so slow phases of a shared machine hit every kernel
+// alike); the best round of each is reported.
 // Floors in units of one copy (read + write of the logits): forward 0.5 (read once), fused 1.0 (read
 // once + write once), two-phase forward + backward 1.5 (read twice + write once).
-// Usage: bench_core [rows] [vocab] [f32|bf16|f16] [stream 0/1] [reps]
+// Usage: [FRPO_CPU_ISA=auto|avx512|avx2|portable] bench_core [rows] [vocab] [f32|bf16|f16] [stream 0/1] [rounds]
 #include <omp.h>
 
 #include <algorithm>
@@ -20,21 +22,41 @@
 using namespace frpo;
 
 template <class F>
-static double best_of(int reps, F f) {
-  double best = 1e30;
-  for (int i = 0; i < reps; ++i) {
-    const auto t0 = std::chrono::steady_clock::now();
-    f();
-    best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+static double seconds(F f) {
+  const auto t0 = std::chrono::steady_clock::now();
+  f();
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+static std::string cpu_model() {
+  std::FILE* f = std::fopen("/proc/cpuinfo", "r");
+  if (!f) return "unknown CPU";
+  char line[512];
+  std::string model = "unknown CPU";
+  while (std::fgets(line, sizeof line, f)) {
+    const std::string l = line;
+    if (l.rfind("model name", 0) == 0 && l.find(':') != std::string::npos) {
+      model = l.substr(l.find(':') + 2);
+      if (!model.empty() && model.back() == '\n') model.pop_back();
+      break;
+    }
   }
-  return best;
+  std::fclose(f);
+  return model;
 }
 
 int main(int argc, char** argv) {
   const int64_t rows = argc > 1 ? std::atoll(argv[1]) : 2048, vocab = argc > 2 ? std::atoll(argv[2]) : 49152;
   const std::string dt = argc > 3 ? argv[3] : "f32";
   const bool stream = argc > 4 ? std::atoi(argv[4]) != 0 : true;
-  const int reps = argc > 5 ? std::atoi(argv[5]) : 5;
+  const int reps = argc > 5 ? std::atoi(argv[5]) : 7;
+  if (const char* isa = std::getenv("FRPO_CPU_ISA")) {
+    const std::string why = set_isa(*isa ? isa : "auto");
+    if (!why.empty()) {
+      std::fprintf(stderr, "FRPO_CPU_ISA=%s: %s\n", isa, why.c_str());
+      return 2;
+    }
+  }
   const DType dtype = dt == "bf16" ? DType::BF16 : dt == "f16" ? DType::F16 : DType::F32;
   const size_t esize = dtype == DType::F32 ? 4 : 2, n = size_t(rows * vocab), bytes = n * esize;
   char* x = static_cast<char*>(std::aligned_alloc(64, bytes));
@@ -64,29 +86,30 @@ int main(int argc, char** argv) {
       fn(r0, r1);
     }
   };
-  const double tc = best_of(reps, [&] { par([&](int64_t r0, int64_t r1) { std::memcpy(g + r0 * vocab * esize, x + r0 * vocab * esize, size_t(r1 - r0) * vocab * esize); }); });
-  const double tf = best_of(reps, [&] { par([&](int64_t r0, int64_t r1) { forward_rows(L, tok, fo, r0, r1); }); });
-  const double tfu = best_of(reps, [&] { par([&](int64_t r0, int64_t r1) { fused_rows(L, tok, FusedIn{coef.data(), nullptr, nullptr}, fo, G, r0, r1); }); });
-  const double tb = best_of(reps, [&] { par([&](int64_t r0, int64_t r1) { backward_rows(L, tok, BackwardIn{lse.data(), coef.data(), nullptr, nullptr}, G, r0, r1); }); });
-  // in place: the gradient overwrites a copy of the logits (refreshed, untimed, before each rep)
-  double tip = 1e30;
-  {
-    LogitsView Li = L;
-    Li.data = g;
-    GradView Gi{g, rows * vocab, vocab, false};
-    for (int i = 0; i < reps; ++i) {
-      par([&](int64_t r0, int64_t r1) { std::memcpy(g + r0 * vocab * esize, x + r0 * vocab * esize, size_t(r1 - r0) * vocab * esize); });
-      tip = std::min(tip, best_of(1, [&] { par([&](int64_t r0, int64_t r1) { fused_rows(Li, tok, FusedIn{coef.data(), nullptr, nullptr}, fo, Gi, r0, r1); }); }));
-    }
+  auto copy = [&] {
+    par([&](int64_t r0, int64_t r1) { std::memcpy(g + r0 * vocab * esize, x + r0 * vocab * esize, size_t(r1 - r0) * vocab * esize); });
+  };
+  LogitsView Li = L;  // in place: the gradient overwrites a copy of the logits (refreshed, untimed, first)
+  Li.data = g;
+  GradView Gi{g, rows * vocab, vocab, false};
+  double tc = 1e30, tf = 1e30, tfu = 1e30, tb = 1e30, tip = 1e30;
+  for (int i = 0; i < reps; ++i) {
+    tc = std::min(tc, seconds(copy));
+    tf = std::min(tf, seconds([&] { par([&](int64_t r0, int64_t r1) { forward_rows(L, tok, fo, r0, r1); }); }));
+    tfu = std::min(tfu, seconds([&] { par([&](int64_t r0, int64_t r1) { fused_rows(L, tok, FusedIn{coef.data(), nullptr, nullptr}, fo, G, r0, r1); }); }));
+    tb = std::min(tb, seconds([&] { par([&](int64_t r0, int64_t r1) { backward_rows(L, tok, BackwardIn{lse.data(), coef.data(), nullptr, nullptr}, G, r0, r1); }); }));
+    copy();
+    tip = std::min(tip, seconds([&] { par([&](int64_t r0, int64_t r1) { fused_rows(Li, tok, FusedIn{coef.data(), nullptr, nullptr}, fo, Gi, r0, r1); }); }));
   }
-  std::printf("%s %lldx%lld %s stream=%d threads=%d: copy %.3f ms (%.1f GB/s r+w) | time/floor: fwd %.3f ms %.2fx | "
+  std::printf("%s %lldx%lld %s stream=%d threads=%d rounds=%d: copy %.3f ms (%.1f GB/s r+w) | time/floor: fwd %.3f ms %.2fx | "
               "fused %.3f ms %.2fx | fused_inplace %.3f ms %.2fx | fwd+bwd %.3f ms %.2fx (bwd alone %.3f ms)\n",
-              active_isa(), (long long)rows, (long long)vocab, dt.c_str(), stream, omp_get_max_threads(), tc * 1e3,
+              active_isa(), (long long)rows, (long long)vocab, dt.c_str(), stream, omp_get_max_threads(), reps, tc * 1e3,
               2 * bytes / tc / 1e9, tf * 1e3, tf / (0.5 * tc), tfu * 1e3, tfu / tc, tip * 1e3, tip / tc,
               (tf + tb) * 1e3, (tf + tb) / (1.5 * tc), tb * 1e3);
   const double ns = 1e9 / double(n);  // per logit, all threads together
   std::printf("  ns/logit: copy %.3f  fwd %.3f  fused %.3f  fused_inplace %.3f  bwd %.3f\n", tc * ns, tf * ns, tfu * ns,
               tip * ns, tb * ns);
+  std::printf("  cpu: %s\n", cpu_model().c_str());
   std::free(x);
   std::free(g);
   return 0;
