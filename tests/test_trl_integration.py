@@ -44,7 +44,7 @@ def reward_even_tokens(completions, completion_ids, **kwargs):
     return [sum(1 for t in ids if t % 2 == 0) / max(len(ids), 1) for ids in completion_ids]
 
 
-def train(model_dir, out_dir, capture_calls=True, reference=None, **overrides):
+def build_trainer(model_dir, out_dir, **overrides):
     prompts = [" ".join(WORDS[i:i + 3]) for i in range(12)]  # 12 distinct prompts
     args = dict(output_dir=out_dir, per_device_train_batch_size=4, num_generations=2, max_completion_length=6,
                 max_steps=2, learning_rate=1e-3, logging_steps=1, report_to="none", save_strategy="no",
@@ -54,6 +54,18 @@ def train(model_dir, out_dir, capture_calls=True, reference=None, **overrides):
     trainer = FRPOTrainer(model=model_dir, reward_funcs=reward_even_tokens, args=FRPOConfig(**args),
                           train_dataset=datasets.Dataset.from_dict({"prompt": prompts}),
                           processing_class=transformers.AutoTokenizer.from_pretrained(model_dir))
+    generate = trainer._generate_and_score_completions
+
+    def keep_last(inputs):  # the generation batch, for tests that replay it
+        trainer._last_generation_batch = generate(inputs)
+        return trainer._last_generation_batch
+    trainer._generate_and_score_completions = keep_last
+    return trainer
+
+
+def train(model_dir, out_dir, capture_calls=True, reference=None, **overrides):
+    trainer = build_trainer(model_dir, out_dir, **overrides)
+    trainer = build_trainer(model_dir, out_dir, **overrides)
     calls = []
     compute_loss = trainer._compute_loss
 
@@ -100,14 +112,19 @@ def independent_loss(trainer, model, inputs):
     """frpo_kernels.loss() from the model's own logits and groups = identical prompts."""
     logits, group_ids = logits_and_groups(model, inputs)
     completion_ids = inputs["completion_ids"]
-    # one process: every micro-batch holds whole groups (TRL shuffles rows; FRPOTrainer keeps groups)
-    assert torch.bincount(group_ids).tolist() == [trainer.num_generations] * (int(group_ids.max()) + 1)
-    # and TRL's advantages (scale_rewards="none") are centred within these groups
-    sums = torch.zeros(int(group_ids.max()) + 1).index_add_(0, group_ids, inputs["advantages"].float())
-    torch.testing.assert_close(sums, torch.zeros_like(sums), atol=1e-5, rtol=0)
     cfg = trainer.args
-    return frpo_kernels.loss(
-        logits, completion_ids, inputs["completion_mask"], advantages=inputs["advantages"],
+    stats, scale = None, 1.0
+    if cfg.loss_type == "frpo":
+        # FRPO: a micro-batch's loss is its share of the generation batch (TRL shuffles rows, so groups
+        # are split); the trainer reports share * steps_per_generation
+        stats, scale, group_ids = trainer._group_stats, cfg.steps_per_generation, inputs["group_ids"]
+    else:
+        # one process, steps_per_generation 1: micro-batches hold whole groups, and TRL's advantages
+        # (scale_rewards="none") are centred within them
+        sums = torch.zeros(int(group_ids.max()) + 1).index_add_(0, group_ids, inputs["advantages"].float())
+        torch.testing.assert_close(sums, torch.zeros_like(sums), atol=1e-5, rtol=0)
+    return scale * frpo_kernels.loss(
+        logits, completion_ids, inputs["completion_mask"], advantages=inputs["advantages"], group_stats=stats,
         group_ids=group_ids, old_logps=inputs.get("old_per_token_logps"),
         ref_logps=inputs.get("ref_per_token_logps"), loss_type=cfg.loss_type, lam=cfg.lam, beta=cfg.beta,
         epsilon_low=cfg.epsilon, epsilon_high=cfg.epsilon_high or cfg.epsilon, delta=cfg.delta,
@@ -117,7 +134,7 @@ def independent_loss(trainer, model, inputs):
 
 @pytest.mark.parametrize("loss_type, overrides", [
     ("frpo", dict(beta=0.05, lam=0.5)),
-    ("frpo", dict(gradient_accumulation_steps=2, num_iterations=2, jackknife=False)),  # whole-group shuffle
+    ("frpo", dict(gradient_accumulation_steps=2, num_iterations=2, jackknife=False)),  # group_stats shares
     ("grpo", dict()),
     ("bnpo", dict(beta=0.05)),
 ])
@@ -150,10 +167,31 @@ def test_unknown_kernel_backend_is_refused_by_the_config(tmp_path):
         FRPOConfig(output_dir=str(tmp_path), kernel_backend="cuda", use_cpu=True, report_to="none")
 
 
-def test_frpo_rejects_split_groups(tiny_model_dir, tmp_path):
-    with pytest.raises(ValueError, match="multiple of num_generations"):
-        train(tiny_model_dir, str(tmp_path), loss_type="frpo", per_device_train_batch_size=2,
-              num_generations=4, steps_per_generation=2, max_steps=1)
+def test_split_groups_with_gradient_accumulation_give_the_big_batch_update(tiny_model_dir, tmp_path):
+    """per_device_train_batch_size=2 < num_generations=8 with 4 accumulation steps (TRL shuffles the
+    rows: every micro-batch holds parts of the group) makes the same update as one batch of 8."""
+    # plain SGD without clipping: the update is the gradient itself (Adam's first step and clipping would
+    # hide a wrong scale)
+    sgd = dict(loss_type="frpo", lam=0.5, num_generations=8, max_steps=1, optim="sgd", max_grad_norm=0.0,
+               learning_rate=0.05)
+    big, _ = train(tiny_model_dir, str(tmp_path / "big"), capture_calls=False, per_device_train_batch_size=8, **sgd)
+    generation = big._last_generation_batch
+    small = build_trainer(tiny_model_dir, str(tmp_path / "small"), per_device_train_batch_size=2,
+                          gradient_accumulation_steps=4, **sgd)
+    small._generate_and_score_completions = lambda inputs: _with_stats(small, generation)
+    before = {n: p.detach().clone() for n, p in small.model.named_parameters()}
+    small.train()
+    moved = 0.0
+    for name, p in small.model.named_parameters():
+        want = dict(big.model.named_parameters())[name].detach()
+        torch.testing.assert_close(p.detach() - before[name], want - before[name], rtol=1e-4, atol=1e-7, msg=name)
+        moved = max(moved, float((want - before[name]).abs().max()))
+    assert moved > 1e-4  # the step moved the model
+
+
+def _with_stats(trainer, batch):
+    trainer._group_stats = trainer._frpo_group_stats(batch)
+    return {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
 
 
 def _two_process_main(model_dir, out_dir):

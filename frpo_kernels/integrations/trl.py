@@ -1,21 +1,24 @@
-"""TRL integration: FRPOTrainer is trl.GRPOTrainer with its loss computed by frpo_kernels.loss() from
-the completion logits, so FRPO (and the GRPO family) run through this package's fused kernels.
+"""TRL integration: FRPOTrainer is trl.GRPOTrainer with its loss computed by frpo_kernels.linear_loss()
+from the model's final hidden states and LM head, so FRPO (and the GRPO family) run through this
+package's kernels without ever building the [B, T, V] logits.
 
 Tested with trl 1.16.0, transformers 5.24.0, accelerate 1.15.0, torch 2.13.0 (CPU). It overrides
-three GRPOTrainer internals, which TRL may rename between releases:
+two GRPOTrainer internals, which TRL may rename between releases:
   _generate_and_score_completions  adds "group_ids": TRL lays out a generation batch as contiguous
       blocks of num_generations completions of one prompt over the rank-major concatenation of all
       processes (its advantages are rewards.view(-1, G) of the gathered rewards, then sliced by
       process_index * B_local), so the global group id of local row i is (rank * B_local + i) // G.
-      The ids travel with the rows through TRL's shuffle and split of the generation batch.
-  _prepare_inputs  with steps_per_generation > 1 and loss_type="frpo", shuffles whole groups instead
-      of rows, so that every micro-batch holds complete groups (needs per_device_train_batch_size to
-      be a multiple of num_generations; checked at construction).
+      The ids travel with the rows through TRL's shuffle and split of the generation batch. For
+      FRPO it also computes frpo_kernels.group_stats of the whole generation batch (all processes),
+      so micro-batches may hold any part of any group: per_device_train_batch_size needs no relation
+      to num_generations, and gradient accumulation over a generation batch gives the update of one
+      big batch (exact on the first pass over it; with num_iterations > 1 later passes reuse the
+      statistics of the sampling policy, a first-order approximation).
   _compute_loss  runs the model for its final hidden states of the completion positions and calls
-      frpo_kernels.linear_loss() with the LM head (the [B, T, V] logits never exist: tiles of rows
-      only), TRL's advantages, the carried group ids, old/ref log-probs and, with several
-      processes, process_group=WORLD (groups may span processes; see frpo_kernels.loss for the
-      gradient convention, which matches DDP).
+      frpo_kernels.linear_loss() with the LM head (the logits exist only as tiles of rows), TRL's
+      advantages, the carried group ids, old/ref log-probs, the group statistics (FRPO, training)
+      and, with several processes, process_group=WORLD (groups may span processes; see
+      frpo_kernels.loss for the gradient convention, which matches DDP).
 
 Differences from GRPOTrainer's own loss: dapo is normalised by the global token count of the
 micro-batch (TRL: of the accumulation window); bnpo by the global token count (TRL: per process);
@@ -32,11 +35,11 @@ import torch
 import torch.distributed as dist
 import trl
 from trl import GRPOConfig, GRPOTrainer
-from trl.trainer.utils import split_tensor_dict
 
 import frpo_kernels
 from frpo_kernels.backends import BACKENDS
 from frpo_kernels.config import LOSS_TYPES
+from frpo_kernels.group_stats import SHARED_OPTIONS
 from frpo_kernels.integrations.hf import completion_hidden_states, logit_scale
 
 TESTED_TRL_VERSIONS = ("1.16.0",)
@@ -97,13 +100,7 @@ class FRPOTrainer(GRPOTrainer):
             warnings.warn("FRPOTrainer ignores use_bias_correction_kl: its KL term is the plain k3 "
                           "estimator of frpo_kernels.loss()", stacklevel=2)
         logit_scale(self.model.config)  # a soft-capped head cannot be scored from hidden states: fail now
-        self._whole_group_shuffle = self.loss_type == "frpo" and a.steps_per_generation > 1
-        if self._whole_group_shuffle and a.per_device_train_batch_size % self.num_generations:
-            raise ValueError(
-                f"loss_type='frpo' with steps_per_generation={a.steps_per_generation} > 1 needs "
-                f"per_device_train_batch_size ({a.per_device_train_batch_size}) to be a multiple of "
-                f"num_generations ({self.num_generations}), so that each micro-batch holds whole groups; "
-                "or use steps_per_generation=1 (groups may then span processes)")
+        self._group_stats = None
 
     def _generate_and_score_completions(self, inputs):
         output = super()._generate_and_score_completions(inputs)
@@ -111,18 +108,21 @@ class FRPOTrainer(GRPOTrainer):
         rows = output["completion_ids"].size(0)
         first = self.accelerator.process_index * rows
         output["group_ids"] = torch.arange(first, first + rows, device=output["completion_ids"].device) // size
+        if self.model.training and self.loss_type == "frpo":
+            self._group_stats = self._frpo_group_stats(output)
         return output
 
-    def _prepare_inputs(self, generation_batch):
-        if not (self.model.training and self._whole_group_shuffle):
-            return super()._prepare_inputs(generation_batch)
-        # GRPOTrainer._prepare_inputs, with a shuffle of whole groups instead of rows
-        generate_every = self.args.steps_per_generation * self.num_iterations
-        if self._step % generate_every == 0 or self._buffered_inputs is None:
-            batch = self._generate_and_score_completions(generation_batch)
-            batch = _shuffle_groups(batch, self.num_generations)
-            self._buffered_inputs = split_tensor_dict(batch, self.args.steps_per_generation)
-        return self._buffered_inputs[self._step % self.args.steps_per_generation]
+    def _frpo_group_stats(self, batch):
+        """FRPO's statistics of the whole generation batch (every process's rows), so that TRL may cut
+        it into micro-batches and shuffle rows freely: each micro-batch's loss is its exact share.
+        At the generation step the current policy is the sampling one, so these are exact for the
+        first pass over the batch; with num_iterations > 1 later passes reuse them (first order)."""
+        kwargs = self.frpo_loss_kwargs(batch)
+        old = kwargs["old_logps"]
+        return frpo_kernels.group_stats(
+            kwargs["completion_mask"], advantages=kwargs["advantages"], group_ids=kwargs["group_ids"],
+            logps=old, old_logps=old, process_group=kwargs["process_group"],
+            **{k: kwargs[k] for k in SHARED_OPTIONS if k in kwargs})
 
     def completion_hidden_states(self, model, inputs):
         """(hidden [B, T, H], head weight, head bias): hidden[b, t] through the head gives the logits
@@ -170,28 +170,22 @@ class FRPOTrainer(GRPOTrainer):
     def _compute_loss(self, model, inputs):
         hidden, weight, bias = self.completion_hidden_states(model, inputs)
         kwargs = self.frpo_loss_kwargs(inputs)
+        mode = "train" if self.model.training else "eval"
+        stats = self._group_stats if mode == "train" and self.loss_type == "frpo" else None
         loss, metrics = frpo_kernels.linear_loss(hidden, weight, kwargs.pop("completion_ids"),
                                                  kwargs.pop("completion_mask"), bias=bias, return_metrics=True,
-                                                 **kwargs)
-        mode = "train" if self.model.training else "eval"
+                                                 group_stats=stats, **kwargs)
         # metrics already describe the global batch (process_group gathers them): no further gather
         for key, value in metrics.items():
             if value is not None and key != "num_groups":
                 self._metrics[mode][key].append(float(value))
+        if stats is not None:
+            # a share of the generation batch's loss; the generation batch feeds
+            # steps_per_generation / gradient_accumulation_steps optimizer steps
+            share_to_step = self.args.steps_per_generation / self.current_gradient_accumulation_steps
+            self._metrics[mode]["policy_loss"].append(float(loss.detach()) * self.args.steps_per_generation)
+            return loss * share_to_step
         self._metrics[mode]["policy_loss"].append(float(loss.detach()))
         # GRPOTrainer sets loss_is_scaled_for_ga: the trainer scales for gradient accumulation itself
         return loss / self.current_gradient_accumulation_steps if mode == "train" else loss
 
-
-def _shuffle_groups(batch, group_size):
-    """Permute the rows of a generation batch by whole groups of `group_size` contiguous rows."""
-    rows = batch["completion_ids"].size(0)
-    order = (torch.randperm(rows // group_size)[:, None] * group_size + torch.arange(group_size)).flatten()
-
-    def permute(value):
-        if isinstance(value, torch.Tensor) and value.dim() >= 1:
-            return value[order.to(value.device)]
-        if isinstance(value, list):
-            return [value[i] for i in order.tolist()]
-        return value
-    return {key: permute(value) for key, value in batch.items()}
