@@ -125,7 +125,7 @@ def spec_loss(logits, ids, mask, *, advantages=None, rewards=None, group_size=No
             continue
         loo = [spec_logsumexp([log_s[j] for j in rows if j != i]) - math.log(n - 1) for i in rows]
         terms.append(n * log_u - (n - 1) * sum(loo) / n)
-    robust = sum(terms) / len(terms) if terms else torch.zeros((), dtype=torch.float64)
+    robust = sum(terms) / len(terms) if terms else (logp * 0).sum()  # no token at all: 0
     if baseline and offsets:
         robust = robust - sum(offsets) / len(offsets)
     result = max(lam, 1.0) * robust
