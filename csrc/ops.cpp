@@ -300,6 +300,7 @@ TORCH_LIBRARY(frpo_kernels, m) {
         " Tensor? kl_coef, Tensor? ref_logps, bool with_entropy) -> (Tensor logp, Tensor lse, Tensor entropy)");
   m.def("cpu_isa() -> str", &isa);
   m.def("cpu_set_isa(str name) -> str", &set_isa);
+  m.def("cpu_auto_slow_reason() -> str", &frpo::auto_slow_reason);
 }
 
 TORCH_LIBRARY_IMPL(frpo_kernels, CPU, m) {

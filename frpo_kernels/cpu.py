@@ -12,7 +12,7 @@ import torch
 _BUILD_HINT = "build it with: pip install --no-build-isolation -e ."
 ISAS = ("auto", "avx512", "avx2", "portable")  # FRPO_CPU_ISA's values; see isa() / set_isa()
 _lock = threading.Lock()
-_state = {"loaded": False, "error": None, "isa_error": None}
+_state = {"loaded": False, "error": None, "isa_error": None, "slow": None}
 
 
 def _jit_compile():
@@ -49,6 +49,7 @@ def _load():
                 _jit_compile()
             _register_fakes()
             _state["isa_error"] = _apply_isa_env()
+            _state["slow"] = _auto_slow_reason()
             _state["loaded"] = True
         except Exception as exc:  # any build or load failure: report it, the caller falls back
             _state["error"] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
@@ -61,6 +62,9 @@ def availability():
     _load()
     if _state["isa_error"]:
         raise ValueError(_state["isa_error"])
+    if _state["slow"]:  # auto never picks kernels slower than torch eager: the caller falls back to torch
+        return False, (f"{_state['slow']}, so they would be slower than torch eager; "
+                       "FRPO_CPU_ISA=portable runs them anyway")
     if _state["loaded"]:
         return True, ""
     return False, f"the C++ extension could not be loaded ({_state['error']}); {_BUILD_HINT}"
@@ -74,6 +78,14 @@ def _apply_isa_env():
     except RuntimeError as exc:
         return f"FRPO_CPU_ISA={name!r} cannot be used: {_first_line(exc)}"
     return None
+
+
+def _auto_slow_reason():
+    """Why auto's kernels would be slower than torch eager (None when they are not, or when FRPO_CPU_ISA
+    forces a path: then that is the user's choice)."""
+    if (os.environ.get("FRPO_CPU_ISA", "").strip() or "auto") != "auto":
+        return None
+    return torch.ops.frpo_kernels.cpu_auto_slow_reason() or None
 
 
 def _first_line(exc):

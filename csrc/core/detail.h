@@ -376,6 +376,7 @@ struct DtypeSwitch {
 };
 
 const Impl& portable_impl();
+const char* portable_slow_reason();  // "" when the portable loops are vector code in this build
 const Impl* avx2_impl();  // nullptr when not built for x86-64 or the CPU lacks AVX2/FMA/F16C
 bool cpu_has_avx512();     // AVX-512 F+BW+DQ+VL (for the error message only: there is no AVX-512 path yet)
 

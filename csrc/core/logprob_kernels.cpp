@@ -41,6 +41,11 @@ std::string set_isa(const char* name) {
   return "";
 }
 
+std::string auto_slow_reason() {
+  if (detail::avx2_impl()) return "";
+  return detail::portable_slow_reason();
+}
+
 void forward_rows(const LogitsView& logits, const TokenInputs& tok, const ForwardOut& out, int64_t row_begin,
                   int64_t row_end) {
   detail::current().load()->forward(logits, tok, out, row_begin, row_end);

@@ -72,5 +72,8 @@ const char* active_isa();
 // cannot be used (unknown name, or a path this CPU or build lacks), naming the choices; the current
 // choice is then unchanged.
 std::string set_isa(const char* name);
+// Why the path "auto" picks may be slower than torch eager ("" when it is not): the portable path in a
+// build that did not vectorise it, on a CPU without AVX2. Callers then prefer torch (frpo_kernels.cpu).
+std::string auto_slow_reason();
 
 }  // namespace frpo

@@ -110,6 +110,21 @@ struct PortableOps {
 
 }  // namespace
 
+// Why the loops above are not vector code in this build ("" when they are): compiled without
+// optimisation, or for a target with no SIMD unit the compiler vectorises for. Scalar, they run at
+// torch eager's speed or below (the scalar loops this file replaced: 27 vs 4.6 ns/logit, 1 core).
+const char* portable_slow_reason() {
+#if !defined(__OPTIMIZE__)
+  return "the portable kernels were compiled without optimisation";
+#elif defined(__SSE2__) || defined(__ARM_NEON) || defined(__ARM_FEATURE_SVE) || defined(__ALTIVEC__) || \
+    defined(__VSX__) || defined(__riscv_vector) || defined(__loongarch_sx) || defined(__wasm_simd128__) ||  \
+    defined(__VEC__)
+  return "";
+#else
+  return "the portable kernels were compiled for a target without a SIMD unit the compiler vectorises for";
+#endif
+}
+
 const Impl& portable_impl() {
   static const Impl impl{"portable", &DtypeSwitch<PortableOps>::forward, &DtypeSwitch<PortableOps>::backward,
                          &DtypeSwitch<PortableOps>::fused};

@@ -331,6 +331,7 @@ static void run_isa_choice_checks() {
   const std::string avx512 = set_isa("avx512");  // no AVX-512 kernels in this build: always an error
   CHECK(!avx512.empty() && avx512.find("avx512") != std::string::npos, "avx512: %s", avx512.c_str());
   CHECK(set_isa("portable").empty() && std::string(active_isa()) == "portable", "portable must always run");
+  CHECK(auto_slow_reason().empty(), "an optimised build must vectorise the portable loops: %s", auto_slow_reason().c_str());
   set_isa("auto");
 }
 
