@@ -75,6 +75,27 @@ CUDA_MIN_ROWS = 256
 CUDA_MAX_ROWS = 4096
 
 
+def sweep_rows(active, vocab, hidden_size, dtype, device):
+    """Rows per tile of a sweep over `active` rows: TILE_ROWS as set, else tile_rows() spread evenly
+    over the tiles it needs (the GEMMs of a small ragged last tile run slowly)."""
+    if TILE_ROWS is not None:
+        return max(1, min(int(TILE_ROWS), active))
+    multiple = 128 if torch.device(device).type == "cuda" else 16
+    return max(1, min(_balanced(tile_rows(vocab, hidden_size, dtype, device), active, multiple), active))
+
+
+def _balanced(rows, active, multiple):
+    """As few tiles as `rows` allows, of about equal size (no small ragged last tile): rounded up to
+    a multiple of `multiple` rows (whole GEMM blocks) where the last tile stays at least half full."""
+    if active <= rows:
+        return max(1, active)
+    tiles = -(-active // rows)
+    even = -(-active // tiles)
+    rounded = -(-even // multiple) * multiple
+    last = active - (tiles - 1) * rounded
+    return rounded if rounded <= rows and 2 * last >= rounded else even
+
+
 def _compute_dtype(dtype, device):
     if dtype in _LOW_PRECISION and device.type == "cpu" and CPU_LOW_PRECISION_GEMMS_IN_FP32:
         return torch.float32
@@ -121,8 +142,8 @@ class _Sweep:
         if mask is not None and not bool(mask.all()):
             self.index = mask.nonzero().squeeze(1)
         self.active = self.n if self.index is None else self.index.numel()
-        rows = rows or tile_rows(self.vocab, self.hidden_size, self.compute, self.device)
-        self.rows = max(1, min(rows, self.active))
+        self.rows = max(1, min(rows, self.active)) if rows else \
+            sweep_rows(self.active, self.vocab, self.hidden_size, self.compute, self.device)
         self.workspace = torch.empty(self.rows, self.vocab, dtype=self.compute, device=self.device) \
             if self.active else None
         self._gather = self.index is not None or hidden.dtype != self.compute
