@@ -188,11 +188,19 @@ def _group_stats_worker(rank, init_file, out_dir):
         value.backward()
         total += float(value)
     dist.all_reduce(weight.grad)  # DDP: the sum over ranks, divided by the world size
-    torch.save((total, weight.grad / WORLD), os.path.join(out_dir, f"rank{rank}.pt"))
+    # and linear_loss with process_group (no statistics): the hidden-state path spans ranks like loss()
+    head = weight.detach().T.contiguous().requires_grad_(True)
+    value = frpo_kernels.linear_loss(x[mine], head, ids[mine], mask[mine], rewards=rewards[mine],
+                                     group_ids=GROUP_IDS[mine], ref_logps=ref[mine], process_group=dist.group.WORLD,
+                                     **OPTIONS)
+    value.backward()
+    dist.all_reduce(head.grad)
+    torch.save((total, weight.grad / WORLD, float(value), head.grad.T / WORLD), os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
 
 def test_two_ranks_two_micro_batches_match_one_process():
+    """And linear_loss(process_group=...) over the same ranks."""
     import tempfile
 
     import torch.multiprocessing as mp
@@ -203,6 +211,8 @@ def test_two_ranks_two_micro_batches_match_one_process():
     with tempfile.TemporaryDirectory() as tmp:
         mp.spawn(_group_stats_worker, args=(os.path.join(tmp, "rendezvous"), tmp), nprocs=WORLD, join=True)
         results = [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(WORLD)]
-    for total, grad in results:
+    for total, grad, linear_value, linear_grad in results:
         assert total == pytest.approx(float(whole), rel=1e-10, abs=1e-12)
         torch.testing.assert_close(grad, weight.grad, rtol=1e-10, atol=1e-12)
+        assert linear_value == pytest.approx(float(whole), rel=1e-10, abs=1e-12)
+        torch.testing.assert_close(linear_grad, weight.grad, rtol=1e-10, atol=1e-12)
