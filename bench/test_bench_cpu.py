@@ -2,7 +2,8 @@
 torch eager reference, TRL's selective_log_softmax, torch.compile of the reference, backend="cpu", and
 backend="cpu" with overwrite_logits=True ("cpu_inplace": the gradient goes into the logits' storage, no
 [B, T, V] allocation; timed from fresh logits each round, gradient taken with torch.autograd.grad,
-see test_bench). The TRL and torch.compile rows time only
+see test_bench), and backend="cpu" on the portable kernels ("cpu_portable": FRPO_CPU_ISA=portable, the
+compiler-vectorised loops that ARM runs; "cpu" is auto, AVX2 on x86-64). The TRL and torch.compile rows time only
 per-token log-probs plus a trivial sum loss (a lower bound on their cost).
 
 Each case prints time / floor, floor = minimum bytes / this machine's copy bandwidth (forward: read
@@ -29,7 +30,7 @@ except Exception:  # TRL is optional
     selective_log_softmax = None
 
 GROUP = 8
-IMPLS = ["torch_eager", "trl_selective", "torch_compile", "cpu", "cpu_inplace"]
+IMPLS = ["torch_eager", "trl_selective", "torch_compile", "cpu", "cpu_inplace", "cpu_portable"]
 PEERS = ("torch_eager", "trl_selective", "torch_compile")
 MODES = ["forward", "fwd_bwd_fused", "fwd_bwd_2phase"]
 _reference_values = {}
@@ -80,7 +81,7 @@ def _loss_fn(impl, mode, ids, mask, rewards, old):
                 lambda z, ids, mask: -(frpo_kernels.token_logprobs(z, ids, backend="torch") * mask).sum())
         fn = _compiled["fn"]
         return lambda z: fn(z, ids, mask)
-    backend = "torch" if impl == "torch_eager" else "cpu"
+    backend = "torch" if impl == "torch_eager" else "cpu"  # cpu_portable: the ISA is set in test_bench
     if impl == "cpu_inplace":
         if mode == "forward":
             pytest.skip("no gradient in forward mode")
@@ -105,7 +106,12 @@ def _cases():
 
 
 @pytest.mark.parametrize("n,v,dtype,mode,impl", list(_cases()))
-def test_bench(benchmark, n, v, dtype, mode, impl):
+def test_bench(benchmark, request, n, v, dtype, mode, impl):
+    if impl == "cpu_portable":  # process-wide: forward and backward kernels both run the portable loops
+        from frpo_kernels import cpu
+        previous = cpu.isa()
+        cpu.set_isa("portable")
+        request.addfinalizer(lambda: cpu.set_isa(previous))
     logits, ids, mask, rewards, old = _inputs(n, v, dtype)
     fn = _loss_fn(impl, mode, ids, mask, rewards, old)
     esize = logits.element_size()
@@ -139,7 +145,7 @@ def test_bench(benchmark, n, v, dtype, mode, impl):
     # correctness (not timing): every implementation agrees with the eager reference
     value = run() if mode == "forward" else (setup(), run())[1]
     key = (n, v, dtype, mode)
-    if impl in ("torch_eager", "cpu", "cpu_inplace") and n * v <= PEERS_MAX_ELEMENTS:
+    if impl in ("torch_eager", "cpu", "cpu_inplace", "cpu_portable") and n * v <= PEERS_MAX_ELEMENTS:
         if key not in _reference_values:
             ref = _loss_fn("torch_eager", mode, ids, mask, rewards, old)
             if mode == "forward":
