@@ -129,6 +129,11 @@ constexpr int64_t kBwdPrefetch = 2048;
 
 struct RowStats { float logp, lse, entropy; };
 
+// A chunk summed against a stale max (see Row::forward) is redone above this sum: e^44, so every
+// logit was at most ~44 above the max used, its exp and the sum stay far from fp32 overflow, and
+// the chunk's terms keep full relative precision (the sums are rescaled in double).
+constexpr float kStaleSum = 1.2e19f;
+
 // Whether x[0, n) holds a NaN: for the rare non-finite paths, never in a hot loop.
 template <class E>
 bool any_nan(const typename E::T* x, int64_t n) {
@@ -146,7 +151,8 @@ inline int64_t row_offset(int64_t r, int64_t length, int64_t stride_b, int64_t s
 // The per-row algorithm. Ops supplies the inner loops over a span of one row:
 //   max_raw<E>(x, n) -> float                      max of the raw logits, NaN ignored (-inf if none is larger)
 //   sum_exp<E, Ent, Store>(x, n, inv_t, m, &s, &t, pf, e_out)
-//                                                  s = sum e, t = sum e*d, d = max(x*inv_t - m, lo), e = exp(d);
+//                                                  s = sum e, t = sum e*d, d = clamp(x*inv_t - m, lo, hi), e = exp(d)
+//                                                  (m may be below the chunk's max: d up to kExpHi);
 //                                                  Store: also e_out[i] = e (fp32 scratch)
 //   scale_span<E>(e, g, n, f, streaming)           g = e*f (e: fp32 scratch)
 //   grad_span<E, Ent>(x, g, n, inv_t, lse, a, b, streaming, pf)   g = p*(a + b*d), d = x*inv_t - lse, p = exp(d)
@@ -171,24 +177,27 @@ struct Row {
     bool nan_seen = false;
     for (int64_t c = 0; c < vocab; c += kChunk) {
       const int64_t n = vocab - c < kChunk ? vocab - c : kChunk;
-      // max_raw ignores NaN; a NaN elsewhere reaches the sums through exp(NaN) = NaN (the exp
-      // arguments' clamps keep NaN), so only chunks skipped here need looking at for NaN
-      const float cm = Ops::template max_raw<E>(x + c, n) * inv_t;
-      const float m_new = cm > m ? cm : m;
-      if (chunk_m) chunk_m[c / kChunk] = m_new;
-      if (m_new == -kInf) {  // all -inf so far (rare): nothing to sum, but a NaN here must not be lost
-        nan_seen = nan_seen || any_nan<E>(x + c, n);
-        continue;
-      }
-      float cs = 0.f, ct = 0.f;
       const int64_t pf = c + kChunk < vocab ? kChunk : (next_row ? next_row - c : 0);
-      if (e_out) {
-        if (with_entropy) Ops::template sum_exp<E, true, true>(x + c, n, inv_t, m_new, &cs, &ct, pf, e_out + c);
-        else Ops::template sum_exp<E, false, true>(x + c, n, inv_t, m_new, &cs, &ct, pf, e_out + c);
-      } else {
-        if (with_entropy) Ops::template sum_exp<E, true, false>(x + c, n, inv_t, m_new, &cs, &ct, pf, nullptr);
-        else Ops::template sum_exp<E, false, false>(x + c, n, inv_t, m_new, &cs, &ct, pf, nullptr);
+      float* e = e_out ? e_out + c : nullptr;
+      float cs = 0.f, ct = 0.f, m_new = m;
+      // Once m is finite a chunk is summed against it, without a max sweep: exp arguments are clamped
+      // to kExpHi (finite exps), and a chunk sum above kStaleSum (a logit more than ~44 above m, or NaN
+      // or inf) sends the chunk through the max sweep below and sums it again (rare).
+      const bool stale = m > -kInf && m < kInf;
+      if (stale) sum_chunk(x + c, n, inv_t, m, with_entropy, pf, e, &cs, &ct);
+      if (!stale || !(cs <= kStaleSum)) {
+        // max_raw ignores NaN; a NaN elsewhere reaches the sums through exp(NaN) = NaN (the exp
+        // arguments' clamps keep NaN), so only chunks skipped here need looking at for NaN
+        const float cm = Ops::template max_raw<E>(x + c, n) * inv_t;
+        m_new = cm > m ? cm : m;
+        if (m_new == -kInf) {  // all -inf so far (rare): nothing to sum, but a NaN here must not be lost
+          if (chunk_m) chunk_m[c / kChunk] = m_new;
+          nan_seen = nan_seen || any_nan<E>(x + c, n);
+          continue;
+        }
+        sum_chunk(x + c, n, inv_t, m_new, with_entropy, pf, e, &cs, &ct);
       }
+      if (chunk_m) chunk_m[c / kChunk] = m_new;
       if (m_new != m && s > 0.0) {  // rescale the running sums to the new max
         const double shift = double(m) - double(m_new), scale = std::exp(shift);
         t = scale * (t + shift * s);
@@ -217,6 +226,18 @@ struct Row {
     st.logp = float((double(E::load(x + id) * inv_t) - double(m)) - log_s);
     st.entropy = with_entropy ? float(log_s - t / s) : 0.f;
     return st;
+  }
+
+  // cs = sum e, ct = sum e*d, e = exp(d), d = clamp(x/T - m) over one chunk; e_out (fused): keeps e.
+  static void sum_chunk(const T* x, int64_t n, float inv_t, float m, bool with_entropy, int64_t pf, float* e_out,
+                        float* cs, float* ct) {
+    if (e_out) {
+      if (with_entropy) Ops::template sum_exp<E, true, true>(x, n, inv_t, m, cs, ct, pf, e_out);
+      else Ops::template sum_exp<E, false, true>(x, n, inv_t, m, cs, ct, pf, e_out);
+    } else {
+      if (with_entropy) Ops::template sum_exp<E, true, false>(x, n, inv_t, m, cs, ct, pf, nullptr);
+      else Ops::template sum_exp<E, false, false>(x, n, inv_t, m, cs, ct, pf, nullptr);
+    }
   }
 
   // grad = dlogp*(onehot(id) - p)/T - dentropy*p*(log p + H)/T over the whole row, one write per logit.

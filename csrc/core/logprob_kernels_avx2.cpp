@@ -129,6 +129,9 @@ FRPO_AVX2_INLINE void prefetch(const T* p) {
 // returns its second operand when either is NaN, so the argument goes second: a NaN logit stays NaN
 // (torch's NaN propagation).
 FRPO_AVX2_INLINE __m256 clamp8(__m256 d) { return _mm256_max_ps(_mm256_set1_ps(kExpLo), d); }
+// The sums' arguments are against a running max that may be below the chunk's (Row::forward): clamped
+// above too, so every exp is finite (minps also returns its second operand for NaN).
+FRPO_AVX2_INLINE __m256 clamp8_both(__m256 d) { return _mm256_min_ps(_mm256_set1_ps(kExpHi), clamp8(d)); }
 
 FRPO_AVX2_INLINE float hsum8(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -173,7 +176,7 @@ struct Avx2Ops {
     int64_t i = 0;
 #define FRPO_SUM_STEP(k, s, t)                                                   \
   {                                                                              \
-    const __m256 d = clamp8(_mm256_fmadd_ps(Vec<E>::load(x + i + k), vt, vnm));  \
+    const __m256 d = clamp8_both(_mm256_fmadd_ps(Vec<E>::load(x + i + k), vt, vnm));  \
     const __m256 e = exp8(d);                                                    \
     if (Store) _mm256_storeu_ps(e_out + i + k, e);                               \
     s = _mm256_add_ps(s, e);                                                     \
@@ -196,7 +199,7 @@ struct Avx2Ops {
     float s = hsum8(_mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3)));
     float t = Ent ? hsum8(_mm256_add_ps(_mm256_add_ps(t0, t1), _mm256_add_ps(t2, t3))) : 0.f;
     for (; i < n; ++i) {
-      const float d = clamp_exp_arg(E::load(x + i) * inv_t - m);
+      const float d = clamp_exp_arg(std::fma(E::load(x + i), inv_t, -m));
       const float e = exp_poly(d);
       if (Store) e_out[i] = e;
       s += e;

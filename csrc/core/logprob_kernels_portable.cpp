@@ -68,7 +68,7 @@ struct PortableOps {
       float bs = 0.f, bt = 0.f;
 #pragma omp simd reduction(+ : bs, bt)
       for (int64_t i = b; i < end; ++i) {
-        const float d = clamp_lo(mul_add(E::load(x + i), inv_t, -m));
+        const float d = clamp_exp_arg(mul_add(E::load(x + i), inv_t, -m));  // m may be stale: d up to kExpHi
         const float e = exp_one(d);
         if (Store) e_out[i] = e;
         bs += e;

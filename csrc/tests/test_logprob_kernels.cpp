@@ -322,6 +322,41 @@ static void run_nonfinite_checks() {
     }
 }
 
+// A logit far above the max of the chunks before it: summed against that stale max, its chunk must be
+// redone against its own max (Row::forward); below the redo threshold it is kept. Spikes on both sides
+// of the threshold (~44) and of the exp clamp (88), fused and forward, with the target on the spike or not.
+static void run_stale_max_checks() {
+  for (DType d : {DType::F32, DType::BF16, DType::F16})
+    for (float spike : {10.f, 43.f, 45.f, 60.f, 87.f, 89.f, 120.f, 1000.f})
+      for (int64_t id : {int64_t(7), int64_t(6001)}) {
+        std::snprintf(g_case, sizeof g_case, "stale max dtype %d spike %g id %lld isa %s", int(d), spike, (long long)id,
+                      active_isa());
+        const int64_t vocab = 9001;  // 5 chunks: the spike sits in the 4th
+        Buffer x(d, size_t(vocab)), g(d, size_t(vocab));
+        for (int64_t v = 0; v < vocab; ++v) x.set(size_t(v), 0.37f * float((v * 7919) % 23) - 4.f);
+        x.set(6001, spike);
+        std::vector<double> z(vocab);
+        for (int64_t v = 0; v < vocab; ++v) z[v] = x.value(size_t(v));
+        const RefRow ref = reference_row(z, id);
+        float logp = 0, lse = 0, ent = 0, coef = 0.5f;
+        LogitsView L{x.data(), d, 1, 1, vocab, vocab, vocab};
+        TokenInputs tok{&id, nullptr, 1.f};
+        fused_rows(L, tok, FusedIn{&coef, nullptr, nullptr}, ForwardOut{&logp, &lse, &ent}, GradView{g.data(), vocab, vocab, false}, 0, 1);
+        const double scale = std::max(1.0, std::fabs(ref.lse));
+        CHECK(std::fabs(lse - ref.lse) <= 2e-6 * scale, "lse %.9g vs %.9g", lse, ref.lse);
+        CHECK(std::fabs(logp - ref.logp) <= 2e-6 * scale + 2e-6 * std::fabs(ref.logp), "logp %.9g vs %.9g", logp, ref.logp);
+        CHECK(std::fabs(ent - ref.entropy) <= 1e-5 * std::max(1.0, ref.entropy), "entropy %.9g vs %.9g", ent, ref.entropy);
+        for (int64_t v = 0; v < vocab; ++v) {
+          const double want = 0.5 * ((v == id) - ref.p[v]);
+          CHECK(std::fabs(g.value(size_t(v)) - want) <= tol(d) * std::fabs(want) + 1e-6 * 0.5 + (d == DType::F16 ? 6e-8 : 0.0),
+                "grad %lld: %.9g vs %.9g", (long long)v, g.value(size_t(v)), want);
+        }
+        float logp2 = 0, lse2 = 0;
+        forward_rows(L, tok, ForwardOut{&logp2, &lse2, nullptr}, 0, 1);
+        CHECK(logp2 == logp && lse2 == lse, "forward %.9g %.9g vs fused %.9g %.9g", logp2, lse2, logp, lse);
+      }
+}
+
 static void run_isa_choice_checks() {
   CHECK(set_isa("auto").empty(), "auto must always be accepted");
   const std::string best = active_isa();
@@ -348,6 +383,7 @@ int main() {
     }
     CHECK(std::string(active_isa()) == isa, "set_isa(%s) runs %s", isa, active_isa());
     run_nonfinite_checks();
+    run_stale_max_checks();
     for (DType d : {DType::F32, DType::BF16, DType::F16})
       for (int64_t vocab : {1, 7, 33, 257, 4097, 9001})
         for (int variant = 0; variant < 4; ++variant) {
