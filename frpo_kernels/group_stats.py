@@ -43,7 +43,7 @@ class GroupStats:
     mean_o: torch.Tensor      # the baseline's mean_i o_i
     log_u: torch.Tensor       # log u_g
     top: torch.Tensor         # max_i log s_i
-    top_count: torch.Tensor   # rows within TOP_TOLERANCE of it
+    top_count: torch.Tensor   # rows within _tolerance(top) of it
     log_sum: torch.Tensor     # log sum_i s_i
     log_rest: torch.Tensor    # log sum_{i != top row} s_i
     inv_loo: torch.Tensor     # log sum_i 1 / u_{g,-i}

@@ -1,5 +1,14 @@
-"""Shared test inputs: small random batches with masks, old/ref log-probs and rewards."""
+"""Shared test inputs (small random batches with masks, old/ref log-probs and rewards) and the rule
+for which process runs which kernel backend."""
+import os
+
+import pytest
 import torch
+
+from frpo_kernels import backends
+
+# Set when this process is a rerun under Triton's interpreter (Triton reads it at import).
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def make_batch(batch=6, length=5, vocab=7, group_size=3, dtype=torch.float64, seed=0,
@@ -21,3 +30,25 @@ def make_batch(batch=6, length=5, vocab=7, group_size=3, dtype=torch.float64, se
         "rewards": torch.randint(0, 3, (batch,), generator=gen).to(torch.float64),
         "group_size": group_size,
     }
+
+
+def require_cpu_kernels():
+    """Skips, saying why, where the C++ extension is not built; in CI (CI set) it must be: fails."""
+    try:
+        backends.resolve("cpu", torch.zeros(1, 1, 2))
+    except ValueError as exc:
+        if os.environ.get("CI"):
+            pytest.fail(f"cpu kernel backend must be built in CI: {exc}")
+        pytest.skip(f"cpu kernel backend not built: {exc}")
+
+
+def use_backend(backend):
+    """Skips where this process does not run `backend`: triton only in the interpreter rerun (the
+    file's test_triton_cases_under_interpreter starts it), torch and cpu only in the main process."""
+    if backend == "triton" and not INTERPRETED:
+        pytest.skip("runs in test_triton_cases_under_interpreter's subprocess (TRITON_INTERPRET=1)")
+    if backend != "triton" and INTERPRETED:
+        pytest.skip(f"the {backend} cases run in the main process")
+    if backend == "cpu":
+        require_cpu_kernels()
+    return backend

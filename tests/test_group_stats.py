@@ -11,7 +11,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import frpo_kernels
-from frpo_kernels import backends
+from helpers import require_cpu_kernels
 
 
 def make(batch, length, vocab, seed, dtype=torch.float64):
@@ -127,19 +127,10 @@ def test_options_must_match_the_statistics():
         frpo_kernels.group_stats(mask, rewards=rewards, group_size=2, old_logps=torch.zeros(4, 3))
 
 
-def _cpu_or_skip():
-    try:
-        backends.resolve("cpu", torch.zeros(1, 1, 2))
-    except ValueError as exc:
-        if os.environ.get("CI"):
-            pytest.fail(f"cpu kernel backend must be built in CI: {exc}")
-        pytest.skip(f"cpu kernel backend not built: {exc}")
-
-
 @pytest.mark.parametrize("with_old", [False, True], ids=["fused", "two_pass"])
 @pytest.mark.parametrize("lam", [1.0, 1e-3])
 def test_cpu_kernels_fp32(with_old, lam):
-    _cpu_or_skip()
+    require_cpu_kernels()
     logits, ids, mask, old, ref, rewards = make(8, 6, 301, seed=4, dtype=torch.float32)
     mask[3] = 0
     whole, got = whole_and_parts(logits, ids, mask, [[0, 5], [1, 2, 7], [3, 4, 6]], with_old=with_old,

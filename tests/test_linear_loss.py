@@ -16,9 +16,8 @@ import pytest
 import torch
 
 import frpo_kernels
-from frpo_kernels import backends
+from helpers import INTERPRETED, use_backend
 
-INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 B, T, H, V = 6, 4, 8, 37
 
 
@@ -115,27 +114,12 @@ def test_triton_cases_under_interpreter():
     assert "skipped" not in proc.stdout.splitlines()[-1], proc.stdout[-2000:]
 
 
-def use(backend):
-    if backend == "triton" and not INTERPRETED:
-        pytest.skip("runs in test_triton_cases_under_interpreter's subprocess (TRITON_INTERPRET=1)")
-    if backend == "cpu":
-        if INTERPRETED:
-            pytest.skip("the cpu cases run in the main process")
-        try:
-            backends.resolve("cpu", torch.zeros(1, 1, 2))
-        except ValueError as exc:
-            if os.environ.get("CI"):
-                pytest.fail(f"cpu kernel backend must be built in CI: {exc}")
-            pytest.skip(f"cpu kernel backend not built: {exc}")
-    return backend
-
-
 @pytest.mark.parametrize("backend", ["cpu", "triton"])
 @pytest.mark.parametrize("dtype,rtol", [(torch.float32, 2e-5), (torch.bfloat16, 2e-2)], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("with_old", [False, True], ids=["fused", "two_pass"])
 @pytest.mark.parametrize("head", ["trainable", "frozen"])
 def test_kernel_backends_match_float64(backend, dtype, rtol, with_old, head):
-    backend = use(backend)
+    backend = use_backend(backend)
     hidden, weight, bias, ids, mask, old, ref, rewards = batch(seed=3)
     kwargs = dict(ids=ids, mask=mask, rewards=rewards, group_size=3, beta=0.1, ref_logps=ref,
                   old_logps=old if with_old else None, lam=0.5)

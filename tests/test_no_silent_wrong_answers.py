@@ -14,10 +14,9 @@ import pytest
 import torch
 
 import frpo_kernels
-from frpo_kernels import backends
+from helpers import INTERPRETED, use_backend
 from spec_loss import spec_loss
 
-INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 KERNEL_BACKENDS = ["cpu", "triton"]
 ALL_BACKENDS = ["torch"] + KERNEL_BACKENDS
 B, T, V = 4, 5, 11
@@ -34,24 +33,6 @@ def test_triton_cases_under_interpreter():
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-8000:] + proc.stderr[-4000:]
     assert " passed" in proc.stdout and " skipped" not in proc.stdout.splitlines()[-1], proc.stdout[-2000:]
-
-
-def use(backend):
-    """Skips (with the reason) where this process cannot run `backend`; the cpu backend must exist in CI."""
-    if backend == "triton" and not INTERPRETED:
-        pytest.skip("runs in test_triton_cases_under_interpreter's subprocess (TRITON_INTERPRET=1)")
-    if backend == "torch" and INTERPRETED:
-        pytest.skip("the torch cases run in the main process")
-    if backend == "cpu":
-        if INTERPRETED:
-            pytest.skip("the cpu cases run in the main process")
-        try:
-            backends.resolve("cpu", torch.zeros(1, 1, 2))
-        except ValueError as exc:
-            if os.environ.get("CI"):
-                pytest.fail(f"cpu kernel backend must be built in CI: {exc}")
-            pytest.skip(f"cpu kernel backend not built: {exc}")
-    return backend
 
 
 def probe_batch(dtype=torch.float32, seed=0):
@@ -91,7 +72,7 @@ def assert_close(actual, expected, rtol, atol):
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 @pytest.mark.parametrize("with_old", [False, True], ids=["fused", "two_pass"])
 def test_nan_logit_propagates(backend, with_old):
-    backend = use(backend)
+    backend = use_backend(backend)
     logits, ids, mask, rewards, old, _ = probe_batch()
     col = (int(ids[2, 1]) + 3) % V  # a non-target entry of an unmasked row
     logits[2, 1, col] = float("nan")
@@ -106,7 +87,7 @@ def test_nan_logit_propagates(backend, with_old):
 @pytest.mark.parametrize("pad", [float("-inf"), float("nan"), float("inf")])
 @pytest.mark.parametrize("loss_type", ["frpo", "grpo"])
 def test_padded_old_and_ref_are_not_read(backend, pad, loss_type):
-    backend = use(backend)
+    backend = use_backend(backend)
     logits, ids, mask, rewards, old, ref = probe_batch()
     kwargs = dict(rewards=rewards, group_size=2, loss_type=loss_type, beta=0.1, backend=backend)
     for with_old in (False, True):
@@ -122,7 +103,7 @@ def test_padded_old_and_ref_are_not_read(backend, pad, loss_type):
 # 3. TRL's scale_rewards strings with TRL's meaning.
 @pytest.mark.parametrize("mode", ["group", "batch", "none", True, False])
 def test_scale_rewards_strings_match_trl_meaning(mode):
-    use("torch")
+    use_backend("torch")
     logits, ids, mask, _, old, _ = probe_batch(torch.float64)
     rewards = torch.tensor([3.0, 0.5, -1.0, 2.0], dtype=torch.float64)
     for loss_type in ("frpo", "grpo"):
@@ -142,7 +123,7 @@ def test_scale_rewards_strings_match_trl_meaning(mode):
 
 @pytest.mark.parametrize("bad", ["Group", "std", 1, None, "true"])
 def test_unknown_scale_rewards_names_the_argument(bad):
-    use("torch")
+    use_backend("torch")
     logits, ids, mask, rewards, _, _ = probe_batch()
     with pytest.raises(ValueError, match="scale_rewards"):
         frpo_kernels.loss(logits, ids, mask, rewards=rewards, group_size=2, scale_rewards=bad, backend="torch")
@@ -154,7 +135,7 @@ def test_unknown_scale_rewards_names_the_argument(bad):
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("with_old", [False, True], ids=["fused", "two_pass"])
 def test_overwrite_of_saved_logits_is_refused_by_autograd(backend, with_old):
-    backend = use(backend)
+    backend = use_backend(backend)
     logits, ids, mask, rewards, old, _ = probe_batch()
     h = (logits / 4).requires_grad_(True)
     value = frpo_kernels.loss(torch.exp(h), ids, mask, rewards=rewards, group_size=2, backend=backend,
@@ -165,7 +146,7 @@ def test_overwrite_of_saved_logits_is_refused_by_autograd(backend, with_old):
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_overwrite_of_unsaved_logits_still_gives_the_gradient(backend):
-    backend = use(backend)
+    backend = use_backend(backend)
     logits, ids, mask, rewards, old, _ = probe_batch()
     h = logits.clone().requires_grad_(True)
     want = value_and_grad(h.detach(), ids, mask, rewards=rewards, group_size=2, backend="torch",
@@ -179,7 +160,7 @@ def test_overwrite_of_unsaved_logits_still_gives_the_gradient(backend):
 # 5. Two-pass with overwrite_logits: a second backward through the graph is a clear error.
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_second_backward_after_overwrite_is_refused(backend):
-    backend = use(backend)
+    backend = use_backend(backend)
     logits, ids, mask, rewards, old, _ = probe_batch()
     z = logits.clone().requires_grad_(True)
     value = frpo_kernels.loss(z * 1.0, ids, mask, rewards=rewards, group_size=2, backend=backend,
@@ -193,7 +174,7 @@ def test_second_backward_after_overwrite_is_refused(backend):
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 @pytest.mark.parametrize("with_old", [False, True], ids=["fused", "two_pass"])
 def test_double_backward(backend, with_old):
-    backend = use(backend)
+    backend = use_backend(backend)
     logits, ids, mask, rewards, old, _ = probe_batch(torch.float64 if backend == "torch" else torch.float32)
     kwargs = dict(rewards=rewards, group_size=2, old_logps=old if with_old else None)
     vector = torch.randn(B, T, V, generator=torch.Generator().manual_seed(3), dtype=logits.dtype)
@@ -224,7 +205,7 @@ def test_double_backward(backend, with_old):
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 @pytest.mark.parametrize("with_old", [False, True], ids=["fused", "two_pass"])
 def test_int32_ids(backend, with_old):
-    backend = use(backend)
+    backend = use_backend(backend)
     logits, ids, mask, rewards, old, _ = probe_batch()
     kwargs = dict(rewards=rewards, group_size=2, backend=backend, old_logps=old.float() if with_old else None)
     want = value_and_grad(logits, ids, mask, **kwargs)
@@ -242,7 +223,7 @@ def test_int32_ids(backend, with_old):
                                                       ("dapo", 2.0, 0.0)])
 @pytest.mark.parametrize("level", ["token", "sequence"])
 def test_overflowing_ratio_gives_the_float64_gradient(backend, loss_type, delta, reward, level):
-    backend = use(backend)
+    backend = use_backend(backend)
     logits, ids, mask, rewards, old, _ = probe_batch()
     rewards[0] = reward  # row 0's advantage: negative (capped by delta) or positive (clipped)
     old[0, 2] -= 89.0 * (T if level == "sequence" else 1)
@@ -267,7 +248,7 @@ EMPTY_ROW_CASES = {
 @pytest.mark.parametrize("case", list(EMPTY_ROW_CASES))
 @pytest.mark.parametrize("with_old", [False, True], ids=["fused", "two_pass"])
 def test_rows_without_tokens_are_left_out_of_frpo_groups(backend, case, with_old):
-    backend = use(backend)
+    backend = use_backend(backend)
     gen = torch.Generator().manual_seed(5)
     logits = torch.randn(8, T, V, generator=gen)
     ids = torch.randint(0, V, (8, T), generator=gen)
@@ -300,7 +281,7 @@ def test_rows_without_tokens_are_left_out_of_frpo_groups(backend, case, with_old
 def test_empty_row_rule_in_closed_form():
     """Group of 4 with rows 1-3 empty, on-policy, no baseline, no KL: the group term is log(w_0) =
     -A_0 / lam (one row left: no jackknife term); the other group is the usual jackknife."""
-    use("torch")
+    use_backend("torch")
     logits = torch.randn(8, 3, 5, dtype=torch.float64)
     ids = torch.zeros(8, 3, dtype=torch.long)
     mask = torch.ones(8, 3, dtype=torch.float64)
@@ -321,7 +302,7 @@ def test_empty_row_rule_in_closed_form():
 @pytest.mark.parametrize("with_old", [False, True], ids=["fused", "two_pass"])
 @pytest.mark.parametrize("jackknife", [True, False])
 def test_small_lam_is_finite_and_matches_float64(backend, lam, scale, with_old, jackknife):
-    backend = use(backend)
+    backend = use_backend(backend)
     logits, ids, mask, _, old, ref = probe_batch(seed=7)
     logits, ids, mask = logits.repeat(2, 1, 1), ids.repeat(2, 1), mask.repeat(2, 1)
     old, ref = old.repeat(2, 1), ref.repeat(2, 1)
@@ -340,7 +321,7 @@ def test_small_lam_is_finite_and_matches_float64(backend, lam, scale, with_old, 
 
 # Messages the probe met.
 def test_messages_name_the_argument_and_say_it_once():
-    use("torch")
+    use_backend("torch")
     logits, ids, mask, rewards, _, ref = probe_batch()
     kwargs = dict(rewards=rewards, group_size=2, backend="torch")
     with pytest.raises(ValueError) as err:
@@ -359,7 +340,7 @@ def test_messages_name_the_argument_and_say_it_once():
 
 def test_numpy_scalars_are_numbers():
     np = pytest.importorskip("numpy")
-    use("torch")
+    use_backend("torch")
     logits, ids, mask, rewards, _, ref = probe_batch(torch.float64)
     want = frpo_kernels.loss(logits, ids, mask, rewards=rewards, group_size=2, lam=0.5, beta=0.1, ref_logps=ref,
                              backend="torch")

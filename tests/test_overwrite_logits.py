@@ -1,26 +1,14 @@
 """loss(..., overwrite_logits=True): same value and gradient, written into the logits' storage."""
-import os
-
 import pytest
 import torch
 
 import frpo_kernels
-from frpo_kernels import backends
-from helpers import make_batch
-
-
-def _cpu_or_skip():
-    try:
-        backends.resolve("cpu", torch.zeros(1, 1, 2))
-    except ValueError as exc:
-        if os.environ.get("CI"):
-            pytest.fail(f"cpu kernel backend must be built in CI: {exc}")
-        pytest.skip(f"cpu kernel backend not built: {exc}")
+from helpers import make_batch, require_cpu_kernels
 
 
 @pytest.mark.parametrize("with_old", [False, True], ids=["fused", "two_pass"])
 def test_overwrite_matches_allocating_path_and_reuses_storage(with_old):
-    _cpu_or_skip()
+    require_cpu_kernels()
     data = make_batch(batch=6, length=5, vocab=301, group_size=3, dtype=torch.float32, seed=1)
     kwargs = dict(rewards=data["rewards"].float(), group_size=3, ref_logps=data["ref"].float(), beta=0.1,
                   old_logps=data["old"].float() if with_old else None, backend="cpu")
@@ -40,7 +28,7 @@ def test_overwrite_matches_allocating_path_and_reuses_storage(with_old):
 @pytest.mark.parametrize("with_old", [False, True], ids=["fused", "two_pass"])
 def test_logits_with_non_unit_vocab_stride_match_torch(with_old):
     """The kernels need unit-stride rows; loss() copies such logits and the gradient still flows."""
-    _cpu_or_skip()
+    require_cpu_kernels()
     data = make_batch(batch=4, length=3, vocab=50, group_size=2, dtype=torch.float32, seed=2)
     strided = torch.stack([data["logits"], data["logits"]], dim=-1)[..., 0]  # stride(-1) == 2
     assert strided.stride(-1) != 1
