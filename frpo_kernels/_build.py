@@ -23,8 +23,11 @@ INCLUDE_DIRS = ("csrc",)
 # -fno-trapping-math: nothing here reads the FP exception flags; without it GCC 12 will not turn the
 # exp argument's clamp (a float compare and select) into vector code, and the portable loops stay
 # scalar. NaN and inf are still honoured (this is not -ffinite-math-only).
-CXX_FLAGS = ("-O3", "-std=c++17", "-fno-math-errno", "-fno-trapping-math", "-fopenmp-simd", "-Wall", "-Wextra",
+CXX_FLAGS = ("-O3", "-fno-math-errno", "-fno-trapping-math", "-fopenmp-simd", "-Wall", "-Wextra",
              "-Wno-unused-parameter")
+# The language standard of the torch-free builds (CMake, the aarch64 cross build). The extension takes
+# torch's own (-std=c++20 for torch 2.13's headers; forcing c++17 there made them warn).
+CORE_STD_FLAGS = ("-std=c++17",)
 # torch's ATen parallel backend is OpenMP and at::parallel_for is inlined into ops.cpp, so the extension
 # is compiled and linked with it; the core itself has no OpenMP (callers split rows across threads).
 OPENMP_FLAGS = ("-fopenmp",)
@@ -33,6 +36,6 @@ OPENMP_FLAGS = ("-fopenmp",)
 if __name__ == "__main__":
     if sys.argv[1:] != ["cmake"]:
         sys.exit("usage: python frpo_kernels/_build.py cmake")
-    for name in ("CORE_SOURCES", "EXTENSION_SOURCES", "INCLUDE_DIRS", "CXX_FLAGS", "OPENMP_FLAGS"):
+    for name in ("CORE_SOURCES", "EXTENSION_SOURCES", "INCLUDE_DIRS", "CXX_FLAGS", "CORE_STD_FLAGS", "OPENMP_FLAGS"):
         for value in globals()[name]:  # one "FRPO_<NAME> <item>" line per list item
             print(f"FRPO_{name} {value}")

@@ -33,7 +33,8 @@ def _run(cmd, timeout=600):
 
 
 def _flags():
-    return list(_build.CXX_FLAGS) + [f"-I{os.path.join(ROOT, d, 'core')}" for d in _build.INCLUDE_DIRS]
+    return (list(_build.CXX_FLAGS + _build.CORE_STD_FLAGS)
+            + [f"-I{os.path.join(ROOT, d, 'core')}" for d in _build.INCLUDE_DIRS])
 
 
 @pytest.fixture(scope="module")
