@@ -118,9 +118,9 @@ inline float exp_poly_nofma(float x) {
   return p * bits_float(float_bits(t) << 23);
 }
 
-// Elements per max/sum-exp chunk: the max sweep brings the chunk into L1 and the exp sweep reuses it.
-// While one chunk is summed the next one is prefetched, so two chunks must fit in L1 (32 KiB): 2048
-// fp32 (8 KiB); 2048..8192 measured within noise of each other, 1024 slower (csrc/bench/README.md).
+// Elements per sum-exp chunk (one chunk max, one kept-exp scale factor each). While one chunk is summed
+// the next one is prefetched, so two chunks must fit in L1 (32 KiB): 2048 fp32 (8 KiB); 2048..8192
+// measured within noise of each other, 1024 slower (csrc/bench/README.md, when every chunk had a max sweep).
 constexpr int64_t kChunk = 2048;
 // Backward-only sweeps (nothing of the row is cached) prefetch this many elements ahead.
 constexpr int64_t kBwdPrefetch = 2048;
@@ -343,7 +343,7 @@ void fused_rows_t(const LogitsView& L, const TokenInputs& tok, const FusedIn& in
     const float inv_t = tok.inv_temperature;
     const int64_t id = tok.ids[r];
     const float xid = E::load(x + id);  // before the (possibly in-place) writes
-    // the next row's first chunk is prefetched by this row's last chunk (see kBwdPrefetch)
+    // the next row's first chunk is prefetched by this row's last chunk (see the note under kBwdPrefetch)
     const int64_t next = r + 1 < r1 ? row_offset(r + 1, L.length, L.stride_b, L.stride_t) - (x - base) : 0;
     const RowStats st = Row<Ops, E>::forward(x, L.vocab, id, inv_t, out.entropy != nullptr, next, e, chunk_m);
     out.logp[r] = st.logp;
