@@ -124,10 +124,10 @@ FRPO_AVX2_INLINE void prefetch(const T* p) {
   _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T0);
 }
 
-// Arguments are x/T - m (chunk max) or x/T - lse, so at most a rounding error above 0: only the low
-// clamp is needed (-inf logits and NaN-free underflow to exactly 0; an upper clamp cost 3-5%). maxps
-// returns its second operand when either is NaN, so the argument goes second: a NaN logit stays NaN
-// (torch's NaN propagation).
+// Gradient arguments are x/T - lse, at most a rounding error above 0: only the low clamp is needed
+// (-inf logits and NaN-free underflow to exactly 0; an upper clamp there cost 3-5%). maxps returns its
+// second operand when either is NaN, so the argument goes second: a NaN logit stays NaN (torch's NaN
+// propagation).
 FRPO_AVX2_INLINE __m256 clamp8(__m256 d) { return _mm256_max_ps(_mm256_set1_ps(kExpLo), d); }
 // The sums' arguments are against a running max that may be below the chunk's (Row::forward): clamped
 // above too, so every exp is finite (minps also returns its second operand for NaN).
