@@ -92,7 +92,13 @@ def write_report(rows):
     """bench/results.md (the table) and bench/results.png (time / floor per case and impl)."""
     RESULTS = rows
     floors = best_floors(rows)
-    with open(os.path.join(HERE, "results.md"), "w") as f:
+    path = os.path.join(HERE, "results.md")
+    # the grid is the file's head; the "## " sections after it come from other benchmarks: keep them
+    later = ""
+    if os.path.exists(path):
+        text = open(path).read()
+        later = text[text.index("\n## "):] if "\n## " in text else ""
+    with open(path, "w") as f:
         f.write(f"FRPO_BENCH_FULL=1 python -m pytest bench -q -s  ({torch.get_num_threads()} threads, torch "
                 f"{torch.__version__}); best of {rounds('cpu')} rounds for cpu rows, {rounds('torch_eager')} "
                 f"for the peers\n\nfloor = bytes moved / copy bandwidth (forward: 0.5 copy, fused: 1, two-phase: 1.5),"
@@ -100,7 +106,7 @@ def write_report(rows):
                 f"shared 2-core VM the copy of 2048x49152 fp32 took 34-68 ms across sessions (other jobs' load), "
                 f"so a row's ratio depends on how quiet the machine was when its copy was timed; "
                 f"csrc/bench/bench_core reports the core against memcpy side by side."
-                f"\n\n```\n{ratio_table(RESULTS)}\n```\n")
+                f"\n\n```\n{ratio_table(RESULTS)}\n```\n" + later)
     try:
         import matplotlib
         matplotlib.use("Agg")
