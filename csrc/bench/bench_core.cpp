@@ -3,7 +3,9 @@
 // them in turn, the copy included (interleaved, so slow phases of a shared machine hit every kernel
 // alike); the best round of each is reported.
 // Floors in units of one copy (read + write of the logits): forward 0.5 (read once), fused 1.0 (read
-// once + write once), two-phase forward + backward 1.5 (read twice + write once).
+// once + write once), two-phase forward + backward 1.5 (read twice + write once). Also timed: a
+// read-only sweep (a vectorised sum of the logits' bytes, no other work), the speed reading alone
+// reaches here, next to the forward (on the 2-core VM this was written on it took 1.35-1.45x half a copy).
 // Usage: [FRPO_CPU_ISA=auto|avx512|avx2|portable] bench_core [rows] [vocab] [f32|bf16|f16] [stream 0/1] [rounds]
 #include <omp.h>
 
@@ -20,6 +22,19 @@
 #include "../core/logprob_kernels.h"
 
 using namespace frpo;
+
+// The read-only sweep: integer sums of n 8-byte words into 8 independent lanes (1-cycle adds, so the
+// loads, not an add chain, set the pace; vectorised at -O3).
+static uint64_t read_sweep(const uint64_t* x, int64_t n) {
+  uint64_t lane[8] = {};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    for (int j = 0; j < 8; ++j) lane[j] += x[i + j];
+  uint64_t s = 0;
+  for (; i < n; ++i) s += x[i];
+  for (int j = 0; j < 8; ++j) s += lane[j];
+  return s;
+}
 
 template <class F>
 static double seconds(F f) {
@@ -92,9 +107,20 @@ int main(int argc, char** argv) {
   LogitsView Li = L;  // in place: the gradient overwrites a copy of the logits (refreshed, untimed, first)
   Li.data = g;
   GradView Gi{g, rows * vocab, vocab, false};
-  double tc = 1e30, tf = 1e30, tfu = 1e30, tb = 1e30, tip = 1e30;
+  double tc = 1e30, tf = 1e30, tfu = 1e30, tb = 1e30, tip = 1e30, tr = 1e30;
+  volatile uint64_t sink = 0;
   for (int i = 0; i < reps; ++i) {
     tc = std::min(tc, seconds(copy));
+    tr = std::min(tr, seconds([&] {
+      uint64_t total = 0;
+#pragma omp parallel reduction(+ : total)
+      {
+        const int nt = omp_get_num_threads(), t = omp_get_thread_num();
+        const int64_t words = int64_t(bytes / 8), w0 = words * t / nt, w1 = words * (t + 1) / nt;
+        total += read_sweep(reinterpret_cast<const uint64_t*>(x) + w0, w1 - w0);
+      }
+      sink = total;
+    }));
     tf = std::min(tf, seconds([&] { par([&](int64_t r0, int64_t r1) { forward_rows(L, tok, fo, r0, r1); }); }));
     tfu = std::min(tfu, seconds([&] { par([&](int64_t r0, int64_t r1) { fused_rows(L, tok, FusedIn{coef.data(), nullptr, nullptr}, fo, G, r0, r1); }); }));
     tb = std::min(tb, seconds([&] { par([&](int64_t r0, int64_t r1) { backward_rows(L, tok, BackwardIn{lse.data(), coef.data(), nullptr, nullptr}, G, r0, r1); }); }));
@@ -107,8 +133,10 @@ int main(int argc, char** argv) {
               2 * bytes / tc / 1e9, tf * 1e3, tf / (0.5 * tc), tfu * 1e3, tfu / tc, tip * 1e3, tip / tc,
               (tf + tb) * 1e3, (tf + tb) / (1.5 * tc), tb * 1e3);
   const double ns = 1e9 / double(n);  // per logit, all threads together
-  std::printf("  ns/logit: copy %.3f  fwd %.3f  fused %.3f  fused_inplace %.3f  bwd %.3f\n", tc * ns, tf * ns, tfu * ns,
-              tip * ns, tb * ns);
+  std::printf("  ns/logit: copy %.3f  fwd %.3f  fused %.3f  fused_inplace %.3f  bwd %.3f  read %.3f\n", tc * ns, tf * ns,
+              tfu * ns, tip * ns, tb * ns, tr * ns);
+  std::printf("  read-only sweep %.3f ms (%.1f GB/s) = %.2fx half a copy; forward / read-only sweep %.2fx\n", tr * 1e3,
+              bytes / tr / 1e9, tr / (0.5 * tc), tf / tr);
   std::printf("  cpu: %s\n", cpu_model().c_str());
   std::free(x);
   std::free(g);

@@ -6,7 +6,8 @@ round by round, keeping each kernel's fastest time: comparisons on a shared, noi
                                                  "FRPO_CPU_ISA=portable build/cmake/bench_core"
 
 Prints, per binary, the best ns/logit of each kernel over the rounds and time / floor computed from those
-minima (floor: the best memcpy of the same binary's rounds; forward 0.5 copy, fused 1, fwd + bwd 1.5).
+minima (floor: the best memcpy of the same binary's rounds; forward 0.5 copy, fused 1, fwd + bwd 1.5),
+and the read-only sweep against half a copy and the forward against the read-only sweep.
 """
 import os
 import re
@@ -39,6 +40,9 @@ def main():
         b = best[c]
         ratios = {k: b[k] / (f * b["copy"]) for k, f in FLOORS.items()}
         ratios["fwd+bwd"] = (b["fwd"] + b["bwd"]) / (1.5 * b["copy"])
+        if "read" in b:  # bench_core's read-only sweep: what reading alone reaches, next to the forward
+            ratios["read"] = b["read"] / (0.5 * b["copy"])
+            ratios["fwd/read"] = b["fwd"] / b["read"]
         print(f"{c}\n  ns/logit " + " ".join(f"{k} {v:.3f}" for k, v in b.items())
               + "\n  x floor  " + " ".join(f"{k} {v:.2f}" for k, v in ratios.items()))
 
