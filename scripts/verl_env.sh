@@ -40,9 +40,9 @@ pip=("$venv/bin/python" -m pip install -q --disable-pip-version-check --no-compi
 cfile=$(mktemp)
 trap 'rm -f "$cfile"' EXIT
 tr ' ' '\n' <<<"$pins $constraints" >"$cfile"
-"${pip[@]}" --no-deps "$verl_spec"
 # shellcheck disable=SC2086
 "${pip[@]}" -c "$cfile" $pins
+"${pip[@]}" --no-deps "$verl_spec"
 PYTHONPATH=. "$venv/bin/python" -c "import verl.trainer.ppo.core_algos, frpo_kernels.integrations.verl"
 echo "$want" >"$stamp"
 echo "verl venv $venv: built in $(($(date +%s) - start)) s ($verl_spec)"
