@@ -68,7 +68,7 @@ class GroupStats:
     def frpo_share(self, log_s, log_o, valid, index):
         """This micro-batch's share of mean_g J_g (- the baseline): exact value share, exact gradient."""
         dtype = log_s.dtype
-        kappa_s = self._kappa_times_s(log_s.detach().double(), index).to(dtype)
+        kappa_s = self.kappa_times_s(log_s.detach().double(), index).to(dtype)
         n = self.n[index].clamp_min(1)
         share = self.terms[index] / n
         term = torch.where(valid, share.to(dtype) + kappa_s * (log_s - log_s.detach()), torch.zeros_like(log_s))
@@ -78,7 +78,7 @@ class GroupStats:
             term = term - torch.where(valid, base.to(dtype) + (o - o.detach()) / n.to(dtype), torch.zeros_like(o))
         return term.sum() / max(self.num_nonempty, 1)
 
-    def _kappa_times_s(self, log_s, g):
+    def kappa_times_s(self, log_s, g):
         """dJ_g / dlog s_j = kappa_j s_j for each row (float64)."""
         n = self.n[g]
         own_u = torch.exp(log_s - self.log_u[g])  # s_j / u_g; d log u_g / d log s_j = s_j / (n u_g)

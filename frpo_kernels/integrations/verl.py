@@ -137,7 +137,7 @@ def frpo_row_coefficients(response_mask, rewards, group_ids, *, lam=1.0, jackkni
     index = stats.index_of(group_ids)
     valid = mask.sum(-1) > 0
     log_s = -stats.advantages(rewards, index) / lam  # on-policy: o_j = 1, so s_j = w_j
-    kappa_w = stats._kappa_times_s(log_s, index)      # kappa_j * s_j = kappa_j * w_j
+    kappa_w = stats.kappa_times_s(log_s, index)      # kappa_j * s_j = kappa_j * w_j
     coefficient = kappa_w - (1 / stats.n[index].clamp_min(1) if baseline else 0)
     scale = max(lam, 1.0) / max(stats.num_nonempty, 1)
     return torch.where(valid, coefficient * scale, torch.zeros_like(coefficient))
