@@ -45,7 +45,7 @@ def resolve(backend: str, logits: torch.Tensor) -> str:
         if not ok:
             if wanted not in _warned_fallback:
                 _warned_fallback.add(wanted)
-                warnings.warn(f"frpo_kernels: {wanted} kernels unavailable ({why}); using the slower "
+                warnings.warn(f"frpo_kernels: {wanted} kernels not used ({why}); using the "
                               "torch reference", RuntimeWarning, stacklevel=3)
             return "torch"
         return wanted
