@@ -76,11 +76,16 @@ def tile_rows(vocab: int, hidden_size: int, dtype: torch.dtype, device: torch.de
 #     rows         64     128    256    512    768
 #     frozen head  4.44   3.43   3.12   3.11   2.96 s   (its GEMMs alone at 512: 3.25 s)
 #     trainable    5.72   5.00   5.11   4.18   4.83 s   (its GEMMs alone at 512: 4.38 s)
-#   N=4096, H=64, V=32768 fp32 (W 8 MB stays in L3), min of 5:
+#   the same on 2 threads, wall clock, once the machine was quiet (min of 3):
+#     rows         128    256    512    768    1536
+#     frozen head  2.59   1.97   1.87   1.84   1.48 s
+#     trainable    3.36   2.83   2.70   2.59   2.83 s
+#   N=4096, H=64, V=32768 fp32 (W 8 MB stays in L3), 1 thread, CPU time, min of 5:
 #     rows         32     64     128    256    512    1024
 #     frozen head  1.30   1.11   1.00   1.03   1.02   1.07 s
 #     trainable    1.73   1.54   1.49   1.53   1.69   1.66 s
-# So: 512 rows when W streams (N=4096, H=576, V=49152: a 96 MiB workspace), capped at 128 MiB of
+# So: 512 rows when W streams (N=4096, H=576, V=49152: a 96 MiB workspace; 256 to 1536 rows are
+# within the machine's noise of each other, 128 and fewer are 10-35% slower), capped at 128 MiB of
 # workspace for huge V (V=151936 fp32: 208 rows; V=262144: 128 rows); when W fits in half the LLC,
 # a workspace of half the LLC (H=64, V=32768: 128 rows, 16 MiB).
 CPU_STREAMING_ROWS = 512
@@ -323,6 +328,7 @@ class LinearTokenLogprobs(torch.autograd.Function):
         return logp, entropy
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, dlogp, dentropy):
         hidden, weight, bias, ids, mask, lse, entropy = ctx.saved_tensors
         want_hidden, want_weight, want_bias = ctx.needs_input_grad[:3]
