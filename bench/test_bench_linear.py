@@ -250,3 +250,18 @@ def test_bench_linear_peak_memory(path):
           f"{row['peak_growth_bytes'] / 2**20:.1f} MiB, above the gradients {extra / 2**20:.1f} MiB "
           f"(workspace {row['workspace_bytes'] / 2**20:.1f} MiB; the logits would be "
           f"{row['logits_bytes'] / 2**20:.0f} MiB)")
+
+
+def test_gpu_check_without_cuda_says_so_and_exits_0():
+    """bench/gpu_check.sh on a machine without CUDA: a one-line notice, exit status 0, no files."""
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available: bench/gpu_check.sh would run the GPU check")
+    before = {name: os.path.getmtime(os.path.join(ROOT, "bench", name))
+              for name in ("results-gpu.md", "results-gpu.json") if os.path.exists(os.path.join(ROOT, "bench", name))}
+    proc = subprocess.run(["bash", os.path.join(ROOT, "bench", "gpu_check.sh")], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "CUDA is not available" in proc.stdout and "skipped" in proc.stdout, proc.stdout
+    after = {name: os.path.getmtime(os.path.join(ROOT, "bench", name))
+             for name in ("results-gpu.md", "results-gpu.json") if os.path.exists(os.path.join(ROOT, "bench", name))}
+    assert before == after
