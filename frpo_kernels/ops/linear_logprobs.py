@@ -259,8 +259,9 @@ class _Sweep:
 
     # -- gradients ---------------------------------------------------------------------------
     def gradient_buffers(self, want_hidden, want_weight, want_bias):
-        """Zeroed gradients: grad_hidden [N, H] in hidden's dtype, grad_weight [V, H] and
-        grad_bias [V] in fp32 when the inputs are bf16/fp16 (summed over tiles), else their dtype."""
+        """The gradients to fill (None where not wanted): grad_hidden [N, H] in hidden's dtype (zero
+        on masked rows, every other row written once), grad_weight [V, H] and grad_bias [V] zeroed
+        accumulators, fp32 when the inputs are bf16/fp16 (sums over tiles), else the GEMMs' dtype."""
         acc = torch.float32 if self.compute in _LOW_PRECISION or self.hidden.dtype in _LOW_PRECISION \
             else self.compute
         make_hidden = torch.empty if self.index is None else torch.zeros
