@@ -61,7 +61,7 @@ def linear_loss(hidden, weight, completion_ids, completion_mask=None, *, bias=No
 @dataclass
 class _Batch:
     """The objective's O(B*T) inputs over the global batch (every rank's rows; one process: its own)."""
-    mask: torch.Tensor        # [B, T] float (float64 for float64 inputs)
+    mask: torch.Tensor        # [B, T] float64 (the objective runs in float64)
     row_mask: torch.Tensor    # this rank's rows, bool: which rows the kernels compute
     advantages: torch.Tensor  # [B]
     groups: Groups
