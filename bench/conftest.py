@@ -10,6 +10,8 @@ import time
 import pytest
 import torch
 
+from proc_status import status_kib
+
 FULL = os.environ.get("FRPO_BENCH_FULL", "0") not in ("", "0")
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = []
@@ -45,14 +47,6 @@ def copy_seconds(logits, repeats=3):
     return best
 
 
-def _status_kib(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise KeyError(field)
-
-
 def peak_rss_delta_bytes(fn):
     """Peak resident memory during fn() above the RSS before it, in bytes (Linux: resets VmHWM through
     /proc/self/clear_refs, then reads it back); None where that is not possible. Counts every byte the
@@ -62,9 +56,9 @@ def peak_rss_delta_bytes(fn):
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
-        before = _status_kib("VmRSS")
+        before = status_kib("VmRSS")
         out = fn()
-        peak = _status_kib("VmHWM")
+        peak = status_kib("VmHWM")
         del out
         return max(0, peak - before) * 1024
     except (OSError, KeyError):

@@ -39,15 +39,9 @@ import threading
 import time
 import warnings
 
+from proc_status import status_kib
+
 PAGE_KIB = os.sysconf("SC_PAGE_SIZE") // 1024
-
-
-def _status_kib(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise KeyError(field)
 
 
 def _cpu_s():
@@ -68,7 +62,7 @@ class PeakRss:
         try:
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")
-            _status_kib("VmHWM")
+            status_kib("VmHWM")
             self.method = "VmHWM"
         except (OSError, KeyError):
             self.method = "statm-1ms"
@@ -87,7 +81,7 @@ class PeakRss:
     def peak_kib(self):
         """Peak RSS since the last reset (including now)."""
         if self.method == "VmHWM":
-            return _status_kib("VmHWM")
+            return status_kib("VmHWM")
         with self._lock:
             return max(self._max, _rss_kib())
 
