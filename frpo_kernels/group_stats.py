@@ -21,8 +21,8 @@ import torch
 from frpo_kernels import checks
 from frpo_kernels.config import LossConfig
 from frpo_kernels.distributed import BatchSpan
-from frpo_kernels.groups import (Groups, advantages_from_rewards, group_logsumexp, leave_one_out_log_means,
-                                 make_groups, scale_rewards_mode)
+from frpo_kernels.groups import (Groups, advantages_from_rewards, group_log_terms, group_logsumexp, make_groups,
+                                 scale_rewards_mode)
 from frpo_kernels.objective import BatchSize, frpo_log_terms, log_ratios
 
 # Options that must be the same in group_stats() and in the loss that uses the statistics.
@@ -181,13 +181,7 @@ def _frpo_statistics(cfg, mask, advantages, groups, span, logps, old_logps):
     log_ratio = log_ratios(logp, old, mask, cfg, torch.ones_like(mask[:, :1], dtype=torch.bool))
     log_s, log_o, valid = frpo_log_terms(log_ratio, mask, advantages, cfg)
     n = groups.sum(valid.double())
-    log_sum = group_logsumexp(log_s, valid, groups)
-    log_u = log_sum - torch.log(n.clamp_min(1))
-    log_loo, top_row = leave_one_out_log_means(log_s, valid, groups)
-    terms = log_u
-    if cfg.jackknife:
-        mean_log_loo = groups.sum(torch.where(valid, log_loo, torch.zeros_like(log_loo))) / n.clamp_min(1)
-        terms = torch.where(n >= 2, n * log_u - (n - 1) * mean_log_loo, log_u)
+    terms, log_u, log_loo, top_row = group_log_terms(log_s, valid, groups, cfg.jackknife)
     lv = torch.where(valid, log_s, torch.full_like(log_s, float("-inf")))
     top = torch.full((groups.num,), float("-inf"), dtype=lv.dtype, device=lv.device).scatter_reduce(
         0, groups.index, lv, "amax", include_self=True)
@@ -195,8 +189,8 @@ def _frpo_statistics(cfg, mask, advantages, groups, span, logps, old_logps):
     near = valid & (log_s >= groups.broadcast(top - _tolerance(top)))
     o = torch.where(valid, torch.exp(log_o), torch.zeros_like(log_o))
     return dict(
-        n=n, terms=torch.where(n > 0, terms, torch.zeros_like(terms)), mean_o=groups.sum(o) / n.clamp_min(1),
-        log_u=log_u, top=top, top_count=groups.sum(near.double()), log_sum=log_sum,
+        n=n, terms=terms, mean_o=groups.sum(o) / n.clamp_min(1), log_u=log_u, top=top,
+        top_count=groups.sum(near.double()), log_sum=log_u + torch.log(n.clamp_min(1)),
         log_rest=group_logsumexp(log_s, valid & ~top_row, groups),
         inv_loo=group_logsumexp(-log_loo, valid, groups),
         inv_loo_rest=group_logsumexp(-log_loo, valid & ~top_row, groups),

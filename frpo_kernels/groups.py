@@ -65,28 +65,35 @@ def advantages_from_rewards(rewards: torch.Tensor, groups: Groups, scale_rewards
 
 
 def group_log_mean(log_values: torch.Tensor, valid: torch.Tensor, groups: Groups, jackknife: bool):
-    """Mean over non-empty groups of log(mean_{i in g, valid} exp(log_values_i)), optionally jackknifed.
+    """Mean over non-empty groups of log(mean_{i in g, valid} exp(log_values_i)), optionally jackknifed
+    (group_log_terms). A group with no valid row drops out (no group at all: 0).
+    Returns (scalar, log_u [num], -inf for empty groups)."""
+    terms, log_u, _, _ = group_log_terms(log_values, valid, groups, jackknife)
+    return terms.sum() / (groups.sum(valid.to(terms.dtype)) > 0).sum().clamp_min(1), log_u
+
+
+def group_log_terms(log_values: torch.Tensor, valid: torch.Tensor, groups: Groups, jackknife: bool):
+    """Per group, log(mean_{i in g, valid} exp(log_values_i)), optionally jackknifed.
 
     Only rows with valid True count: n_g is the number of valid members. Jackknife per group with
     n_g >= 2: n*log(u) - (n-1) * mean_i log(u_{-i}), u_{-i} the leave-one-out mean; a group with one
-    valid row uses log(u); a group with none drops out of the mean (no group at all: 0). Everything
-    stays in the log domain (FRPO's values exp(-A/lam) overflow for small lam), and each
-    leave-one-out sum is formed from its own members rather than as total - own, which cancels
-    catastrophically when one member dominates. Returns (scalar, log_u [num], -inf for empty groups).
+    valid row uses log(u); a group with none has term 0. Everything stays in the log domain (FRPO's
+    values exp(-A/lam) overflow for small lam), and each leave-one-out sum is formed from its own
+    members rather than as total - own, which cancels catastrophically when one member dominates.
+    Returns (terms [num], log_u [num] (-inf for empty groups), log u_{g,-i} [B] for valid rows,
+    top [B] bool: the row each group's exclusions treat apart).
     """
     n = groups.sum(valid.to(log_values.dtype))
     lv = torch.where(valid, log_values, torch.full_like(log_values, float("-inf")))
     top, shift = _group_max(lv, valid, groups)
     log_u = _log_sum(shift, groups.sum(torch.exp(lv - shift[groups.index])), n > 0) - torch.log(n.clamp_min(1))
+    log_loo = _log_leave_one_out_sums(lv, valid, top, shift, groups) \
+        - torch.log((groups.broadcast(n) - 1).clamp_min(1))
     terms = log_u
     if jackknife:
-        log_loo = _log_leave_one_out_sums(lv, valid, top, shift, groups) \
-            - torch.log((groups.broadcast(n) - 1).clamp_min(1))
         mean_log_loo = groups.sum(torch.where(valid, log_loo, torch.zeros_like(log_loo))) / n.clamp_min(1)
         terms = torch.where(n >= 2, n * log_u - (n - 1) * mean_log_loo, log_u)
-    nonempty = n > 0
-    value = torch.where(nonempty, terms, torch.zeros_like(terms)).sum() / nonempty.sum().clamp_min(1)
-    return value, log_u
+    return torch.where(n > 0, terms, torch.zeros_like(terms)), log_u, log_loo, top
 
 
 def _log_sum(shift, total, ok):
@@ -135,10 +142,3 @@ def group_logsumexp(values: torch.Tensor, include: torch.Tensor, groups: Groups)
     _, shift = _group_max(lv, include, groups)
     return _log_sum(shift, groups.sum(torch.exp(lv - shift[groups.index])), torch.ones_like(shift, dtype=torch.bool))
 
-
-def leave_one_out_log_means(log_values, valid, groups: Groups):
-    """(log u_{g,-i} [B] for valid rows, top [B] bool: the row each group's exclusions treat apart)."""
-    lv = torch.where(valid, log_values, torch.full_like(log_values, float("-inf")))
-    top, shift = _group_max(lv, valid, groups)
-    n = groups.broadcast(groups.sum(valid.to(log_values.dtype)))
-    return _log_leave_one_out_sums(lv, valid, top, shift, groups) - torch.log((n - 1).clamp_min(1)), top
