@@ -14,7 +14,7 @@ IS_LEVELS = ("token", "sequence")
 @dataclass(frozen=True)
 class LossConfig:
     loss_type: str = "frpo"
-    lam: float = 1.0
+    lam: float | str = 1.0     # or "auto": per-group lam from kl_radius (lam_auto.py)
     beta: float = 0.0
     epsilon_low: float = 0.2
     epsilon_high: float = 0.2
@@ -25,6 +25,7 @@ class LossConfig:
     max_completion_length: int | None = None
     scale_rewards: bool | str = False
     temperature: float = 1.0
+    kl_radius: float | None = None
 
     def __post_init__(self):
         if self.loss_type not in LOSS_TYPES:
@@ -32,7 +33,7 @@ class LossConfig:
         if self.importance_sampling_level not in IS_LEVELS:
             raise ValueError(f"importance_sampling_level must be one of {IS_LEVELS}, "
                              f"got {self.importance_sampling_level!r}")
-        checks.check_number("lam", self.lam, lambda x: x > 0, "a finite number > 0")
+        self._check_lam()
         checks.check_number("beta", self.beta, lambda x: True, "a finite number")
         checks.check_number("epsilon_low", self.epsilon_low, lambda x: x >= 0, "a finite number >= 0")
         checks.check_number("epsilon_high", self.epsilon_high, lambda x: x >= 0, "a finite number >= 0")
@@ -46,9 +47,31 @@ class LossConfig:
         if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 1):
             raise ValueError(f"max_completion_length must be a positive int, got {m!r}")
         checks.check_scale_rewards_name(self.scale_rewards)
-        for name in ("lam", "beta", "epsilon_low", "epsilon_high", "temperature") + (
-                () if self.delta is None else ("delta",)):  # NumPy scalars become plain floats
+        for name in ("beta", "epsilon_low", "epsilon_high", "temperature") + (
+                () if self.auto_lam else ("lam",)) + (() if self.delta is None else ("delta",)) + (
+                () if self.kl_radius is None else ("kl_radius",)):  # NumPy scalars become plain floats
             object.__setattr__(self, name, float(getattr(self, name)))
+
+    def _check_lam(self):
+        if isinstance(self.lam, str):
+            if self.lam != "auto":
+                raise ValueError(f'lam must be a finite number > 0 or "auto", got {self.lam!r}')
+            if self.loss_type != "frpo":
+                raise ValueError(f'lam="auto" is FRPO\'s per-group temperature; loss_type={self.loss_type!r} '
+                                 'needs a numeric lam')
+            if self.kl_radius is None:
+                raise ValueError('lam="auto" needs kl_radius (the KL radius rho that sets each group\'s lam)')
+        else:
+            checks.check_number("lam", self.lam, lambda x: x > 0, "a finite number > 0")
+            if self.kl_radius is not None:
+                raise ValueError(f'kl_radius={self.kl_radius!r} applies only with lam="auto", got lam={self.lam!r}')
+        if self.kl_radius is not None:
+            checks.check_number("kl_radius", self.kl_radius, lambda x: x > 0, "a finite number > 0")
+
+    @property
+    def auto_lam(self) -> bool:
+        """lam="auto": each group's lam solves its KL constraint (lam_auto.py)."""
+        return isinstance(self.lam, str)
 
     @property
     def frpo_jackknife(self) -> bool:

@@ -9,6 +9,7 @@ whose value is the rows' share of J and whose gradient is the whole batch's. Eve
 log domain (kappa_j s_j = s_j / u_g - (1/n) sum_{i != j} s_j / u_{g,-i}, each a bounded ratio), with the
 unique top row of a group, whose exclusion would cancel catastrophically, given sums of its own.
 
+With lam="auto" each group's lam comes from the whole batch's advantages (lam_auto.py) and scales its terms.
 On-policy (ratios 1) s_i = exp(-A_i / lam) for a row with a token: the statistics follow from advantages
 and masks alone. Off-policy they need the current policy's per-token log-probs (a no-grad pass).
 """
@@ -23,11 +24,12 @@ from frpo_kernels.config import LossConfig
 from frpo_kernels.distributed import BatchSpan
 from frpo_kernels.groups import (Groups, advantages_from_rewards, group_log_terms, group_logsumexp, make_groups,
                                  scale_rewards_mode)
+from frpo_kernels.lam_auto import solve_group_lams
 from frpo_kernels.objective import BatchSize, frpo_log_terms, log_ratios
 
 # Options that must be the same in group_stats() and in the loss that uses the statistics.
-SHARED_OPTIONS = ("loss_type", "lam", "jackknife", "baseline", "scale_rewards", "epsilon_low", "epsilon_high",
-                  "delta", "importance_sampling_level")
+SHARED_OPTIONS = ("loss_type", "lam", "kl_radius", "jackknife", "baseline", "scale_rewards", "epsilon_low",
+                  "epsilon_high", "delta", "importance_sampling_level")
 
 
 @dataclass
@@ -49,6 +51,7 @@ class GroupStats:
     inv_loo: torch.Tensor     # log sum_i 1 / u_{g,-i}
     inv_loo_rest: torch.Tensor  # the same without the top row
     num_nonempty: int
+    lams: torch.Tensor | None = None  # lam="auto": each group's lam, from the whole batch's advantages
 
     def index_of(self, group_ids: torch.Tensor) -> torch.Tensor:
         """Position in these statistics of each row's global group id (ValueError for an unknown id)."""
@@ -76,6 +79,8 @@ class GroupStats:
             o = torch.exp(log_o)
             base = self.mean_o[index] / n
             term = term - torch.where(valid, base.to(dtype) + (o - o.detach()) / n.to(dtype), torch.zeros_like(o))
+        if self.lams is not None:  # max(lam_g, 1) inside the mean over groups
+            term = term * self.lams[index].clamp_min(1.0).to(dtype)
         return term.sum() / max(self.num_nonempty, 1)
 
     def kappa_times_s(self, log_s, g):
@@ -111,7 +116,7 @@ def _tolerance(top):
 def group_stats(completion_mask, *, advantages=None, rewards=None, group_size=None, group_ids=None,
                 loss_type="frpo", lam=1.0, jackknife=True, baseline=True, scale_rewards=False, logps=None,
                 old_logps=None, epsilon_low=0.2, epsilon_high=0.2, delta=None, importance_sampling_level="token",
-                max_completion_length=None, process_group=None) -> GroupStats:
+                max_completion_length=None, kl_radius=None, process_group=None) -> GroupStats:
     """Statistics of a whole generation batch for loss(..., group_stats=stats) on its micro-batches.
 
     completion_mask [B, T]; exactly one of advantages/rewards [B] and one of group_size/group_ids.
@@ -123,7 +128,7 @@ def group_stats(completion_mask, *, advantages=None, rewards=None, group_size=No
     cfg = LossConfig(loss_type=loss_type, lam=lam, jackknife=jackknife, baseline=baseline,
                      scale_rewards=scale_rewards, epsilon_low=epsilon_low, epsilon_high=epsilon_high, delta=delta,
                      importance_sampling_level=importance_sampling_level,
-                     max_completion_length=max_completion_length)
+                     max_completion_length=max_completion_length, kl_radius=kl_radius)
     if not isinstance(completion_mask, torch.Tensor) or completion_mask.dim() != 2:
         raise ValueError(f"completion_mask must be a [B, T] tensor, got {checks._describe(completion_mask)}")
     batch, length = completion_mask.shape
@@ -155,7 +160,8 @@ def group_stats(completion_mask, *, advantages=None, rewards=None, group_size=No
     size = BatchSize(span.total, mask.sum().clamp_min(1), span.length)
     stats = dict(n=torch.zeros(groups.num, dtype=torch.float64, device=device))
     if cfg.loss_type == "frpo":
-        stats = _frpo_statistics(cfg, mask, advantages, groups, span, logps, old_logps)
+        lams = solve_group_lams(advantages, mask.sum(-1) > 0, groups, cfg.kl_radius) if cfg.auto_lam else None
+        stats = dict(_frpo_statistics(cfg, mask, advantages, groups, span, logps, old_logps, lams), lams=lams)
     else:
         stats.update({name: stats["n"] for name in ("terms", "mean_o", "log_u", "top", "top_count", "log_sum",
                                                      "log_rest", "inv_loo", "inv_loo_rest")}, num_nonempty=0)
@@ -174,12 +180,13 @@ def _group_divisor(rewards, groups: Groups, scale_rewards):
 
 
 @torch.no_grad()
-def _frpo_statistics(cfg, mask, advantages, groups, span, logps, old_logps):
+def _frpo_statistics(cfg, mask, advantages, groups, span, logps, old_logps, lams):
     logp = old = torch.zeros_like(mask)  # on-policy: log-ratios 0
     if logps is not None:
         logp, old = (torch.where(mask != 0, span.gather(t.double()), torch.zeros_like(mask)) for t in (logps, old_logps))
     log_ratio = log_ratios(logp, old, mask, cfg, torch.ones_like(mask[:, :1], dtype=torch.bool))
-    log_s, log_o, valid = frpo_log_terms(log_ratio, mask, advantages, cfg)
+    log_s, log_o, valid = frpo_log_terms(log_ratio, mask, advantages, cfg,
+                                         None if lams is None else groups.broadcast(lams))
     n = groups.sum(valid.double())
     terms, log_u, log_loo, top_row = group_log_terms(log_s, valid, groups, cfg.jackknife)
     lv = torch.where(valid, log_s, torch.full_like(log_s, float("-inf")))

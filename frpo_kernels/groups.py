@@ -64,14 +64,6 @@ def advantages_from_rewards(rewards: torch.Tensor, groups: Groups, scale_rewards
     return advantages
 
 
-def group_log_mean(log_values: torch.Tensor, valid: torch.Tensor, groups: Groups, jackknife: bool):
-    """Mean over non-empty groups of log(mean_{i in g, valid} exp(log_values_i)), optionally jackknifed
-    (group_log_terms). A group with no valid row drops out (no group at all: 0).
-    Returns (scalar, log_u [num], -inf for empty groups)."""
-    terms, log_u, _, _ = group_log_terms(log_values, valid, groups, jackknife)
-    return terms.sum() / (groups.sum(valid.to(terms.dtype)) > 0).sum().clamp_min(1), log_u
-
-
 def group_log_terms(log_values: torch.Tensor, valid: torch.Tensor, groups: Groups, jackknife: bool):
     """Per group, log(mean_{i in g, valid} exp(log_values_i)), optionally jackknifed.
 

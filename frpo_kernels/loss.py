@@ -18,6 +18,7 @@ from frpo_kernels.config import LossConfig
 from frpo_kernels.distributed import BatchSpan, LocalSpan, sum_over_ranks
 from frpo_kernels.group_stats import GroupStats
 from frpo_kernels.groups import Groups, advantages_from_rewards, make_groups
+from frpo_kernels.lam_auto import solve_group_lams
 from frpo_kernels.logprob_sources import HiddenSource, LogitsSource
 from frpo_kernels.objective import k3_kl, kl_weights, policy_loss
 from frpo_kernels.ops.linear_logprobs import check_linear_inputs
@@ -69,13 +70,14 @@ class _Batch:
     ref: torch.Tensor | None
     kl_coef: torch.Tensor | None  # [B, T]: the loss adds sum(kl_coef * k3_kl)
     stats: GroupStats | None = None  # a micro-batch of the batch these describe
+    lams: torch.Tensor | None = None  # [groups.num] each group's lam (lam="auto")
 
 
 def _loss(make_source, like, completion_mask, *, advantages=None, rewards=None, group_size=None,
           group_ids=None, old_logps=None, ref_logps=None, loss_type="frpo", lam=1.0, beta=0.0,
           epsilon_low=0.2, epsilon_high=0.2, delta=None, jackknife=True, baseline=True,
           importance_sampling_level="token", scale_rewards=False, temperature=1.0,
-          max_completion_length=None, backend="auto", return_metrics=False, process_group=None,
+          max_completion_length=None, kl_radius=None, backend="auto", return_metrics=False, process_group=None,
           group_stats=None):
     """The loss of loss() / linear_loss(); `like` (logits or hidden) gives [B, T], device and dtype.
 
@@ -89,6 +91,10 @@ def _loss(make_source, like, completion_mask, *, advantages=None, rewards=None, 
     (its token gradient carries the world_size factor). Every rank must call with the same options
     (loss_type, beta, advantages vs rewards, old_logps given or not, return_metrics).
 
+    lam="auto" with kl_radius=rho (FRPO): each group's lam maximises its inner problem's dual, i.e. the
+    tilted weights exp(-A/lam) over the group have KL rho from uniform (lam_auto.py), clamped to [1e-2, 1e2];
+    the groups are the global ones (process_group) or the generation batch's (group_stats).
+
     group_stats (from frpo_kernels.group_stats on the whole generation batch): these rows are a
     micro-batch of that batch, identified by their global group_ids; the result is their share, and
     the shares of any partition of the batch add up to its loss in value and gradient. With
@@ -99,7 +105,7 @@ def _loss(make_source, like, completion_mask, *, advantages=None, rewards=None, 
                      epsilon_high=epsilon_high, delta=delta, jackknife=jackknife, baseline=baseline,
                      importance_sampling_level=importance_sampling_level,
                      max_completion_length=max_completion_length, scale_rewards=scale_rewards,
-                     temperature=temperature)
+                     temperature=temperature, kl_radius=kl_radius)
     batch, length = like.shape[:2]
     device = like.device
     checks.check_token_tensor("completion_mask", completion_mask, (batch, length), device)
@@ -161,8 +167,10 @@ def _global_batch(cfg, span, mask, advantages, rewards, group_size, group_ids, o
         advantages = advantages_from_rewards(span.gather(rewards.to(dtype)), groups, cfg.scale_rewards)
     else:
         advantages = span.gather(advantages.to(dtype))
+    lams = solve_group_lams(advantages, mask.sum(-1) > 0, groups, cfg.kl_radius) if cfg.auto_lam else None
     return _Batch(mask, row_mask, advantages, groups, _unmasked_only(span, old_logps, mask),
-                  _unmasked_only(span, ref_logps, mask), kl_weights(mask, cfg) if cfg.beta != 0 else None)
+                  _unmasked_only(span, ref_logps, mask), kl_weights(mask, cfg) if cfg.beta != 0 else None,
+                  lams=lams)
 
 
 def _micro_batch(cfg, stats, mask, advantages, rewards, group_size, group_ids, old_logps, ref_logps):
@@ -181,7 +189,7 @@ def _micro_batch(cfg, stats, mask, advantages, rewards, group_size, group_ids, o
     advantages = stats.advantages(rewards, index) if advantages is None else advantages
     return _Batch(mask, mask != 0, advantages.to(mask.dtype), groups, _unmasked_only(local, old_logps, mask),
                   _unmasked_only(local, ref_logps, mask),
-                  kl_weights(mask, cfg, stats.size) if cfg.beta != 0 else None, stats)
+                  kl_weights(mask, cfg, stats.size) if cfg.beta != 0 else None, stats, stats.lams)
 
 
 def _unmasked_only(span, token_values, mask):
@@ -200,7 +208,7 @@ def _fused_path(source, data, cfg, span, with_entropy):
     with torch.enable_grad():
         probe = torch.zeros(data.mask.shape, dtype=dtype, device=data.mask.device, requires_grad=True)
         policy_value, details = policy_loss(probe, probe.detach(), data.mask, data.advantages, data.groups, cfg,
-                                            data.stats)
+                                            data.stats, data.lams)
         (coef,) = torch.autograd.grad(policy_value, probe)
     # this rank's rows; their gradient carries the world_size factor (see _loss)
     coef = span.local(coef) * span.world
@@ -229,7 +237,7 @@ def _two_pass_path(source, data, cfg, span, with_entropy):
     logp, entropy = source.two_pass(data.row_mask, with_entropy)
     logp = span.gather(logp.to(data.mask.dtype))  # this rank's rows keep their gradient
     old = logp.detach() if data.old is None else data.old
-    result, details = policy_loss(logp, old, data.mask, data.advantages, data.groups, cfg, data.stats)
+    result, details = policy_loss(logp, old, data.mask, data.advantages, data.groups, cfg, data.stats, data.lams)
     if data.kl_coef is not None:
         result = result + (data.kl_coef * k3_kl(logp, data.ref)).sum()
     return span.scale_gradient(result), logp, entropy, details
@@ -261,6 +269,8 @@ def _metrics(logp, entropy, mask, ref, details, groups, cfg):
                         "frpo/u_mean": torch.where(nonempty, u, 0).sum() / nonempty.sum().clamp_min(1),
                         "frpo/u_min": torch.where(nonempty, u, float("inf")).min(),
                         "frpo/u_max": u.max()})
+        if details["lams"] is not None:
+            metrics["frpo/lam_groups"] = details["lams"]
     return metrics
 
 

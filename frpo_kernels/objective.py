@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from frpo_kernels.config import LossConfig
-from frpo_kernels.groups import Groups, group_log_mean
+from frpo_kernels.groups import Groups, group_log_terms
 
 
 def sequence_lengths(mask: torch.Tensor) -> torch.Tensor:
@@ -82,13 +82,13 @@ def kl_weights(mask, cfg: LossConfig, size: BatchSize | None = None):
     return cfg.beta * token_weights(mask, cfg, size)
 
 
-def policy_loss(logp, old, mask, advantages, groups: Groups, cfg: LossConfig, stats=None):
+def policy_loss(logp, old, mask, advantages, groups: Groups, cfg: LossConfig, stats=None, lams=None):
     """The loss without its KL term. Returns (scalar, details) with details for the metrics.
 
     old must be finite wherever mask != 0 (masked positions are never read). With stats (a
     GroupStats of the whole generation batch; groups then index into its groups) the rows are a
     micro-batch and the result is their share: the shares of any partition of the batch add up to
-    the whole batch's loss, in value and gradient."""
+    the whole batch's loss, in value and gradient. lams [groups.num]: each group's lam (lam="auto")."""
     adv = advantages.unsqueeze(-1)
     positive = torch.ones_like(adv, dtype=torch.bool) if cfg.loss_type == "frpo" else adv >= 0
     log_ratio = log_ratios(logp, old, mask, cfg, positive)
@@ -97,19 +97,22 @@ def policy_loss(logp, old, mask, advantages, groups: Groups, cfg: LossConfig, st
     if cfg.loss_type != "frpo":
         per_token = -torch.minimum(c1 * adv, c2 * adv)
         return (token_weights(mask, cfg, None if stats is None else stats.size) * per_token).sum(), details
-    log_s, log_o, valid = frpo_log_terms(log_ratio, mask, advantages, cfg)
+    lam = cfg.lam if lams is None else groups.broadcast(lams)
+    scale = None if lams is None else lams.clamp_min(1.0)  # max(lam_g, 1) inside the mean over groups
+    log_s, log_o, valid = frpo_log_terms(log_ratio, mask, advantages, cfg, lam)
     if stats is None:
-        robust, log_u = frpo_group_term(log_s, log_o, valid, groups, cfg)
+        robust, log_u = frpo_group_term(log_s, log_o, valid, groups, cfg, scale)
     else:
         robust, log_u = stats.frpo_share(log_s, log_o, valid, groups.index), stats.log_u
-    details.update(log_w=-adv / cfg.lam, log_u=log_u)
-    return max(cfg.lam, 1.0) * robust, details
+    details.update(log_w=-advantages / lam, log_u=log_u, lams=lams)
+    return (1.0 if lams is not None else max(cfg.lam, 1.0)) * robust, details
 
 
-def frpo_log_terms(log_ratio, mask, advantages, cfg: LossConfig):
+def frpo_log_terms(log_ratio, mask, advantages, cfg: LossConfig, lam=None):
     """(log s_i, log o_i, valid_i) [B]: s_i = w_i * o_i, w_i = exp(-A_i / lam), o_i = mean_t min(c1, c2)
     over the row's tokens; valid: the row has a completion token. In the log domain, so exp(-A/lam)
-    never overflows, whatever lam."""
+    never overflows, whatever lam. lam: cfg.lam, or each row's [B] (lam="auto")."""
+    lam = cfg.lam if lam is None else lam
     valid = mask.sum(-1) > 0
     log_min = log_min_ratio(log_ratio, cfg)
     if cfg.importance_sampling_level == "sequence":
@@ -119,17 +122,21 @@ def frpo_log_terms(log_ratio, mask, advantages, cfg: LossConfig):
                                torch.full_like(log_min, float("-inf")))
         weighted = torch.where(valid.unsqueeze(-1), weighted, torch.zeros_like(weighted))
         log_o = torch.logsumexp(weighted, -1) - torch.log(sequence_lengths(mask).squeeze(-1))
-    return -advantages / cfg.lam + log_o, log_o, valid
+    return -advantages / lam + log_o, log_o, valid
 
 
-def frpo_group_term(log_s, log_o, valid, groups: Groups, cfg: LossConfig):
-    """J = mean_g [jackknifed] log mean_i s_i  (- mean_g mean_i o_i with the baseline).
+def frpo_group_term(log_s, log_o, valid, groups: Groups, cfg: LossConfig, scale=None):
+    """J = mean_g [jackknifed] log mean_i s_i  (- mean_g mean_i o_i with the baseline), each group's
+    term times scale_g when scale [num] is given.
 
     Rows with no completion token are not samples: they are left out of every group statistic
     (n_g counts rows with a token; a group left with none drops out). Returns (J, log_u [num])."""
-    robust, log_u = group_log_mean(log_s, valid, groups, cfg.jackknife)
+    terms, log_u, _, _ = group_log_terms(log_s, valid, groups, cfg.jackknife)
+    n = groups.sum(valid.to(terms.dtype))
+    count = (n > 0).sum().clamp_min(1)
+    robust = (terms if scale is None else terms * scale).sum() / count
     if cfg.baseline:
         o = torch.where(valid, torch.exp(log_o), torch.zeros_like(log_o))
-        n = groups.sum(valid.to(o.dtype))
-        robust = robust - (groups.sum(o) / n.clamp_min(1)).sum() / (n > 0).sum().clamp_min(1)
+        offsets = groups.sum(o) / n.clamp_min(1)
+        robust = robust - (offsets if scale is None else offsets * scale).sum() / count
     return robust, log_u

@@ -54,7 +54,9 @@ def spec_loss(logits, ids, mask, *, advantages=None, rewards=None, group_size=No
               old_logps=None, ref_logps=None, loss_type="frpo", lam=1.0, beta=0.0, epsilon_low=0.2,
               epsilon_high=0.2, delta=None, jackknife=True, baseline=True,
               importance_sampling_level="token", scale_rewards=False, temperature=1.0,
-              max_completion_length=None):
+              max_completion_length=None, group_lams=None):
+    """group_lams: one lam per group (in sorted group-id order) in place of lam, each group's term and
+    baseline scaled by its own max(lam_g, 1) (lam="auto")."""
     batch, length, _ = logits.shape
     groups = spec_group_members(batch, group_size, group_ids)
     if advantages is None:
@@ -105,19 +107,22 @@ def spec_loss(logits, ids, mask, *, advantages=None, rewards=None, group_size=No
 
     # FRPO. Rows with no completion token are not samples: groups count only rows with a token.
     # log s_i = -A_i/lam + log o_i, all group means as log-sum-exps (exp(-A/lam) overflows for small lam).
+    row_lam = {i: lam if group_lams is None else float(group_lams[g])
+               for g, members in enumerate(groups) for i in members}
     log_s, o = {}, {}
     for i in range(batch):
         if float(m[i].sum()) == 0:
             continue
         rc = ratios(i)
         o[i] = sum(m[i, t] * torch.minimum(rc[t][0], rc[t][1]) for t in range(length)) / T[i]
-        log_s[i] = -adv[i] / lam + torch.log(o[i])
-    terms, offsets = [], []
-    for members in groups:
+        log_s[i] = -adv[i] / row_lam[i] + torch.log(o[i])
+    terms, offsets, scales = [], [], []
+    for g, members in enumerate(groups):
         rows = [i for i in members if i in log_s]
         n = len(rows)
         if n == 0:
             continue
+        scales.append(1.0 if group_lams is None else max(float(group_lams[g]), 1.0))
         log_u = spec_logsumexp([log_s[i] for i in rows]) - math.log(n)
         offsets.append(sum(o[i] for i in rows) / n)
         if not jackknife or n == 1:
@@ -125,10 +130,16 @@ def spec_loss(logits, ids, mask, *, advantages=None, rewards=None, group_size=No
             continue
         loo = [spec_logsumexp([log_s[j] for j in rows if j != i]) - math.log(n - 1) for i in rows]
         terms.append(n * log_u - (n - 1) * sum(loo) / n)
-    robust = sum(terms) / len(terms) if terms else (logp * 0).sum()  # no token at all: 0
-    if baseline and offsets:
-        robust = robust - sum(offsets) / len(offsets)
-    result = max(lam, 1.0) * robust
+    if not baseline:
+        offsets = [0.0] * len(terms)
+    if group_lams is not None:
+        result = sum(c * (t - b) for c, t, b in zip(scales, terms, offsets)) / len(terms) if terms \
+            else (logp * 0).sum()
+    else:
+        robust = sum(terms) / len(terms) if terms else (logp * 0).sum()  # no token at all: 0
+        if baseline and offsets:
+            robust = robust - sum(offsets) / len(offsets)
+        result = max(lam, 1.0) * robust
     if beta != 0:
         result = result + beta * sum(
             sum(m[i, t] * kl(i, t) for t in range(length)) / T[i] for i in range(batch)) / batch
