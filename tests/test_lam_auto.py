@@ -24,6 +24,14 @@ from frpo_kernels.lam_auto import solve_group_lams, tilted_kl
 from helpers import INTERPRETED, require_cpu_kernels, use_backend
 from spec_loss import spec_loss
 
+train = None
+RANK_PROCESS = "FRPO_TEST_RANK_PROCESS"  # set for the gloo ranks, which like the triton rerun skip trl's slow import
+if not INTERPRETED and not os.environ.get(RANK_PROCESS):
+    try:  # the TRL tests' tiny Llama and training loop
+        from test_trl_integration import logits_and_groups, tiny_model_dir, train  # noqa: F401
+    except pytest.skip.Exception:
+        pass
+
 GROUP_IDS = torch.tensor([3, 3, 0, 3, 0, 7, 7, 7, 9, 9])  # uneven, interleaved; 9 is all empty rows
 EMPTY_ROWS = (2, 8, 9)                                     # group 0 is left with one row
 
@@ -318,7 +326,8 @@ def _rank_worker(rank, init_file, out_dir, cases):
     dist.destroy_process_group()
 
 
-def test_two_ranks_match_one_process(main_process):
+def test_two_ranks_match_one_process(main_process, monkeypatch):
+    monkeypatch.setenv(RANK_PROCESS, "1")
     try:
         require_cpu_kernels()
         cases = RANK_CASES
@@ -338,7 +347,7 @@ def test_two_ranks_match_one_process(main_process):
             torch.testing.assert_close(r_lams, lams, rtol=1e-12, atol=0)
 
 
-# --- errors ----------------------------------------------------------------------------------------------
+# --- errors and the TRL config ------------------------------------------------------------------------
 
 @pytest.mark.parametrize("options,match", [
     (dict(lam="auto", kl_radius=0.0), "kl_radius must be a finite number > 0"),
@@ -357,3 +366,40 @@ def test_bad_options_are_clear_errors(main_process, options, match):
     with pytest.raises(ValueError, match=match):
         frpo_kernels.group_stats(mask, advantages=adv, group_ids=GROUP_IDS, **options)
 
+
+def test_frpo_config_accepts_auto_and_validates(main_process, tmp_path):
+    pytest.importorskip("trl")
+    from frpo_kernels.integrations.trl import FRPOConfig
+    common = dict(output_dir=str(tmp_path), use_cpu=True, report_to="none")
+    cfg = FRPOConfig(lam="auto", kl_radius=0.2, **common)
+    assert cfg.lam == "auto" and cfg.kl_radius == 0.2
+    assert FRPOConfig(lam="0.5", **common).lam == 0.5  # a number given as text on a command line
+    for options, match in [(dict(lam="auto"), "needs kl_radius"), (dict(lam="auto", kl_radius=-1.0), "kl_radius"),
+                           (dict(lam=1.0, kl_radius=0.2), "kl_radius"), (dict(lam="big"), "lam"),
+                           (dict(lam="auto", kl_radius=0.2, loss_type="dapo"), "loss_type")]:
+        with pytest.raises(ValueError, match=match):
+            FRPOConfig(**options, **common)
+
+
+def test_frpo_trainer_steps_with_auto_lam(main_process, tmp_path, request):
+    """Two FRPOTrainer steps with lam="auto", micro-batches holding half a generation batch: each loss is
+    frpo_kernels.loss() with the trainer's group statistics (whose lams come from the whole batch)."""
+    if train is None:
+        pytest.skip("trl is not installed")
+
+    def reference(trainer, model, inputs):
+        logits, _ = logits_and_groups(model, inputs)
+        cfg = trainer.args
+        assert trainer._group_stats.lams is not None
+        return cfg.steps_per_generation * frpo_kernels.loss(
+            logits, inputs["completion_ids"], inputs["completion_mask"], advantages=inputs["advantages"],
+            group_ids=inputs["group_ids"], group_stats=trainer._group_stats, lam="auto", kl_radius=0.1,
+            epsilon_low=cfg.epsilon, epsilon_high=cfg.epsilon_high or cfg.epsilon)
+
+    trainer, calls = train(request.getfixturevalue("tiny_model_dir"), str(tmp_path), reference=reference,
+                           lam="auto", kl_radius=0.1, gradient_accumulation_steps=2)
+    assert len(calls) == 4
+    for got, want, _ in calls:
+        assert float(got) == pytest.approx(float(want), rel=1e-5, abs=1e-6)
+    assert all(h.get("frpo/lam_mean", 1.0) > 1e-2 for h in trainer.state.log_history)
+    assert sum("frpo/lam_mean" in h for h in trainer.state.log_history) == 2

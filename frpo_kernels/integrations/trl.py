@@ -38,7 +38,7 @@ from trl import GRPOConfig, GRPOTrainer
 
 import frpo_kernels
 from frpo_kernels.backends import BACKENDS
-from frpo_kernels.config import LOSS_TYPES
+from frpo_kernels.config import LOSS_TYPES, LossConfig
 from frpo_kernels.group_stats import SHARED_OPTIONS
 from frpo_kernels.integrations.hf import completion_hidden_states, logit_scale
 
@@ -51,7 +51,9 @@ class FRPOConfig(GRPOConfig):
     delta (the two-sided ratio cap) is GRPOConfig's own field."""
 
     loss_type: str = field(default="frpo", metadata={"help": f"One of {LOSS_TYPES}."})
-    lam: float = field(default=1.0, metadata={"help": "FRPO's temperature lambda: w = exp(-A / lam)."})
+    lam: float | str = field(default=1.0, metadata={"help": "FRPO's temperature lambda: w = exp(-A / lam), or "
+                                                     "\"auto\" (each group's lam from kl_radius)."})
+    kl_radius: float | None = field(default=None, metadata={"help": "With lam=\"auto\": the KL radius rho."})
     jackknife: bool = field(default=True, metadata={"help": "Jackknife bias correction of log(mean)."})
     baseline: bool = field(default=True, metadata={"help": "Subtract FRPO's baseline offset."})
     kernel_backend: str = field(default="auto", metadata={"help": "frpo_kernels backend."})
@@ -61,8 +63,15 @@ class FRPOConfig(GRPOConfig):
         super().__post_init__()
         if self.loss_type not in LOSS_TYPES:
             raise ValueError(f"FRPOConfig.loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}")
-        if not self.lam > 0:
-            raise ValueError(f"FRPOConfig.lam must be > 0, got {self.lam!r}")
+        if isinstance(self.lam, str) and self.lam != "auto":  # a command line gives a number as text
+            try:
+                self.lam = float(self.lam)
+            except ValueError:
+                raise ValueError(f'FRPOConfig.lam must be a number > 0 or "auto", got {self.lam!r}') from None
+        try:
+            LossConfig(loss_type=self.loss_type, lam=self.lam, kl_radius=self.kl_radius)
+        except (ValueError, TypeError) as exc:
+            raise type(exc)(f"FRPOConfig: {exc}") from None
         if self.kernel_backend not in BACKENDS:
             raise ValueError(f"FRPOConfig.kernel_backend must be one of {BACKENDS}, got {self.kernel_backend!r}")
 
@@ -81,7 +90,8 @@ class FRPOTrainer(GRPOTrainer):
                           stacklevel=2)
         super().__init__(*args, **kwargs)
         a = self.args
-        self.frpo_options = dict(lam=getattr(a, "lam", 1.0), jackknife=getattr(a, "jackknife", True),
+        self.frpo_options = dict(lam=getattr(a, "lam", 1.0), kl_radius=getattr(a, "kl_radius", None),
+                                 jackknife=getattr(a, "jackknife", True),
                                  baseline=getattr(a, "baseline", True),
                                  backend=getattr(a, "kernel_backend", "auto"))
         if self.loss_type not in LOSS_TYPES:
@@ -177,7 +187,9 @@ class FRPOTrainer(GRPOTrainer):
                                                  group_stats=stats, **kwargs)
         # metrics already describe the global batch (process_group gathers them): no further gather
         for key, value in metrics.items():
-            if value is not None and key != "num_groups":
+            if key == "frpo/lam_groups":  # one lam per group: log their mean
+                self._metrics[mode]["frpo/lam_mean"].append(float(value.mean()))
+            elif value is not None and key != "num_groups":
                 self._metrics[mode][key].append(float(value))
         if stats is not None:
             # a share of the generation batch's loss; the generation batch feeds
