@@ -1,63 +1,130 @@
-"""Greedy evaluation on the eval splits: stage-1 reward, downstream skill, and KL(policy || base)
-measured exactly (full distributions) at the policy's own completion tokens.
+"""Greedy evaluation on the eval splits: stage-1 reward, downstream skill, and exact KL from the
+policy to a reference (the adapter-free base model, or the policy as it was after RL) at the
+policy's own completion tokens.
 """
 from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import replace
 
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-import rollout
+from python import rollout
+from python.checkpoint import adapter_state, load_adapter_state
 
 
 def _batches(items, size):
     return [items[i:i + size] for i in range(0, len(items), size)]
 
 
+@contextmanager
+def adapter_loaded(model, state):
+    """The block runs with the LoRA parameters of `state`; the model's own are put back after."""
+    own = adapter_state(model)
+    load_adapter_state(model, state)
+    try:
+        yield
+    finally:
+        load_adapter_state(model, own)
+
+
+def kl_references(model, rl_adapter=None) -> dict:
+    """{name: () -> context in which the model is that reference}: the base model, and the policy
+    after RL when its adapter is given."""
+    refs = {"base": model.disable_adapter}
+    if rl_adapter is not None:
+        refs["rl"] = lambda: adapter_loaded(model, rl_adapter)
+    return refs
+
+
 @torch.no_grad()
-def mean_score(model, tokenizer, examples, score, max_new_tokens, batch_size=32, desc="eval", kl=False,
-               process_group=None):
-    """(mean score, mean per-token KL to the adapter-free model or None) over examples.
+def score_all(model, tokenizer, examples, score, max_new_tokens, batch_size=100, desc="eval", references=None,
+              kl_limit=None, process_group=None):
+    """(score per example, {reference: (KL per token, KL per completion)}): the KL of the
+    policy to each reference at the policy's greedy completions of the first kl_limit examples (all
+    by default), summed over the completion's tokens for the per-completion figure (the
+    sequence-level KL), averaged over tokens for the other.
 
     With a process_group each rank scores its contiguous slice of examples and the sums are
-    all-reduced, so every rank returns the means over all examples."""
+    all-reduced (the scores gathered), so every rank returns the same result over all examples."""
     model.eval()
-    total, kl_sum, kl_tokens = 0.0, 0.0, 0.0
+    references = references or {}
+    sums = torch.zeros(2 + len(references), dtype=torch.float64)  # KL rows, tokens, KL sum per reference
+    scores = []
     mine, rank = examples, 0
     if process_group is not None:
         rank, world = dist.get_rank(process_group), dist.get_world_size(process_group)
         mine = examples[rank * len(examples) // world:(rank + 1) * len(examples) // world]
+    first = 0 if process_group is None else rank * len(examples) // world  # global index of mine[0]
     for batch in tqdm(_batches(mine, batch_size), desc=desc, leave=False, disable=rank != 0):
         ro = rollout.sample(model, tokenizer, [e.prompt for e in batch], max_new_tokens=max_new_tokens, greedy=True)
-        total += sum(score(text, e) for text, e in zip(ro.texts, batch))
-        if kl:
+        scores += [score(text, e) for text, e in zip(ro.texts, batch)]
+        start = first + len(scores) - len(batch)  # the global index of batch[0]
+        rows = len(batch) if kl_limit is None else min(len(batch), max(0, kl_limit - start))
+        if references and rows:
+            ro = replace(ro, **{k: getattr(ro, k)[:rows] for k in ("input_ids", "attention_mask", "completion_ids",
+                                                                   "completion_mask")})
+            sums[1] += float(ro.completion_mask.sum())
             policy = torch.log_softmax(rollout.completion_logits(model, ro).float(), -1)
-            with model.disable_adapter():
-                base = torch.log_softmax(rollout.completion_logits(model, ro).float(), -1)
-            per_token = (policy.exp() * (policy - base)).sum(-1)
-            kl_sum += float((per_token * ro.completion_mask).sum())
-            kl_tokens += float(ro.completion_mask.sum())
+            sums[0] += rows
+            for j, reference in enumerate(references.values()):
+                with reference():
+                    other = torch.log_softmax(rollout.completion_logits(model, ro).float(), -1)
+                per_token = (policy.exp() * (policy - other)).sum(-1)
+                sums[2 + j] += float((per_token * ro.completion_mask).sum())
     if process_group is not None:
-        sums = torch.tensor([total, kl_sum, kl_tokens], dtype=torch.float64, device=model.device)
+        sums = sums.to(model.device)
         dist.all_reduce(sums, group=process_group)
-        total, kl_sum, kl_tokens = sums.tolist()
-    return total / len(examples), (kl_sum / max(kl_tokens, 1.0) if kl else None)
+        sums = sums.cpu()
+        parts = [None] * dist.get_world_size(process_group)
+        dist.all_gather_object(parts, scores, group=process_group)
+        scores = [x for part in parts for x in part]
+    kls = {name: (float(sums[2 + j]) / max(float(sums[1]), 1.0), float(sums[2 + j]) / max(float(sums[0]), 1.0))
+           for j, name in enumerate(references)}
+    return scores, kls
 
 
-def evaluate(model, tokenizer, task, downstream, limit=None, base=False, kl=False, label="", process_group=None):
-    """{'reward', 'downstream', 'kl'} on the eval splits (the first `limit` examples of each); with a
-    process_group the examples are split over its ranks and every rank gets the same result."""
+def mean(values: list[float]) -> float:
+    return sum(values) / max(len(values), 1)
+
+
+def stage1_rewards(model, tokenizer, task, limit=None, label="", process_group=None) -> list[float]:
+    """The stage-1 reward of each eval prompt (a dose point of the downstream fine-tune)."""
+    rewards, _ = score_all(model, tokenizer, task.eval[:limit], task.reward, task.max_new_tokens,
+                           desc=f"{label} {task.name}", process_group=process_group)
+    return rewards
+
+
+KL_PROMPTS = 64  # the KL figures are descriptive: measured on the first 64 stage-1 eval prompts
+
+
+def evaluate(model, tokenizer, task, downstream, limit=None, base=False, kl=False, rl_adapter=None, label="",
+             process_group=None):
+    """{'reward', 'rewards', 'downstream', 'kl', 'kl_seq', ['kl_seq_to_rl']} on the eval splits (the first `limit`
+    examples of each; 'rewards': the stage-1 reward per prompt): kl / kl_seq are the per-token /
+    per-completion KL(policy || base model) at the policy's completions of the first KL_PROMPTS
+    stage-1 eval prompts; kl_seq_to_rl, with rl_adapter, the per-completion KL(policy ||
+    policy after RL), how far the downstream fine-tune moved it. With a process_group the examples
+    are split over its ranks and every rank gets the same result."""
     stage1, down = task.eval[:limit], downstream.eval[:limit]
     pg = process_group
     if base:
         with model.disable_adapter():
-            reward, _ = mean_score(model, tokenizer, stage1, task.reward, task.max_new_tokens,
+            rewards, _ = score_all(model, tokenizer, stage1, task.reward, task.max_new_tokens,
                                    desc=f"{label} {task.name}", process_group=pg)
-            skill, _ = mean_score(model, tokenizer, down, downstream.score, downstream.max_new_tokens,
+            skills, _ = score_all(model, tokenizer, down, downstream.score, downstream.max_new_tokens,
                                   desc=f"{label} {downstream.name}", process_group=pg)
-        return {"reward": reward, "downstream": skill, "kl": 0.0}
-    reward, kl_value = mean_score(model, tokenizer, stage1, task.reward, task.max_new_tokens, kl=kl,
-                                  desc=f"{label} {task.name}", process_group=pg)
-    skill, _ = mean_score(model, tokenizer, down, downstream.score, downstream.max_new_tokens,
+        return {"reward": mean(rewards), "rewards": rewards, "downstream": mean(skills), "kl": 0.0, "kl_seq": 0.0}
+    rewards, kls = score_all(model, tokenizer, stage1, task.reward, task.max_new_tokens,
+                             references=kl_references(model, rl_adapter) if kl else None, kl_limit=KL_PROMPTS,
+                             desc=f"{label} {task.name}", process_group=pg)
+    skills, _ = score_all(model, tokenizer, down, downstream.score, downstream.max_new_tokens,
                           desc=f"{label} {downstream.name}", process_group=pg)
-    return {"reward": reward, "downstream": skill, "kl": kl_value}
+    out = {"reward": mean(rewards), "rewards": rewards, "downstream": mean(skills), "kl": None, "kl_seq": None}
+    if kl:
+        out["kl"], out["kl_seq"] = kls["base"]
+        if "rl" in kls:
+            out["kl_seq_to_rl"] = kls["rl"][1]
+    return out

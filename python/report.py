@@ -9,9 +9,6 @@ import json
 import math
 from pathlib import Path
 
-ARM_KEYS = ("name", "loss_type", "lam", "reward_base", "reward_after_rl", "reward_after_downstream",
-            "downstream_before", "downstream_after", "kl_to_base")
-
 
 def retention(arm: dict) -> float:
     gain = arm["reward_after_rl"] - arm["reward_base"]
@@ -44,8 +41,7 @@ def table(arms: list[dict], base: dict) -> str:
 
 
 def write(out: Path, arms: list[dict], base: dict, config: dict, metrics: list[dict], timing: dict) -> str:
-    arms_json = [{k: a[k] for k in ARM_KEYS} | {"retention": None if math.isnan(retention(a)) else retention(a),
-                                                "kl_after_downstream": a.get("kl_after_downstream")} for a in arms]
+    arms_json = [a | {"retention": None if math.isnan(retention(a)) else retention(a)} for a in arms]
     report = {"arms": arms_json, "base": base, "config": config, "timing": timing}
     (out / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
     text = table(arms, base)

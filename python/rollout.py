@@ -14,7 +14,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 from frpo_kernels.integrations.hf import completion_hidden_states
 
-from tasks import SYSTEM_PROMPT
+from python.tasks import SYSTEM_PROMPT
 
 
 def render(tokenizer, user_message: str) -> str:

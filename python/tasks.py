@@ -46,12 +46,18 @@ class Downstream:
 
 
 # ---------------------------------------------------------------- arithmetic
-def arithmetic_task(max_operand: int = 9) -> Task:
-    """a + b with 0 <= a, b <= max_operand; reward 1 if the first number in the reply is a + b."""
-    pairs = [(a, b) for a in range(max_operand + 1) for b in range(max_operand + 1)]
-    random.Random(1234).shuffle(pairs)
-    examples = [Example(f"{a} + {b} = ?", str(a + b)) for a, b in pairs]
-    n_eval = max(len(examples) * 2 // 5, 4)
+ARITHMETIC_TEMPLATES = ("{a} + {b} = ?", "What is {a} plus {b}?", "Add {a} and {b}.", "Compute {a} + {b}.")
+
+
+def arithmetic_task(max_operand: int = 9, n_eval: int = 200) -> Task:
+    """a + b with 0 <= a, b <= max_operand, each pair asked in every phrasing of ARITHMETIC_TEMPLATES;
+    reward 1 if the first number in the reply is a + b. n_eval of the prompts (enough to tell arms
+    apart) form the eval split, the rest the training data: a sum may be trained in one phrasing and
+    evaluated in another, which is what a skill kept through a later fine-tune should cover."""
+    examples = [Example(t.format(a=a, b=b), str(a + b)) for t in ARITHMETIC_TEMPLATES
+                for a in range(max_operand + 1) for b in range(max_operand + 1)]
+    random.Random(1234).shuffle(examples)
+    n_eval = min(n_eval, len(examples) // 2)
     return Task("arithmetic", train=examples[n_eval:], eval=examples[:n_eval], reward=arithmetic_reward,
                 max_new_tokens=8)
 
@@ -65,7 +71,7 @@ def arithmetic_reward(completion: str, example: Example) -> float:
     return float(first_number(completion) == int(example.answer))
 
 
-def reverse_words_task(n_train: int = 400, n_eval: int = 32) -> Downstream:
+def reverse_words_task(n_train: int = 400, n_eval: int = 64) -> Downstream:
     """Downstream skill for arithmetic: reverse the order of three words (a text transformation)."""
     rng = random.Random(99)
     seen, examples = set(), []

