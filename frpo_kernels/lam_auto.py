@@ -40,6 +40,7 @@ def tilted_kl(advantages, valid, groups: Groups, lams):
     return kl, -variance
 
 
+@torch.compiler.disable  # an eager loop with an early exit: unrolled by a compiler it would take minutes to build
 @torch.no_grad()
 def solve_group_lams(advantages, valid, groups: Groups, kl_radius: float):
     """lam_g [num] (float64) with KL(q_g || uniform) = kl_radius, to ~1e-11 relative in lam. A group whose
@@ -67,7 +68,7 @@ def solve_group_lams(advantages, valid, groups: Groups, kl_radius: float):
         step = (new_x - x).abs()
         x = torch.where(done, x, torch.where(converged, newton, new_x))
         done = done | converged | (step < _LOG_TOL) | (hi - lo < _LOG_TOL)
-        if not torch.compiler.is_compiling() and bool(done.all()):
+        if bool(done.all()):
             break
     lams = x.exp()
     return torch.where(at_min, LAM_MIN, torch.where(at_max, LAM_MAX, lams))
