@@ -65,15 +65,19 @@ def plot(out: Path, arms: list[dict], metrics: list[dict]):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_rl, ax_sft) = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig, (ax_rl, ax_sft, ax_dose) = plt.subplots(1, 3, figsize=(14, 3.8))
     for arm in arms:
         rl = [m for m in metrics if m["arm"] == arm["name"] and m["stage"] == "rl"]
         sft = [m for m in metrics if m["arm"] == arm["name"] and m["stage"] == "sft"]
         ax_rl.plot([m["step"] for m in rl], [m["reward_mean"] for m in rl], marker=".", label=arm["name"])
         ax_sft.plot([m["step"] for m in sft], [m["loss"] for m in sft], marker=".", label=arm["name"])
+        doses = sorted(arm.get("reward_at_dose", {}).items(), key=lambda kv: int(kv[0]))
+        ax_dose.plot([int(k) for k, _ in doses], [v for _, v in doses], marker="o", label=arm["name"])
+    ax_dose.axhline(arms[0]["reward_base"], color="gray", linestyle="--", label="base model")
     ax_rl.set(title="RL stage: mean sampled reward", xlabel="step", ylabel="reward")
     ax_sft.set(title="downstream SFT: loss", xlabel="step", ylabel="NLL per token")
-    for ax in (ax_rl, ax_sft):
+    ax_dose.set(title="stage-1 eval reward during downstream SFT", xlabel="downstream steps", ylabel="reward")
+    for ax in (ax_rl, ax_sft, ax_dose):
         ax.legend()
         ax.grid(alpha=0.3)
     fig.tight_layout()

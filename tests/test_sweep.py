@@ -1,0 +1,66 @@
+"""python/sweep.py end to end on the tiny preset: GRPO, a fixed-lambda FRPO arm and lam=auto with the
+radius measured on the GRPO runs, two seeds, two runs at a time; the report is parsed back, and the
+same command again redoes nothing."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+pytest.importorskip("peft", reason="python/sweep.py runs python/train.py, which needs peft")
+pytest.importorskip("matplotlib", reason="the sweep report draws its plots with matplotlib")
+
+SWEEP = [sys.executable, str(ROOT / "python" / "sweep.py"), "--preset", "tiny", "--seeds", "0,1", "--lams", "1",
+         "--kl-radius", "measured", "--jobs", "2", "--threads", "1", "--sft-steps", "2"]
+
+
+def sweep(out: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(SWEEP + ["--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def tiny_sweep(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sweep")
+    proc = sweep(out)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out, proc
+
+
+def test_report_parses_back(tiny_sweep):
+    out, _ = tiny_sweep
+    report = json.loads((out / "report.json").read_text())
+    arms = {a["name"]: a for a in report["arms"]}
+    assert list(arms) == ["grpo", "frpo-lam1", "frpo-auto"]
+    for arm in arms.values():
+        assert arm["seeds"] == [0, 1] and arm["dose_steps"] == [0, 1, 2]
+        for key in ("reward_after_rl", "retention_area", "diff_vs_grpo", "downstream_after"):
+            lo, hi = arm[key]["ci"]
+            assert lo <= arm[key]["mean"] + 1e-12 and arm[key]["mean"] <= hi + 1e-12, key
+        assert len(arm["reward_at_dose"]["mean"]) == len(arm["reward_at_dose"]["ci"]) == 3
+    assert arms["frpo-lam1"]["lam"] == 1.0 and arms["frpo-auto"]["lam"] == "auto"
+    # the radius is the GRPO runs' mean KL(after downstream || after RL) per completion
+    grpo_kl = [json.loads((out / f"seed{s}" / "grpo" / "report.json").read_text())["arms"][0]["kl_seq_downstream_to_rl"]
+               for s in (0, 1)]
+    assert arms["frpo-auto"]["kl_radius"] == pytest.approx(sum(grpo_kl) / 2, rel=1e-5)
+    assert 0.01 <= arms["frpo-auto"]["lam_groups_mean"] <= 100
+    assert report["config"]["sft_steps"] == 2 and report["wall_s"] > 0
+    for name in ("report.md", "decay_curves.png", "retention_vs_lambda.png"):
+        assert (out / name).stat().st_size > 0, name
+    assert "| frpo-auto |" in (out / "report.md").read_text()
+
+
+def test_rerun_redoes_nothing(tiny_sweep):
+    out, _ = tiny_sweep
+    logs = {p: p.stat().st_mtime_ns for p in out.glob("seed*/*/metrics.jsonl")}
+    assert len(logs) == 6
+    proc = sweep(out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "done:" not in proc.stdout + proc.stderr
+    assert {p: p.stat().st_mtime_ns for p in logs} == logs
+
+
+def test_bad_radius_is_refused():
+    proc = subprocess.run(SWEEP[:2] + ["--kl-radius", "-1"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "--kl-radius must be a number > 0 or 'measured'" in proc.stderr
