@@ -357,7 +357,8 @@ def test_two_ranks_match_one_process(main_process, monkeypatch):
     (dict(lam=0.5, kl_radius=0.1), "kl_radius=0.1 applies only with lam=\"auto\""),
     (dict(lam="auto"), "lam=\"auto\" needs kl_radius"),
     (dict(lam="auto", kl_radius=0.1, loss_type="grpo"), "loss_type='grpo' needs a numeric lam"),
-    (dict(lam="Auto", kl_radius=0.1), "lam must be a finite number > 0 or \"auto\", got 'Auto'"),
+    (dict(lam="Auto", kl_radius=0.1), "lam must be a real number, got str 'Auto' \\(the one string it takes is "
+                                      "\"auto\"\\)"),
 ])
 def test_bad_options_are_clear_errors(main_process, options, match):
     logits, ids, mask, _, adv = make(0)
@@ -365,6 +366,9 @@ def test_bad_options_are_clear_errors(main_process, options, match):
         frpo_kernels.loss(logits, ids, mask, advantages=adv, group_ids=GROUP_IDS, backend="torch", **options)
     with pytest.raises(ValueError, match=match):
         frpo_kernels.group_stats(mask, advantages=adv, group_ids=GROUP_IDS, **options)
+    if isinstance(options.get("lam"), str) and options["lam"] != "auto":  # also a TypeError, as any non-number
+        with pytest.raises(TypeError, match=match):
+            frpo_kernels.loss(logits, ids, mask, advantages=adv, group_ids=GROUP_IDS, backend="torch", **options)
 
 
 def test_frpo_config_accepts_auto_and_validates(main_process, tmp_path):
