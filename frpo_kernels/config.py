@@ -11,10 +11,6 @@ LOSS_TYPES = ("frpo", "grpo", "bnpo", "dr_grpo", "dapo")
 IS_LEVELS = ("token", "sequence")
 
 
-class LamStringError(TypeError, ValueError):
-    """lam is a string other than "auto": a wrong type, as any non-number (TypeError), and a bad value."""
-
-
 @dataclass(frozen=True)
 class LossConfig:
     loss_type: str = "frpo"
@@ -59,8 +55,7 @@ class LossConfig:
     def _check_lam(self):
         if isinstance(self.lam, str):
             if self.lam != "auto":
-                raise LamStringError(f'lam must be a real number, got str {self.lam!r} (the one string it takes is '
-                                     '"auto")')
+                raise ValueError(f'lam must be a real number or "auto", got {self.lam!r}')
             if self.loss_type != "frpo":
                 raise ValueError(f'lam="auto" is FRPO\'s per-group temperature; loss_type={self.loss_type!r} '
                                  'needs a numeric lam')

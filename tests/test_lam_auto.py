@@ -357,8 +357,7 @@ def test_two_ranks_match_one_process(main_process, monkeypatch):
     (dict(lam=0.5, kl_radius=0.1), "kl_radius=0.1 applies only with lam=\"auto\""),
     (dict(lam="auto"), "lam=\"auto\" needs kl_radius"),
     (dict(lam="auto", kl_radius=0.1, loss_type="grpo"), "loss_type='grpo' needs a numeric lam"),
-    (dict(lam="Auto", kl_radius=0.1), "lam must be a real number, got str 'Auto' \\(the one string it takes is "
-                                      "\"auto\"\\)"),
+    (dict(lam="Auto", kl_radius=0.1), "lam must be a real number or \"auto\", got 'Auto'"),
 ])
 def test_bad_options_are_clear_errors(main_process, options, match):
     logits, ids, mask, _, adv = make(0)
@@ -366,9 +365,7 @@ def test_bad_options_are_clear_errors(main_process, options, match):
         frpo_kernels.loss(logits, ids, mask, advantages=adv, group_ids=GROUP_IDS, backend="torch", **options)
     with pytest.raises(ValueError, match=match):
         frpo_kernels.group_stats(mask, advantages=adv, group_ids=GROUP_IDS, **options)
-    if isinstance(options.get("lam"), str) and options["lam"] != "auto":  # also a TypeError, as any non-number
-        with pytest.raises(TypeError, match=match):
-            frpo_kernels.loss(logits, ids, mask, advantages=adv, group_ids=GROUP_IDS, backend="torch", **options)
+
 
 
 def test_frpo_config_accepts_auto_and_validates(main_process, tmp_path):
@@ -378,6 +375,12 @@ def test_frpo_config_accepts_auto_and_validates(main_process, tmp_path):
     cfg = FRPOConfig(lam="auto", kl_radius=0.2, **common)
     assert cfg.lam == "auto" and cfg.kl_radius == 0.2
     assert FRPOConfig(lam="0.5", **common).lam == 0.5  # a number given as text on a command line
+    from transformers import HfArgumentParser
+    argv = ["--output_dir", str(tmp_path), "--use_cpu", "--report_to", "none"]
+    (parsed,) = HfArgumentParser(FRPOConfig).parse_args_into_dataclasses(argv + ["--lam", "auto", "--kl_radius", "0.2"])
+    assert parsed.lam == "auto" and parsed.kl_radius == 0.2
+    (parsed,) = HfArgumentParser(FRPOConfig).parse_args_into_dataclasses(argv + ["--lam", "0.5"])
+    assert parsed.lam == 0.5
     for options, match in [(dict(lam="auto"), "needs kl_radius"), (dict(lam="auto", kl_radius=-1.0), "kl_radius"),
                            (dict(lam=1.0, kl_radius=0.2), "kl_radius"), (dict(lam="big"), "lam"),
                            (dict(lam="auto", kl_radius=0.2, loss_type="dapo"), "loss_type")]:

@@ -327,6 +327,13 @@ def test_registration_and_options():
     OmegaConf.update(algorithm, "frpo.lam", 2, force_add=True)
     OmegaConf.update(algorithm, "frpo.scale_rewards", "batch", force_add=True)
     assert frpo_verl.frpo_options(algorithm) == dict(lam=2.0, jackknife=True, baseline=True, scale_rewards="batch")
+    OmegaConf.update(algorithm, "frpo.lam", "auto", force_add=True)
+    with pytest.raises(ValueError, match="lam=auto .* is not supported by the verl integration"):
+        frpo_verl.frpo_options(algorithm)
+    OmegaConf.update(algorithm, "frpo.lam", "two", force_add=True)
+    with pytest.raises(ValueError, match="lam must be a number > 0, got 'two'"):
+        frpo_verl.frpo_options(algorithm)
+    OmegaConf.update(algorithm, "frpo.lam", 2, force_add=True)
     OmegaConf.update(algorithm, "frpo.lamda", 2, force_add=True)
     with pytest.raises(ValueError, match="unknown keys"):
         frpo_verl.frpo_options(algorithm)

@@ -51,8 +51,9 @@ class FRPOConfig(GRPOConfig):
     delta (the two-sided ratio cap) is GRPOConfig's own field."""
 
     loss_type: str = field(default="frpo", metadata={"help": f"One of {LOSS_TYPES}."})
-    lam: float | str = field(default=1.0, metadata={"help": "FRPO's temperature lambda: w = exp(-A / lam), or "
-                                                     "\"auto\" (each group's lam from kl_radius)."})
+    # typed str so that HF's argument parser lets --lam auto through; numbers become floats in __post_init__
+    lam: str = field(default=1.0, metadata={"help": "FRPO's temperature lambda: w = exp(-A / lam), or "
+                                             "\"auto\" (each group's lam from kl_radius)."})
     kl_radius: float | None = field(default=None, metadata={"help": "With lam=\"auto\": the KL radius rho."})
     jackknife: bool = field(default=True, metadata={"help": "Jackknife bias correction of log(mean)."})
     baseline: bool = field(default=True, metadata={"help": "Subtract FRPO's baseline offset."})

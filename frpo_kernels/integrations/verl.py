@@ -108,7 +108,13 @@ def frpo_options(config=None) -> dict:
     options.update(given)
     if options.get("scale_rewards") is None:
         options["scale_rewards"] = "group" if get("norm_adv_by_std_in_grpo", True) else "none"
-    options["lam"] = float(options["lam"])
+    if options["lam"] == "auto":
+        raise ValueError(f"algorithm.{NAME}.lam=auto (per-group lam from a KL radius) is not supported by the verl "
+                         "integration yet; give a number > 0, or use frpo_kernels.loss / FRPOTrainer")
+    try:
+        options["lam"] = float(options["lam"])
+    except (TypeError, ValueError):
+        raise ValueError(f"algorithm.{NAME}.lam must be a number > 0, got {options['lam']!r}") from None
     return options
 
 
