@@ -177,11 +177,11 @@ def main(argv=None) -> int:
         return 143 if term else 130
     finally:
         signal.signal(signal.SIGTERM, previous)
+        wall = sweep_report.add_wall_time(args.out, time.perf_counter() - t0)  # a stopped sweep's time counts too
     if failed:
         print(f"{len(failed)} run(s) failed: " + ", ".join(str(r.out) for r in failed) +
               "; the report needs every run. Fix the cause and rerun the same command.", file=sys.stderr)
         return 1
-    wall = sweep_report.add_wall_time(args.out, time.perf_counter() - t0)
     command = "python python/sweep.py " + " ".join(argv if argv is not None else sys.argv[1:])
     text = sweep_report.write(args.out, [(r.seed, r.arm, r.out) for r in runs], command, wall)
     print(text)

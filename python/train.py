@@ -254,22 +254,7 @@ def run_pipeline(args, ctx: Dist) -> int:
     try:
         if state.base is None:
             state.base = base_eval(run)
-        resume_at = (state.arm, state.phase) if saved is not None else None
-        for a, arm in enumerate(arms):
-            for p, phase in enumerate(PHASES):
-                if state.before(a, p):
-                    continue
-                resumed = (a, p) == resume_at
-                state.arm, state.phase, state.step = a, p, state.step if resumed else 0
-                if a == len(state.results):
-                    state.results.append({**arm, "reward_base": state.base["reward"], "reward_at_dose": {}})
-                if phase in ("rl", "sft"):
-                    train_phase(run, arm, phase, saved if resumed else None)
-                else:
-                    eval_phase(run, arm, phase)
-                state.phase, state.step = p + 1, 0
-                resume_at = None
-                run.save()
+        run_arms(run, arms, saved)
         with ckpt.uninterruptible():  # the run is complete: its report is written whole
             if lead:
                 report_run(run, t_start)
@@ -282,6 +267,28 @@ def run_pipeline(args, ctx: Dist) -> int:
         log(f"\n{ckpt.stop_name(exc)}: checkpoint saved to {args.out / 'checkpoint.pt'} at "
             f"{state.position_text()}; continue with the same command plus --resume", flush=True)
         return ckpt.exit_status(exc)
+
+
+def run_arms(run: Run, arms: list[dict], saved: dict | None):
+    """Every phase of every arm not done yet, saving after each; saved: the checkpoint resumed from,
+    whose phase in progress continues at its step."""
+    state = run.state
+    resume_at = (state.arm, state.phase) if saved is not None else None
+    for a, arm in enumerate(arms):
+        for p, phase in enumerate(PHASES):
+            if state.before(a, p):
+                continue
+            resumed = (a, p) == resume_at
+            state.arm, state.phase, state.step = a, p, state.step if resumed else 0
+            if a == len(state.results):
+                state.results.append({**arm, "reward_base": state.base["reward"], "reward_at_dose": {}})
+            if phase in ("rl", "sft"):
+                train_phase(run, arm, phase, saved if resumed else None)
+            else:
+                eval_phase(run, arm, phase)
+            state.phase, state.step = p + 1, 0
+            resume_at = None
+            run.save()
 
 
 def base_eval(run: Run) -> dict:

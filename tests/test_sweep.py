@@ -2,8 +2,10 @@
 radius measured on the GRPO runs, two seeds, two runs at a time; the report is parsed back, and the
 same command again redoes nothing."""
 import json
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -13,11 +15,12 @@ pytest.importorskip("peft", reason="python/sweep.py runs python/train.py, which 
 pytest.importorskip("matplotlib", reason="the sweep report draws its plots with matplotlib")
 
 SWEEP = [sys.executable, str(ROOT / "python" / "sweep.py"), "--preset", "tiny", "--seeds", "0,1", "--lams", "1",
-         "--kl-radius", "measured", "--jobs", "2", "--threads", "1", "--sft-steps", "2"]
+         "--jobs", "2", "--threads", "1", "--sft-steps", "2"]
 
 
 def sweep(out: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(SWEEP + ["--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    return subprocess.run(SWEEP + ["--out", str(out), "--kl-radius", "measured"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
 
 
 @pytest.fixture(scope="module")
@@ -64,3 +67,29 @@ def test_rerun_redoes_nothing(tiny_sweep):
 def test_bad_radius_is_refused():
     proc = subprocess.run(SWEEP[:2] + ["--kl-radius", "-1"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "--kl-radius must be a number > 0 or 'measured'" in proc.stderr
+
+
+def test_sigterm_stops_every_run_at_a_checkpoint_and_the_same_command_finishes(tmp_path):
+    """What SLURM or Kubernetes send before a kill: every run still going saves a checkpoint, the
+    sweep says how to continue, its time so far is kept, and the same command completes the sweep."""
+    out = tmp_path / "sweep"
+    command = SWEEP + ["--out", str(out), "--kl-radius", "0.5"]
+    with (tmp_path / "log.txt").open("w") as log:
+        proc = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 240
+            while not list(out.glob("seed*/*/checkpoint.pt")) and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=240) == 143, (tmp_path / "log.txt").read_text()[-3000:]
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    assert "The same command continues the sweep" in (tmp_path / "log.txt").read_text()
+    assert json.loads((out / "wall_time.json").read_text())["seconds"] > 0
+    assert not (out / "report.json").exists()
+    finished = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    assert [a["name"] for a in report["arms"]] == ["grpo", "frpo-lam1", "frpo-auto"]
+    assert report["arms"][2]["kl_radius"] == 0.5
