@@ -85,6 +85,8 @@ def statistics(arms: dict, base_reward: float) -> list[dict]:
         area, area_boot = mean_curve.mean() - base_reward, boot.mean(axis=1) - base_reward
         diff_boot = area_boot - (grpo_boot.mean(axis=1) - base_reward)
         diff = area - (grpo.mean(axis=(0, 2)).mean() - base_reward)
+        grpo_curve = grpo.mean(axis=(0, 2))
+        drop, drop_boot = mean_curve[0] - mean_curve[-1], boot[:, 0] - boot[:, -1]
         first = results[0]
         lam_groups = [r.get("lam_groups_mean") for r in results]
         out.append({
@@ -95,6 +97,9 @@ def statistics(arms: dict, base_reward: float) -> list[dict]:
             "reward_at_dose": {"mean": [float(x) for x in mean_curve], "ci": [interval(boot[:, j]) for j in range(len(doses))]},
             "retention_area": stat(area, interval(area_boot)),
             "diff_vs_grpo": stat(diff, interval(diff_boot)),
+            "drop": stat(drop, interval(drop_boot)),
+            "drop_vs_grpo": stat(drop - (grpo_curve[0] - grpo_curve[-1]),
+                                 interval(drop_boot - (grpo_boot[:, 0] - grpo_boot[:, -1]))),
             "downstream_after": stat(np.mean([r["downstream_after"] for r in results]),
                                      seed_interval([r["downstream_after"] for r in results], rng)),
             "kl_to_base_after_rl": float(np.mean([r["kl_to_base"] for r in results])),
@@ -115,10 +120,12 @@ def _ci(s: dict, digits=3) -> str:
 def table(stats: list[dict]) -> str:
     doses = stats[0]["dose_steps"]
     header = ["arm", "after RL", *[f"k={k}" for k in doses[1:]], "retention area", "vs GRPO (paired)",
-              "CI excludes 0", "downstream after", "KL to base after RL", "KL(after SFT || after RL)"]
+              "CI excludes 0", f"drop (after RL - k={doses[-1]})", "drop vs GRPO (paired)", "downstream after",
+              "KL to base after RL", "KL(after SFT || after RL)"]
+    grpo = lambda s, text: "-" if s["name"] == "grpo" else text  # noqa: E731
     rows = [[s["name"], _ci(s["reward_after_rl"]), *[f"{m:.3f}" for m in s["reward_at_dose"]["mean"][1:]],
-             _ci(s["retention_area"]), "-" if s["name"] == "grpo" else _ci(s["diff_vs_grpo"]),
-             "-" if s["name"] == "grpo" else excludes_zero(s["diff_vs_grpo"]["ci"]), _ci(s["downstream_after"]),
+             _ci(s["retention_area"]), grpo(s, _ci(s["diff_vs_grpo"])), grpo(s, excludes_zero(s["diff_vs_grpo"]["ci"])),
+             _ci(s["drop"]), grpo(s, _ci(s["drop_vs_grpo"])), _ci(s["downstream_after"]),
              f"{s['kl_to_base_after_rl']:.4f}", f"{s['kl_downstream_to_rl']:.3f}"] for s in stats]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
@@ -134,8 +141,10 @@ def verdict(stats: list[dict]) -> str:
         d = s["diff_vs_grpo"]
         word = {"yes, above": "keeps MORE stage-1 reward than GRPO", "yes, below": "keeps LESS than GRPO",
                 "no": "is not distinguishable from GRPO"}[excludes_zero(d["ci"])]
+        drop = s["drop_vs_grpo"]
         lines.append(f"- **{s['name']}** {word} (retention area {d['mean']:+.3f} vs GRPO, 95 % CI "
-                     f"[{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}]); reward after RL "
+                     f"[{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}]); drop through the downstream stage {drop['mean']:+.3f} vs "
+                     f"GRPO (CI [{drop['ci'][0]:+.3f}, {drop['ci'][1]:+.3f}]); reward after RL "
                      f"{s['reward_after_rl']['mean'] - grpo['reward_after_rl']['mean']:+.3f} and downstream skill "
                      f"{s['downstream_after']['mean'] - grpo['downstream_after']['mean']:+.3f} vs GRPO.")
     return "\n".join(lines)
@@ -162,7 +171,8 @@ def write(out: Path, runs: list[tuple[int, str, Path]], command: str, wall_s: fl
           text, "",
           "k=N: stage-1 reward after N downstream steps (seed means). Retention area: mean stage-1 reward over "
           "the dose points (after RL and every k) minus the base reward. vs GRPO: the retention area minus "
-          "GRPO's on the same seed. [lo, hi]: 95 % bootstrap CI over seeds and eval prompts (downstream: over "
+          "GRPO's on the same seed. Drop: reward after RL minus reward after the last dose (what the "
+          "downstream stage took away; it ignores how much RL gained). [lo, hi]: 95 % bootstrap CI over seeds and eval prompts (downstream: over "
           "seeds). KL(after SFT || after RL): per completion, on the stage-1 eval prompts.", "",
           "## What it says", "", verdict(stats), "",
           "![decay curves](decay_curves.png)", "", "![retention vs lambda](retention_vs_lambda.png)", ""]

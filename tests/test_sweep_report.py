@@ -55,6 +55,14 @@ def test_paired_difference_and_retention_area(tmp_path):
     assert stats["grpo"]["reward_after_rl"]["mean"] == pytest.approx(all_grpo.mean())
     assert area["ci"][0] < area["mean"] < area["ci"][1]
     assert sweep_report.excludes_zero(diff["ci"]) == "yes, above"
+    # an advantage held at every dose is no difference in what the downstream stage takes away
+    assert stats["frpo-lam1"]["drop_vs_grpo"]["mean"] == pytest.approx(0.0, abs=1e-12)
+    assert stats["frpo-lam1"]["drop_vs_grpo"]["ci"] == pytest.approx([0.0, 0.0], abs=1e-12)
+    grpo_curve = np.mean([json.loads((r[2] / "report.json").read_text())["arms"][0]["rewards_at_dose"][str(k)]
+                          for r in runs if r[1] == "grpo" for k in (DOSES[0],)]) - np.mean(
+        [json.loads((r[2] / "report.json").read_text())["arms"][0]["rewards_at_dose"][str(DOSES[-1])]
+         for r in runs if r[1] == "grpo"])
+    assert stats["grpo"]["drop"]["mean"] == pytest.approx(grpo_curve)
 
 
 def test_arms_must_share_seeds_and_doses(tmp_path):
