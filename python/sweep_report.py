@@ -87,6 +87,8 @@ def statistics(arms: dict, base_reward: float) -> list[dict]:
         diff = area - (grpo.mean(axis=(0, 2)).mean() - base_reward)
         grpo_curve = grpo.mean(axis=(0, 2))
         drop, drop_boot = mean_curve[0] - mean_curve[-1], boot[:, 0] - boot[:, -1]
+        lost_vs_grpo = (mean_curve[0] - mean_curve) - (grpo_curve[0] - grpo_curve)  # per dose, paired
+        lost_vs_grpo_boot = (boot[:, :1] - boot) - (grpo_boot[:, :1] - grpo_boot)
         first = results[0]
         lam_groups = [r.get("lam_groups_mean") for r in results]
         out.append({
@@ -98,6 +100,8 @@ def statistics(arms: dict, base_reward: float) -> list[dict]:
             "retention_area": stat(area, interval(area_boot)),
             "diff_vs_grpo": stat(diff, interval(diff_boot)),
             "drop": stat(drop, interval(drop_boot)),
+            "lost_vs_grpo_at_dose": {"mean": [float(x) for x in lost_vs_grpo],
+                                     "ci": [interval(lost_vs_grpo_boot[:, j]) for j in range(len(doses))]},
             "drop_vs_grpo": stat(drop - (grpo_curve[0] - grpo_curve[-1]),
                                  interval(drop_boot - (grpo_boot[:, 0] - grpo_boot[:, -1]))),
             "downstream_after": stat(np.mean([r["downstream_after"] for r in results]),
@@ -194,19 +198,29 @@ def plot(out: Path, stats: list[dict], base_reward: float):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig, (ax, ax_lost) = plt.subplots(1, 2, figsize=(13, 4.4))
+    doses = stats[0]["dose_steps"]
     for s in stats:
-        doses, band = s["dose_steps"], np.array(s["reward_at_dose"]["ci"])
+        band = np.array(s["reward_at_dose"]["ci"])
+        grpo = s["name"] == "grpo"
         line, = ax.plot(doses, s["reward_at_dose"]["mean"], marker="o", label=s["name"],
-                        linewidth=2.5 if s["name"] == "grpo" else 1.5, color="black" if s["name"] == "grpo" else None)
-        ax.fill_between(doses, band[:, 0], band[:, 1], color=line.get_color(), alpha=0.12)
+                        linewidth=2.5 if grpo else 1.5, color="black" if grpo else None)
+        ax.fill_between(doses, band[:, 0], band[:, 1], color=line.get_color(), alpha=0.07)
+        if not grpo:
+            lost = np.array(s["lost_vs_grpo_at_dose"]["ci"])
+            ax_lost.plot(doses, s["lost_vs_grpo_at_dose"]["mean"], marker="o", color=line.get_color(), label=s["name"])
+            ax_lost.fill_between(doses, lost[:, 0], lost[:, 1], color=line.get_color(), alpha=0.1)
     ax.axhline(base_reward, color="gray", linestyle="--", label="base model")
-    ax.set_xscale("symlog", linthresh=1)
-    ax.set_xticks(stats[0]["dose_steps"], [str(k) for k in stats[0]["dose_steps"]])
-    ax.set(xlabel="downstream SFT steps", ylabel="stage-1 eval reward",
-           title="stage-1 reward during the downstream fine-tune (mean over seeds, 95 % band)")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
+    ax_lost.axhline(0.0, color="black", linewidth=2.5, label="grpo")
+    ax.set(ylabel="stage-1 eval reward", title="stage-1 reward during the downstream fine-tune\n(mean over seeds, 95 % band)")
+    ax_lost.set(ylabel="reward lost since RL, minus GRPO's",
+                title="what the fine-tune took, paired with GRPO\n(below 0: lost less than GRPO; 95 % band)")
+    for a in (ax, ax_lost):
+        a.set_xscale("symlog", linthresh=1)
+        a.set_xticks(doses, [str(k) for k in doses])
+        a.set_xlabel("downstream SFT steps")
+        a.legend(fontsize=8)
+        a.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out / "decay_curves.png", dpi=110)
     plt.close(fig)
