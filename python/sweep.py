@@ -103,8 +103,9 @@ def start(run: SweepRun, radius: float | None):
         argv.append("--resume")
     run.out.mkdir(parents=True, exist_ok=True)
     log = (run.out / "train.log").open("a")
+    threads = argv[argv.index("--threads") + 1]
     run.proc = subprocess.Popen([sys.executable, str(TRAIN_PY), *argv, "--out", str(run.out)], stdout=log,
-                                stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": argv[argv.index("--threads") + 1]})
+                                stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": threads})
     log.close()
 
 
