@@ -204,13 +204,9 @@ def test_bench_linear(benchmark, head, bench_threads):
 
 MEMORY_SCRIPT = textwrap.dedent(r"""
     import json, sys, torch
+    sys.path.insert(0, "bench")  # run from the repository root
+    from proc_status import status_kib
     from frpo_kernels.ops import linear_logprobs as lin
-
-    def vm_kib(field):
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
 
     n, size, vocab, path = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
     gen = torch.Generator().manual_seed(0)
@@ -221,14 +217,14 @@ MEMORY_SCRIPT = textwrap.dedent(r"""
     lin.linear_token_logprobs(hidden[:4].detach(), weight.detach(), ids[:4], backend="cpu")  # warm-up
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
-    before = vm_kib("VmRSS")
+    before = status_kib("VmRSS")
     if path == "fused":
         loss = lin.linear_fused_loss(hidden, weight, None, ids, None, 1.0, coef, None, None, False, "cpu",
                                      lambda lp: (coef * lp).sum())[0]
     else:
         loss = (coef * lin.linear_token_logprobs(hidden, weight, ids, backend="cpu")).sum()
     loss.backward()
-    peak = vm_kib("VmHWM")
+    peak = status_kib("VmHWM")
     grads = hidden.grad.numel() * 4 + weight.grad.numel() * 4
     rows = lin.sweep_rows(n, vocab, size, torch.float32, torch.device("cpu"))
     print(json.dumps({"peak_growth_bytes": (peak - before) * 1024, "grad_bytes": grads,

@@ -1,6 +1,8 @@
 """Shared test inputs (small random batches with masks, old/ref log-probs and rewards) and the rule
 for which process runs which kernel backend."""
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -9,6 +11,18 @@ from frpo_kernels import backends
 
 # Set when this process is a rerun under Triton's interpreter (Triton reads it at import).
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def rerun_under_interpreter(test_file, select=None, timeout=900, **env):
+    """pytest on test_file (only the tests -k select chooses) in a subprocess with TRITON_INTERPRET=1
+    (and env), asserting it passed; returns the finished process for the caller's own checks."""
+    command = [sys.executable, "-m", "pytest", os.path.abspath(test_file), "-q", "-p", "no:cacheprovider",
+               "-W", "ignore::RuntimeWarning"] + (["-k", select] if select else [])
+    proc = subprocess.run(command, cwd=ROOT, env=dict(os.environ, TRITON_INTERPRET="1", **env),
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-8000:] + proc.stderr[-4000:]
+    return proc
 
 
 def make_batch(batch=6, length=5, vocab=7, group_size=3, dtype=torch.float64, seed=0,

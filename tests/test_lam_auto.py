@@ -8,8 +8,6 @@ linear_loss, group_stats micro-batches, 2 gloo ranks, FRPOConfig and every argum
 """
 import math
 import os
-import subprocess
-import sys
 import tempfile
 
 import numpy as np
@@ -21,7 +19,7 @@ import torch.multiprocessing as mp
 import frpo_kernels
 from frpo_kernels.groups import make_groups
 from frpo_kernels.lam_auto import solve_group_lams, tilted_kl
-from helpers import INTERPRETED, require_cpu_kernels, use_backend
+from helpers import INTERPRETED, require_cpu_kernels, rerun_under_interpreter, use_backend
 from spec_loss import spec_loss
 
 train = None
@@ -176,11 +174,7 @@ def test_triton_cases_under_interpreter():
     if INTERPRETED:
         pytest.skip("this process is the interpreter run")
     pytest.importorskip("triton")
-    proc = subprocess.run([sys.executable, "-m", "pytest", os.path.abspath(__file__), "-q", "-k",
-                           "kernel_backends and triton", "-p", "no:cacheprovider", "-W", "ignore::RuntimeWarning"],
-                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                          env=dict(os.environ, TRITON_INTERPRET="1"), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-8000:] + proc.stderr[-4000:]
+    proc = rerun_under_interpreter(__file__, "kernel_backends and triton", timeout=600)
     assert "skipped" not in proc.stdout.splitlines()[-1], proc.stdout[-2000:]
 
 

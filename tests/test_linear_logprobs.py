@@ -22,6 +22,7 @@ import torch
 import frpo_kernels
 from frpo_kernels.ops import linear_logprobs as lin
 from frpo_kernels.ops.linear_logprobs import linear_fused_loss, linear_token_logprobs
+from helpers import rerun_under_interpreter
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 INTERPRETER_RUN = os.environ.get("FRPO_LINEAR_TRITON_SUBPROCESS") == "1"
@@ -426,11 +427,7 @@ def test_triton_interpreter_subprocess():
     pytest.importorskip("triton")
     if INTERPRETER_RUN:
         pytest.skip("this process is the interpreter run")
-    env = dict(os.environ, TRITON_INTERPRET="1", FRPO_LINEAR_TRITON_SUBPROCESS="1")
-    proc = subprocess.run([sys.executable, "-m", "pytest", os.path.abspath(__file__), "-q", "-k", "triton_interp",
-                           "-p", "no:cacheprovider", "-W", "ignore::RuntimeWarning"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-8000:] + proc.stderr[-4000:]
+    proc = rerun_under_interpreter(__file__, "triton_interp", timeout=600, FRPO_LINEAR_TRITON_SUBPROCESS="1")
     assert re.search(r"\b3 passed", proc.stdout), proc.stdout[-2000:]
 
 

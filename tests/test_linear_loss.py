@@ -8,15 +8,12 @@ Tolerances: fp32 kernels 2e-5 relative to the largest gradient entry (GEMMs and 
 bf16 inputs 2e-2 (8 mantissa bits on hidden and weight).
 """
 import itertools
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import frpo_kernels
-from helpers import INTERPRETED, use_backend
+from helpers import INTERPRETED, rerun_under_interpreter, use_backend
 
 B, T, H, V = 6, 4, 8, 37
 
@@ -106,11 +103,7 @@ def test_triton_cases_under_interpreter():
     if INTERPRETED:
         pytest.skip("this process is the interpreter run")
     pytest.importorskip("triton")
-    proc = subprocess.run([sys.executable, "-m", "pytest", os.path.abspath(__file__), "-q", "-k",
-                           "kernel_backends and triton", "-p", "no:cacheprovider", "-W", "ignore::RuntimeWarning"],
-                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                          env=dict(os.environ, TRITON_INTERPRET="1"), capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-8000:] + proc.stderr[-4000:]
+    proc = rerun_under_interpreter(__file__, "kernel_backends and triton", timeout=900)
     assert "skipped" not in proc.stdout.splitlines()[-1], proc.stdout[-2000:]
 
 

@@ -6,15 +6,12 @@ The triton cases run in a subprocess with TRITON_INTERPRET=1 (Triton reads it at
 by test_triton_cases_under_interpreter; here they skip with that reason.
 """
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import frpo_kernels
-from helpers import INTERPRETED, use_backend
+from helpers import INTERPRETED, rerun_under_interpreter, use_backend
 from spec_loss import spec_loss
 
 KERNEL_BACKENDS = ["cpu", "triton"]
@@ -26,12 +23,7 @@ def test_triton_cases_under_interpreter():
     if INTERPRETED:
         pytest.skip("this process is the interpreter run")
     pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, "-m", "pytest", os.path.abspath(__file__), "-q", "-k", "triton and not under_interpreter",
-                           "-p", "no:cacheprovider", "-W", "ignore::RuntimeWarning"],
-                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), env=env,
-                          capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-8000:] + proc.stderr[-4000:]
+    proc = rerun_under_interpreter(__file__, "triton and not under_interpreter")
     assert " passed" in proc.stdout and " skipped" not in proc.stdout.splitlines()[-1], proc.stdout[-2000:]
 
 

@@ -6,9 +6,6 @@ Triton reads TRITON_INTERPRET when it is imported (its own tl.* helpers are @jit
 unless pytest itself was started with TRITON_INTERPRET=1, test_interpreter_suite reruns this file
 in a subprocess with it set and the other tests skip here.
 """
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -19,7 +16,7 @@ pytest.importorskip("hypothesis")
 import frpo_kernels  # noqa: E402
 from frpo_kernels import reference  # noqa: E402
 from frpo_kernels.triton import ops  # noqa: E402
-from helpers import make_batch  # noqa: E402
+from helpers import make_batch, rerun_under_interpreter  # noqa: E402
 from hypothesis import given, settings, strategies as st  # noqa: E402
 
 INTERPRETED = ops.triton_interpreted()
@@ -30,12 +27,7 @@ interpreted_only = pytest.mark.skipif(
 def test_interpreter_suite():
     if INTERPRETED:
         pytest.skip("this process is the interpreter run")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.run([sys.executable, "-m", "pytest", os.path.abspath(__file__), "-q",
-                           "-p", "no:cacheprovider", "-W", "ignore::RuntimeWarning"],
-                          cwd=root, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-8000:] + proc.stderr[-4000:]
+    proc = rerun_under_interpreter(__file__)
     print(proc.stdout.strip().splitlines()[-1])
 
 
