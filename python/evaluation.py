@@ -4,7 +4,7 @@ policy's own completion tokens.
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import replace
 
 import torch
@@ -110,20 +110,16 @@ def evaluate(model, tokenizer, task, downstream, limit=None, base=False, kl=Fals
     are split over its ranks and every rank gets the same result."""
     stage1, down = task.eval[:limit], downstream.eval[:limit]
     pg = process_group
-    if base:
-        with model.disable_adapter():
-            rewards, _ = score_all(model, tokenizer, stage1, task.reward, task.max_new_tokens,
-                                   desc=f"{label} {task.name}", process_group=pg)
-            skills, _ = score_all(model, tokenizer, down, downstream.score, downstream.max_new_tokens,
-                                  desc=f"{label} {downstream.name}", process_group=pg)
-        return {"reward": mean(rewards), "rewards": rewards, "downstream": mean(skills), "kl": 0.0, "kl_seq": 0.0}
-    rewards, kls = score_all(model, tokenizer, stage1, task.reward, task.max_new_tokens,
-                             references=kl_references(model, rl_adapter) if kl else None, kl_limit=KL_PROMPTS,
-                             desc=f"{label} {task.name}", process_group=pg)
-    skills, _ = score_all(model, tokenizer, down, downstream.score, downstream.max_new_tokens,
-                          desc=f"{label} {downstream.name}", process_group=pg)
+    references = kl_references(model, rl_adapter) if kl and not base else None
+    with model.disable_adapter() if base else nullcontext():
+        rewards, kls = score_all(model, tokenizer, stage1, task.reward, task.max_new_tokens, references=references,
+                                 kl_limit=KL_PROMPTS, desc=f"{label} {task.name}", process_group=pg)
+        skills, _ = score_all(model, tokenizer, down, downstream.score, downstream.max_new_tokens,
+                              desc=f"{label} {downstream.name}", process_group=pg)
     out = {"reward": mean(rewards), "rewards": rewards, "downstream": mean(skills), "kl": None, "kl_seq": None}
-    if kl:
+    if base:  # the base model is its own reference
+        out["kl"] = out["kl_seq"] = 0.0
+    elif kl:
         out["kl"], out["kl_seq"] = kls["base"]
         if "rl" in kls:
             out["kl_seq_to_rl"] = kls["rl"][1]

@@ -68,7 +68,8 @@ def rl_step(model, tokenizer, optimizer, task, arm, args, step, ctx: Dist = Dist
            "completion_len": float(lengths.mean())}
     for key, value in metrics.items():
         if value is not None and key != "num_groups":  # per-group tensors (lam="auto") as their mean
-            out[key if torch.as_tensor(value).numel() == 1 else key + "_mean"] = float(torch.as_tensor(value).float().mean())
+            value = torch.as_tensor(value)
+            out[key if value.numel() == 1 else key + "_mean"] = float(value.float().mean())
     return out, {"t_gen": t1 - t0, "t_logp": t2 - t1, "t_loss": t3 - t2}
 
 

@@ -74,6 +74,9 @@ def statistics(arms: dict, base_reward: float) -> list[dict]:
     grpo_doses, grpo = curves(arms["grpo"]["results"])
     seeds, prompts = bootstrap_indices(grpo.shape[0], grpo.shape[2], rng)
     grpo_boot = replicate_means(grpo, seeds, prompts)
+    grpo_curve = grpo.mean(axis=(0, 2))
+    grpo_area, grpo_area_boot = grpo_curve.mean() - base_reward, grpo_boot.mean(axis=1) - base_reward
+    grpo_lost, grpo_lost_boot = grpo_curve[0] - grpo_curve, grpo_boot[:, :1] - grpo_boot  # since RL, per dose
     out = []
     for name, arm in arms.items():
         results = arm["results"]
@@ -83,12 +86,8 @@ def statistics(arms: dict, base_reward: float) -> list[dict]:
         boot = replicate_means(rewards, seeds, prompts)
         mean_curve = rewards.mean(axis=(0, 2))
         area, area_boot = mean_curve.mean() - base_reward, boot.mean(axis=1) - base_reward
-        diff_boot = area_boot - (grpo_boot.mean(axis=1) - base_reward)
-        diff = area - (grpo.mean(axis=(0, 2)).mean() - base_reward)
-        grpo_curve = grpo.mean(axis=(0, 2))
-        drop, drop_boot = mean_curve[0] - mean_curve[-1], boot[:, 0] - boot[:, -1]
-        lost_vs_grpo = (mean_curve[0] - mean_curve) - (grpo_curve[0] - grpo_curve)  # per dose, paired
-        lost_vs_grpo_boot = (boot[:, :1] - boot) - (grpo_boot[:, :1] - grpo_boot)
+        lost, lost_boot = mean_curve[0] - mean_curve, boot[:, :1] - boot  # since RL, per dose
+        lost_vs_grpo, lost_vs_grpo_boot = lost - grpo_lost, lost_boot - grpo_lost_boot  # paired
         first = results[0]
         lam_groups = [r.get("lam_groups_mean") for r in results]
         out.append({
@@ -98,12 +97,11 @@ def statistics(arms: dict, base_reward: float) -> list[dict]:
             "dose_steps": doses,
             "reward_at_dose": {"mean": [float(x) for x in mean_curve], "ci": [interval(boot[:, j]) for j in range(len(doses))]},
             "retention_area": stat(area, interval(area_boot)),
-            "diff_vs_grpo": stat(diff, interval(diff_boot)),
-            "drop": stat(drop, interval(drop_boot)),
+            "diff_vs_grpo": stat(area - grpo_area, interval(area_boot - grpo_area_boot)),
+            "drop": stat(lost[-1], interval(lost_boot[:, -1])),
             "lost_vs_grpo_at_dose": {"mean": [float(x) for x in lost_vs_grpo],
                                      "ci": [interval(lost_vs_grpo_boot[:, j]) for j in range(len(doses))]},
-            "drop_vs_grpo": stat(drop - (grpo_curve[0] - grpo_curve[-1]),
-                                 interval(drop_boot - (grpo_boot[:, 0] - grpo_boot[:, -1]))),
+            "drop_vs_grpo": stat(lost_vs_grpo[-1], interval(lost_vs_grpo_boot[:, -1])),
             "downstream_after": stat(np.mean([r["downstream_after"] for r in results]),
                                      seed_interval([r["downstream_after"] for r in results], rng)),
             "kl_to_base_after_rl": float(np.mean([r["kl_to_base"] for r in results])),
