@@ -31,7 +31,18 @@ inline float exp_one(float x) { return exp_poly_nofma(x); }
 // loop body would stop its vectorisation.
 constexpr int64_t kBlock = 256;
 
+// The exp arguments are masked after the exp rather than clamped before it: GCC 12 turned a clamp
+// before the exp into selects after it anyway (exp(kExpLo) folds to 0), with three compares and seven
+// logic ops per vector. v: exp(d) or e * d, 0 where d < kExpLo (exp underflows to 0; also for
+// d = -inf, where v may be NaN); NaN d stays NaN (the compare is false).
+inline float zero_below(float d, float v) { return d < kExpLo ? 0.f : v; }
 inline float clamp_lo(float d) { return d < kExpLo ? kExpLo : d; }  // NaN stays NaN (see clamp_exp_arg)
+// exp(d) for d in [kExpLo, kExpHi], 0 below, +inf above (a sum against a stale max then fails the
+// kStaleSum check and is redone, as with the clamp's exp(kExpHi)); NaN stays NaN.
+inline float exp_masked(float d) {
+  const float e = d > kExpHi ? std::numeric_limits<float>::infinity() : exp_one(d);
+  return zero_below(d, e);
+}
 
 template <class T>
 inline void prefetch_span(const T* p, int64_t n) {
@@ -68,11 +79,11 @@ struct PortableOps {
       float bs = 0.f, bt = 0.f;
 #pragma omp simd reduction(+ : bs, bt)
       for (int64_t i = b; i < end; ++i) {
-        const float d = clamp_exp_arg(mul_add(E::load(x + i), inv_t, -m));  // m may be stale: d up to kExpHi
-        const float e = exp_one(d);
+        const float d = mul_add(E::load(x + i), inv_t, -m);  // m may be stale: d above 0
+        const float e = exp_masked(d);
         if (Store) e_out[i] = e;
         bs += e;
-        if (Ent) bt += e * d;
+        if (Ent) bt += zero_below(d, e * d);
       }
       s += bs;
       t += bt;
@@ -95,8 +106,9 @@ struct PortableOps {
       if (pf) prefetch_span(x + k + pf, end - k);
 #pragma omp simd
       for (int64_t i = k; i < end; ++i) {  // in place g == x: each g[i] is written after its x[i] is read
-        const float d = clamp_lo(mul_add(E::load(x + i), inv_t, -lse));
-        g[i] = E::from(Ent ? exp_one(d) * mul_add(b, d, a) : exp_one(d) * a);
+        const float d = mul_add(E::load(x + i), inv_t, -lse);  // <= 0 up to rounding
+        const float p = zero_below(d, exp_one(d));  // then times a: a NaN a (dlogp) still gives NaN
+        g[i] = E::from(Ent ? p * mul_add(b, clamp_lo(d), a) : p * a);
       }
     }
   }
