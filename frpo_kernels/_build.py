@@ -8,12 +8,13 @@ from __future__ import annotations
 import sys
 
 # The torch-free core (csrc/core): built into the extension, the CMake library and the cross build.
-# The AVX2 file uses per-function target attributes, so every file takes the same flags and the
-# binary runs on any CPU of its architecture (the AVX2 path is chosen at run time).
+# The AVX2 and AVX-512 files use per-function target attributes, so every file takes the same flags and
+# the binary runs on any CPU of its architecture (the vector path is chosen at run time).
 CORE_SOURCES = (
     "csrc/core/logprob_kernels.cpp",
     "csrc/core/logprob_kernels_portable.cpp",
     "csrc/core/logprob_kernels_avx2.cpp",
+    "csrc/core/logprob_kernels_avx512.cpp",
 )
 EXTENSION_SOURCES = ("csrc/ops.cpp",) + CORE_SOURCES  # + the torch binding
 INCLUDE_DIRS = ("csrc",)

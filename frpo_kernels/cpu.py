@@ -94,8 +94,8 @@ def _first_line(exc):
 
 
 def isa():
-    """Which inner loops run: "avx2" or "portable" (chosen by FRPO_CPU_ISA, default auto: the fastest
-    one this CPU has; see set_isa)."""
+    """Which inner loops run: "avx512", "avx2" or "portable" (chosen by FRPO_CPU_ISA, default auto: the
+    fastest one this CPU has; see set_isa)."""
     _require()
     return torch.ops.frpo_kernels.cpu_isa()
 

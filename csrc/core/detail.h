@@ -1,4 +1,4 @@
-// Internals shared by the portable and AVX2 implementations: element conversions, a branch-free
+// Internals shared by the portable, AVX2 and AVX-512 implementations: element conversions, a branch-free
 // polynomial exp, and the per-row algorithm written once over an "inner loops" policy (Ops).
 #pragma once
 
@@ -398,8 +398,8 @@ struct DtypeSwitch {
 
 const Impl& portable_impl();
 const char* portable_slow_reason();  // "" when the portable loops are vector code in this build
-const Impl* avx2_impl();  // nullptr when not built for x86-64 or the CPU lacks AVX2/FMA/F16C
-bool cpu_has_avx512();     // AVX-512 F+BW+DQ+VL (for the error message only: there is no AVX-512 path yet)
+const Impl* avx2_impl();    // nullptr when not built for x86-64 or the CPU lacks AVX2/FMA/F16C
+const Impl* avx512_impl();  // nullptr when not built for x86-64 or the CPU lacks AVX-512 F/BW/DQ/VL
 
 }  // namespace detail
 }  // namespace frpo

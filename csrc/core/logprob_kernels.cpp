@@ -1,4 +1,4 @@
-// The run-time choice between the implementations (portable, AVX2) and the entry points that dispatch to it.
+// The run-time choice between the implementations (portable, AVX2, AVX-512) and the entry points that dispatch to it.
 #include "logprob_kernels.h"
 
 #include <atomic>
@@ -10,8 +10,14 @@
 namespace frpo {
 namespace detail {
 namespace {
+// The fastest implementation this CPU runs.
+const Impl* best() {
+  if (const Impl* impl = avx512_impl()) return impl;
+  if (const Impl* impl = avx2_impl()) return impl;
+  return &portable_impl();
+}
 std::atomic<const Impl*>& current() {
-  static std::atomic<const Impl*> impl{avx2_impl() ? avx2_impl() : &portable_impl()};
+  static std::atomic<const Impl*> impl{best()};
   return impl;
 }
 }  // namespace
@@ -22,18 +28,19 @@ const char* active_isa() { return detail::current().load()->name; }
 
 std::string set_isa(const char* name) {
   const std::string n = name ? name : "";
+  const detail::Impl* avx512 = detail::avx512_impl();
   const detail::Impl* avx2 = detail::avx2_impl();
-  const std::string here = std::string("this CPU runs: ") + (avx2 ? "avx2, portable" : "portable");
+  const std::string here = std::string("this CPU runs: ") + (avx512 ? "avx512, " : "") + (avx2 ? "avx2, " : "") +
+                           "portable";
   const detail::Impl* pick = nullptr;
-  if (n == "auto") pick = avx2 ? avx2 : &detail::portable_impl();
+  if (n == "auto") pick = detail::best();
   else if (n == "portable") pick = &detail::portable_impl();
   else if (n == "avx2") {
     if (!avx2) return "CPU ISA 'avx2' needs an x86-64 CPU with AVX2, FMA and F16C (" + here + ")";
     pick = avx2;
   } else if (n == "avx512") {
-    if (!detail::cpu_has_avx512())
-      return "CPU ISA 'avx512' needs a CPU with AVX-512 F, BW, DQ and VL; this one lacks it (" + here + ")";
-    return "CPU ISA 'avx512': this build has no AVX-512 kernels yet (" + here + ")";
+    if (!avx512) return "CPU ISA 'avx512' needs an x86-64 CPU with AVX-512 F, BW, DQ and VL (" + here + ")";
+    pick = avx512;
   } else {
     return "CPU ISA '" + n + "' is not one of: auto, avx512, avx2, portable (" + here + ")";
   }
@@ -42,7 +49,7 @@ std::string set_isa(const char* name) {
 }
 
 std::string auto_slow_reason() {
-  if (detail::avx2_impl()) return "";
+  if (detail::avx512_impl() || detail::avx2_impl()) return "";
   return detail::portable_slow_reason();
 }
 

@@ -63,9 +63,9 @@ void backward_rows(const LogitsView& logits, const TokenInputs& tok, const Backw
 void fused_rows(const LogitsView& logits, const TokenInputs& tok, const FusedIn& in,
                 const ForwardOut& out, const GradView& grad, int64_t row_begin, int64_t row_end);
 
-// Which implementation runs: "avx2" (x86-64 with AVX2+FMA+F16C, detected at run time) or "portable"
-// (plain loops the compiler vectorises for the build target: SSE2, NEON, SVE, ...). "auto" (the
-// default) picks the fastest one this CPU has.
+// Which implementation runs: "avx512" (x86-64 with AVX-512 F+BW+DQ+VL), "avx2" (x86-64 with
+// AVX2+FMA+F16C), both detected at run time, or "portable" (plain loops the compiler vectorises for the
+// build target: SSE2, NEON, SVE, ...). "auto" (the default) picks the fastest one this CPU has.
 const char* active_isa();
 // Selects the implementation by name: "auto", "avx512", "avx2" or "portable" (FRPO_CPU_ISA's values;
 // the core never reads the environment itself). Returns "" on success, otherwise the reason the name

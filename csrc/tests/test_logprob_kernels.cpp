@@ -357,14 +357,33 @@ static void run_stale_max_checks() {
       }
 }
 
+// Whether the avx512 path must run here, found independently of the core's own detection.
+static bool expect_avx512() {
+#if defined(FRPO_AVX512_SIMDE)
+  return true;  // the AVX-512 file built on SIMDe (tests/test_csrc_avx512_simde.py)
+#elif defined(__x86_64__) && defined(__GNUC__)
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
+#else
+  return false;
+#endif
+}
+
 static void run_isa_choice_checks() {
   CHECK(set_isa("auto").empty(), "auto must always be accepted");
   const std::string best = active_isa();
+  if (expect_avx512()) CHECK(best == "avx512", "auto chose %s on a CPU with AVX-512", best.c_str());
   const std::string typo = set_isa("avx3");
   CHECK(typo.find("not one of: auto, avx512, avx2, portable") != std::string::npos, "unknown isa: %s", typo.c_str());
   CHECK(active_isa() == best, "a rejected name must not change the choice");
-  const std::string avx512 = set_isa("avx512");  // no AVX-512 kernels in this build: always an error
-  CHECK(!avx512.empty() && avx512.find("avx512") != std::string::npos, "avx512: %s", avx512.c_str());
+  const std::string avx512 = set_isa("avx512");
+  if (expect_avx512()) {
+    CHECK(avx512.empty() && std::string(active_isa()) == "avx512", "avx512: %s", avx512.c_str());
+  } else {
+    CHECK(avx512.find("needs an x86-64 CPU with AVX-512") != std::string::npos && active_isa() == best, "avx512: %s",
+          avx512.c_str());
+  }
   CHECK(set_isa("portable").empty() && std::string(active_isa()) == "portable", "portable must always run");
   CHECK(auto_slow_reason().empty(), "an optimised build must vectorise the portable loops: %s", auto_slow_reason().c_str());
   set_isa("auto");
@@ -373,7 +392,7 @@ static void run_isa_choice_checks() {
 int main() {
   run_conversion_checks();
   run_isa_choice_checks();
-  const char* isas[] = {"portable", "avx2"};
+  const char* isas[] = {"portable", "avx2", "avx512"};
   uint32_t seed = 1;
   for (const char* isa : isas) {
     const std::string why = set_isa(isa);
