@@ -23,6 +23,28 @@ PEERS_MAX_ELEMENTS = 2048 * 151936
 TRL_MAX_ELEMENTS = 2048 * 49152
 
 
+def cpu_description():
+    """The CPU model, its vector extensions that matter here, and the path backend="cpu" runs on it."""
+    model, flags = "unknown CPU", set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and model == "unknown CPU":
+                    model = value.strip()
+                elif key.strip() == "flags" and not flags:
+                    flags = set(value.split())
+    except OSError:
+        pass
+    simd = [name for name in ("avx512f", "avx512bw", "avx512_bf16", "avx2", "fma", "neon", "asimd") if name in flags]
+    try:
+        from frpo_kernels import cpu
+        path = cpu.isa()
+    except Exception as exc:  # the backend is unavailable: say so instead of a path
+        path = f"unavailable ({exc})"
+    return f"CPU: {model} ({os.cpu_count()} cores; {' '.join(simd) or 'no AVX2/AVX-512'}); backend='cpu' runs {path}"
+
+
 def shapes():
     """(N = B*T, V) cases: the full grid, or one small shape that runs in seconds."""
     if FULL:
@@ -95,7 +117,7 @@ def write_report(rows):
     with open(path, "w") as f:
         f.write(f"FRPO_BENCH_FULL=1 python -m pytest bench -q -s  ({torch.get_num_threads()} threads, torch "
                 f"{torch.__version__}); best of {rounds('cpu')} rounds for cpu rows, {rounds('torch_eager')} "
-                f"for the peers\n\nfloor = bytes moved / copy bandwidth (forward: 0.5 copy, fused: 1, two-phase: 1.5),"
+                f"for the peers\n\n{cpu_description()}\n\nfloor = bytes moved / copy bandwidth (forward: 0.5 copy, fused: 1, two-phase: 1.5),"
                 f" copy = torch's copy_ of the logits, fastest of the session for that shape and dtype. On this "
                 f"shared 2-core VM the copy of 2048x49152 fp32 took 34-68 ms across sessions (other jobs' load), "
                 f"so a row's ratio depends on how quiet the machine was when its copy was timed; "
@@ -167,6 +189,7 @@ def ratio_table(rows):
 def pytest_terminal_summary(terminalreporter):
     if RESULTS:
         terminalreporter.write_sep("=", "time / floor (floor = bytes moved / copy bandwidth) and speed-ups")
+        terminalreporter.write_line(cpu_description())
         terminalreporter.write_line(ratio_table(RESULTS))
 
 

@@ -3,7 +3,8 @@ torch eager reference, TRL's selective_log_softmax, torch.compile of the referen
 backend="cpu" with overwrite_logits=True ("cpu_inplace": the gradient goes into the logits' storage, no
 [B, T, V] allocation; timed from fresh logits each round, gradient taken with torch.autograd.grad,
 see test_bench), and backend="cpu" on the portable kernels ("cpu_portable": FRPO_CPU_ISA=portable, the
-compiler-vectorised loops that ARM runs; "cpu" is auto, AVX2 on x86-64). The TRL and torch.compile rows time only
+compiler-vectorised loops that ARM runs; "cpu" is auto: AVX-512 or AVX2 on x86-64) and, on a CPU where auto
+runs AVX-512, on the AVX2 ones ("cpu_avx2"). The TRL and torch.compile rows time only
 per-token log-probs plus a trivial sum loss (a lower bound on their cost).
 
 Each case prints time / floor, floor = minimum bytes / this machine's copy bandwidth (forward: read
@@ -30,7 +31,16 @@ except Exception:  # TRL is optional
     selective_log_softmax = None
 
 GROUP = 8
-IMPLS = ["torch_eager", "trl_selective", "torch_compile", "cpu", "cpu_inplace", "cpu_portable"]
+IMPLS = ["torch_eager", "trl_selective", "torch_compile", "cpu", "cpu_inplace", "cpu_portable", "cpu_avx2"]
+FORCED_ISA = {"cpu_portable": "portable", "cpu_avx2": "avx2"}  # rows that run backend="cpu" on a chosen path
+
+
+def _auto_isa():
+    try:
+        from frpo_kernels import cpu
+        return cpu.isa()
+    except Exception:
+        return None
 PEERS = ("torch_eager", "trl_selective", "torch_compile")
 MODES = ["forward", "fwd_bwd_fused", "fwd_bwd_2phase"]
 _reference_values = {}
@@ -81,7 +91,7 @@ def _loss_fn(impl, mode, ids, mask, rewards, old):
                 lambda z, ids, mask: -(frpo_kernels.token_logprobs(z, ids, backend="torch") * mask).sum())
         fn = _compiled["fn"]
         return lambda z: fn(z, ids, mask)
-    backend = "torch" if impl == "torch_eager" else "cpu"  # cpu_portable: the ISA is set in test_bench
+    backend = "torch" if impl == "torch_eager" else "cpu"  # cpu_portable / cpu_avx2: the ISA is set in test_bench
     if impl == "cpu_inplace":
         if mode == "forward":
             pytest.skip("no gradient in forward mode")
@@ -102,15 +112,17 @@ def _cases():
                         continue
                     if impl == "cpu_inplace" and mode == "forward":
                         continue
+                    if impl == "cpu_avx2" and _auto_isa() != "avx512":
+                        continue  # "cpu" already is the AVX2 path (or there is none)
                     yield pytest.param(n, v, dtype, mode, impl, id=f"{mode}-{impl}-{n}x{v}-{str(dtype)[6:]}")
 
 
 @pytest.mark.parametrize("n,v,dtype,mode,impl", list(_cases()))
 def test_bench(benchmark, request, n, v, dtype, mode, impl):
-    if impl == "cpu_portable":  # process-wide: forward and backward kernels both run the portable loops
+    if impl in FORCED_ISA:  # process-wide: forward and backward kernels both run the chosen loops
         from frpo_kernels import cpu
         previous = cpu.isa()
-        cpu.set_isa("portable")
+        cpu.set_isa(FORCED_ISA[impl])
         request.addfinalizer(lambda: cpu.set_isa(previous))
     logits, ids, mask, rewards, old = _inputs(n, v, dtype)
     fn = _loss_fn(impl, mode, ids, mask, rewards, old)
