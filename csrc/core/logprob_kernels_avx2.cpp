@@ -9,6 +9,8 @@
 #define FRPO_SIMD __attribute__((target("avx2,fma,f16c")))
 #define FRPO_SIMD_INLINE __attribute__((target("avx2,fma,f16c"), always_inline)) inline
 
+#include "x86_horizontal.h"
+
 namespace frpo {
 namespace detail {
 namespace {
@@ -29,18 +31,8 @@ struct Avx2 {
   static FRPO_SIMD_INLINE F max(F a, F b) { return _mm256_max_ps(a, b); }
   static FRPO_SIMD_INLINE F min(F a, F b) { return _mm256_min_ps(a, b); }
   static FRPO_SIMD_INLINE F pow2(F t) { return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_castps_si256(t), 23)); }
-  static FRPO_SIMD_INLINE float hsum(F v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-  }
-  static FRPO_SIMD_INLINE float hmax(F v) {
-    __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_max_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_max_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-  }
+  static FRPO_SIMD_INLINE float hsum(F v) { return horizontal8<false>(v); }
+  static FRPO_SIMD_INLINE float hmax(F v) { return horizontal8<true>(v); }
   template <class E> struct Elem;
 };
 

@@ -20,6 +20,8 @@
 #endif
 
 #ifdef FRPO_HAVE_AVX512_TU
+#include "x86_horizontal.h"
+
 // GCC 12's _mm512_max_ps, _mm512_extractf32x8_ps, ... pass an _mm512_undefined_*() value through a
 // mask they never use, and -W(maybe-)uninitialized reports it at every inlined call.
 #pragma GCC diagnostic ignored "-Wuninitialized"
@@ -46,18 +48,10 @@ struct Avx512 {
   static FRPO_SIMD_INLINE F min(F a, F b) { return _mm512_min_ps(a, b); }
   static FRPO_SIMD_INLINE F pow2(F t) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_castps_si512(t), 23)); }
   static FRPO_SIMD_INLINE float hsum(F v) {
-    __m256 h = _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1));
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
+    return horizontal8<false>(_mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1)));
   }
   static FRPO_SIMD_INLINE float hmax(F v) {
-    __m256 h = _mm256_max_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1));
-    __m128 s = _mm_max_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
-    s = _mm_max_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_max_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
+    return horizontal8<true>(_mm256_max_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1)));
   }
   template <class E> struct Elem;
 };
