@@ -4,7 +4,7 @@
 // includes this file, once; everything here is in an unnamed namespace, so each gets its own copy.
 //
 // V supplies, for its vector type F of V::kWidth floats:
-//   set1(f), zero(), loadu(p), storeu(p, v), add(a, b), mul(a, b), fmadd(a, b, c) = a*b + c,
+//   set1(f), zero(), loadu(p), storeu(p, v), add(a, b), sub(a, b), mul(a, b), fmadd(a, b, c) = a*b + c,
 //   fnmadd(a, b, c) = c - a*b, max(a, b) / min(a, b) with the x86 rule (b when either is NaN),
 //   pow2(t) (the float whose bits are t's bits << 23), hsum(v), hmax(v),
 //   Elem<E>: load(p) (kWidth logits as fp32), put<Stream>(p, v) (kWidth results in E's type),
