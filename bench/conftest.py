@@ -32,7 +32,7 @@ def cpu_description():
                 key, _, value = line.partition(":")
                 if key.strip() == "model name" and model == "unknown CPU":
                     model = value.strip()
-                elif key.strip() == "flags" and not flags:
+                elif key.strip() in ("flags", "Features") and not flags:  # x86, aarch64
                     flags = set(value.split())
     except OSError:
         pass

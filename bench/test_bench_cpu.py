@@ -33,6 +33,10 @@ except Exception:  # TRL is optional
 GROUP = 8
 IMPLS = ["torch_eager", "trl_selective", "torch_compile", "cpu", "cpu_inplace", "cpu_portable", "cpu_avx2"]
 FORCED_ISA = {"cpu_portable": "portable", "cpu_avx2": "avx2"}  # rows that run backend="cpu" on a chosen path
+PEERS = ("torch_eager", "trl_selective", "torch_compile")
+MODES = ["forward", "fwd_bwd_fused", "fwd_bwd_2phase"]
+_reference_values = {}
+_compiled = {}
 
 
 def _auto_isa():
@@ -41,10 +45,6 @@ def _auto_isa():
         return cpu.isa()
     except Exception:
         return None
-PEERS = ("torch_eager", "trl_selective", "torch_compile")
-MODES = ["forward", "fwd_bwd_fused", "fwd_bwd_2phase"]
-_reference_values = {}
-_compiled = {}
 
 
 _last_inputs = {}
