@@ -9,13 +9,11 @@ installs them).
 import os
 import re
 import shutil
-import subprocess
 
 import pytest
 
-from frpo_kernels import _build
+from csrc_build import ROOT, core_flags, core_test_binary, run_all
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CXX = "aarch64-linux-gnu-g++"
 QEMU = "qemu-aarch64"
 SYSROOT = "/usr/aarch64-linux-gnu"  # Debian's aarch64 libc and libstdc++ (for qemu's -L)
@@ -25,40 +23,19 @@ pytestmark = pytest.mark.skipif(
     reason=f"{CXX} / {QEMU} not installed (apt-get install g++-aarch64-linux-gnu qemu-user)")
 
 
-def _run(cmd, timeout=600):
-    proc = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          timeout=timeout)
-    assert proc.returncode == 0, f"{' '.join(cmd)} failed (exit {proc.returncode}):\n{proc.stdout[-6000:]}"
-    return proc.stdout
-
-
-def _flags():
-    return (list(_build.CXX_FLAGS + _build.CORE_STD_FLAGS)
-            + [f"-I{os.path.join(ROOT, d, 'core')}" for d in _build.INCLUDE_DIRS])
-
-
 @pytest.fixture(scope="module")
 def cross_build(tmp_path_factory):
-    """Objects of the core + the C++ test, and the portable file's assembly, compiled side by side."""
+    """The core + the C++ test, and the portable file's assembly, compiled side by side."""
     out = tmp_path_factory.mktemp("aarch64")
-    sources = [os.path.join(ROOT, s) for s in _build.CORE_SOURCES] + [
-        os.path.join(ROOT, "csrc", "tests", "test_logprob_kernels.cpp")]
-    jobs = [[CXX, *_flags(), "-c", src, "-o", str(out / f"{k}.o")] for k, src in enumerate(sources)]
     asm = str(out / "portable.s")
-    jobs.append([CXX, *_flags(), "-S", os.path.join(ROOT, "csrc", "core", "logprob_kernels_portable.cpp"), "-o", asm])
-    procs = [(cmd, subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-             for cmd in jobs]
-    for cmd, proc in procs:
-        log, _ = proc.communicate(timeout=600)
-        assert proc.returncode == 0, f"{' '.join(cmd)} failed (exit {proc.returncode}):\n{log[-6000:]}"
-    binary = str(out / "test_logprob_kernels")
-    _run([CXX, *[str(out / f"{k}.o") for k in range(len(sources))], "-o", binary])
+    portable = os.path.join(ROOT, "csrc", "core", "logprob_kernels_portable.cpp")
+    binary = core_test_binary(CXX, str(out), also=[[CXX, *core_flags(), "-S", portable, "-o", asm]])
     return binary, asm
 
 
 def test_core_tests_pass_on_aarch64_under_qemu(cross_build):
     binary, _ = cross_build
-    out = _run([QEMU, "-L", SYSROOT, binary])
+    (out,) = run_all([[QEMU, "-L", SYSROOT, binary]])
     assert "isa portable: done" in out, out
     assert "isa avx2 not available here" in out, out  # the x86 path compiles to a stub on ARM
     assert out.rstrip().endswith("all passed"), out

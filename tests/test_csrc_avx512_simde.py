@@ -8,31 +8,15 @@ native build is checked to be AVX-512 code.
 """
 import os
 import re
-import subprocess
 
 import pytest
 
-from frpo_kernels import _build
+from csrc_build import ROOT, core_flags, core_test_binary, run_all
 
 simde_py = pytest.importorskip("simde_py", reason="simde-py not installed (pip install simde-py; in requirements.txt)")
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CXX = os.environ.get("CXX", "g++")
 AVX512_SOURCE = os.path.join(ROOT, "csrc", "core", "logprob_kernels_avx512.cpp")
-
-
-def _compile_all(jobs):
-    procs = [(cmd, subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-             for cmd in jobs]
-    for cmd, proc in procs:
-        log, _ = proc.communicate(timeout=600)
-        assert proc.returncode == 0, f"{' '.join(cmd)} failed (exit {proc.returncode}):\n{log[-6000:]}"
-
-
-def _flags():
-    return list(_build.CXX_FLAGS + _build.CORE_STD_FLAGS) + [
-        f"-I{os.path.join(ROOT, d, 'core')}" for d in _build.INCLUDE_DIRS]
-
 
 # SIMDe's loads and stores are memcpy: under AddressSanitizer a vector access past a row's end is caught.
 SANITIZE = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all"]
@@ -41,16 +25,10 @@ SANITIZE = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all"]
 def test_core_tests_pass_on_the_avx512_path_emulated(tmp_path):
     emulated = ["-DFRPO_AVX512_SIMDE", f"-I{simde_py.get_include()}", f"-I{os.path.join(ROOT, 'csrc', 'tests')}",
                 "-Wno-psabi", *SANITIZE]  # -Wno-psabi: SIMDe passes its 512-bit structs by value
-    sources = [os.path.join(ROOT, s) for s in _build.CORE_SOURCES] + [
-        os.path.join(ROOT, "csrc", "tests", "test_logprob_kernels.cpp")]
-    objects = [str(tmp_path / f"{k}.o") for k in range(len(sources))]
-    _compile_all([[CXX, *_flags(), *emulated, "-c", src, "-o", obj] for src, obj in zip(sources, objects)])
-    binary = str(tmp_path / "test_logprob_kernels")
-    _compile_all([[CXX, *SANITIZE, *objects, "-o", binary]])
-    proc = subprocess.run([binary], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-6000:]
-    assert "isa avx512: done" in proc.stdout, proc.stdout[-6000:]
-    assert proc.stdout.rstrip().endswith("all passed"), proc.stdout[-6000:]
+    binary = core_test_binary(CXX, str(tmp_path), flags=emulated, link_flags=SANITIZE)
+    (out,) = run_all([[binary]])
+    assert "isa avx512: done" in out, out[-6000:]
+    assert out.rstrip().endswith("all passed"), out[-6000:]
 
 
 @pytest.mark.skipif(os.uname().machine != "x86_64", reason="the AVX-512 path is built on x86-64 only")
@@ -58,7 +36,7 @@ def test_native_build_is_avx512_code(tmp_path):
     """The shipped build (no SIMDe) turns the same file into 512-bit instructions: FMAs on zmm registers,
     the bf16 word permutes and streaming stores."""
     asm = str(tmp_path / "avx512.s")
-    _compile_all([[CXX, *_flags(), "-S", AVX512_SOURCE, "-o", asm]])
+    run_all([[CXX, *core_flags(), "-S", AVX512_SOURCE, "-o", asm]])
     text = open(asm).read()
     zmm_fma = len(re.findall(r"\tvfn?madd\d+ps\t[^\n]*%zmm", text))
     assert zmm_fma >= 24 * 6, f"only {zmm_fma} FMAs on zmm registers"
