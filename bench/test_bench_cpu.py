@@ -100,6 +100,7 @@ def _loss_fn(impl, mode, ids, mask, rewards, old):
 
 
 def _cases():
+    auto_isa = _auto_isa()
     for n, v in shapes():
         for dtype in (torch.float32, torch.bfloat16):
             for mode in MODES:
@@ -112,7 +113,7 @@ def _cases():
                         continue
                     if impl == "cpu_inplace" and mode == "forward":
                         continue
-                    if impl == "cpu_avx2" and _auto_isa() != "avx512":
+                    if impl == "cpu_avx2" and auto_isa != "avx512":
                         continue  # "cpu" already is the AVX2 path (or there is none)
                     yield pytest.param(n, v, dtype, mode, impl, id=f"{mode}-{impl}-{n}x{v}-{str(dtype)[6:]}")
 

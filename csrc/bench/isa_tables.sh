@@ -9,10 +9,10 @@ cmake -S . -B build/cmake -DCMAKE_BUILD_TYPE=Release -G Ninja >/dev/null
 ninja -C build/cmake bench_core >/dev/null
 commands=()
 for isa in avx512 avx2 portable; do  # bench_core exits non-zero, saying why, on a path this CPU lacks
-  if FRPO_CPU_ISA=$isa build/cmake/bench_core 1 64 f32 0 1 >/dev/null 2>&1; then
+  if why=$(FRPO_CPU_ISA=$isa build/cmake/bench_core 1 64 f32 0 1 2>&1); then
     commands+=("FRPO_CPU_ISA=$isa build/cmake/bench_core")
   else
-    echo "skipped $isa: $(FRPO_CPU_ISA=$isa build/cmake/bench_core 1 64 f32 0 1 2>&1 | head -1)"
+    echo "skipped $isa: ${why%%$'\n'*}"
   fi
 done
 if [ "$(uname -m)" = x86_64 ]; then
