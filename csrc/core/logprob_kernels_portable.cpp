@@ -17,7 +17,7 @@ namespace {
 
 // With FMA in hardware the exp is the AVX2 one, operation for operation; without it (x86-64 baseline)
 // std::fma would be a library call per element, so products and sums are rounded separately and the
-// reduction takes ln2 in two parts (see exp_poly_nofma).
+// exp is exp_poly_nofma (exp2 domain, Estrin's form).
 #if defined(__FP_FAST_FMAF) || defined(__FMA__) || defined(__ARM_FEATURE_FMA)
 inline float mul_add(float a, float b, float c) { return std::fma(a, b, c); }
 inline float exp_one(float x) { return exp_poly(x); }
