@@ -77,7 +77,8 @@ def main():
     print(f"{'file':8s} {'loop':24s} " + " ".join(f"{c:>15s}" for c in cpus) + "   (cycles per logit)")
     for isa in ("avx2", "avx512"):
         source = os.path.join(ROOT, f"csrc/core/logprob_kernels_{isa}.cpp")
-        asm = subprocess.run(["g++", *flags, "-S", "-o", "-", source], capture_output=True, text=True, check=True).stdout
+        asm = subprocess.run(["g++", *flags, "-S", "-o", "-", source], capture_output=True, text=True,
+                             check=True).stdout
         seen = set()
         for body in innermost_loops(asm):
             exps = exps_per_iteration(body)

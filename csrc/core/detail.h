@@ -110,14 +110,15 @@ inline float exp_poly(float x) {
 // The same without FMA (x86-64 baseline: std::fma would be a slow library call), in the exp2 domain:
 // y = x*log2e rounded, n = round(y), 2^(y - n) from the polynomial above with its coefficients
 // scaled by ln2^k (y - n is exact). The rounding of y costs |y| * 2^-24 * ln2 relative (4e-6 at
-// x = -87, 2e-7 on [-1, 0], where the terms that dominate a sum are), against the two-constant
+// x = -87, 2.5e-7 on [-1, 0], where the terms that dominate a sum are), against the two-constant
 // (Cody-Waite) reduction's 4 more operations, a fifth of the exp. The polynomial is in Estrin's form:
 // SSE2 loops are bound by the chain of dependent operations (Horner: 10 in a row), not their count.
 // Both measured: fp32 fused 1.48 -> 1.20 ns/logit in cache, 1 thread (csrc/bench/README.md). With FMA
 // the loops are bound by the count, and Estrin's 2 more multiplies measured slower (exp_poly, exp_v).
 constexpr double kLn2d = 0.693147180559945309;
-constexpr float kP1 = float(kE1 * kLn2d), kP2 = float(kE2 * kLn2d * kLn2d), kP3 = float(kE3 * kLn2d * kLn2d * kLn2d),
-                kP4 = float(kE4 * kLn2d * kLn2d * kLn2d * kLn2d), kP5 = float(kE5 * kLn2d * kLn2d * kLn2d * kLn2d * kLn2d);
+constexpr float kP1 = float(kE1 * kLn2d), kP2 = float(kE2 * kLn2d * kLn2d),
+                kP3 = float(kE3 * kLn2d * kLn2d * kLn2d), kP4 = float(kE4 * kLn2d * kLn2d * kLn2d * kLn2d),
+                kP5 = float(kE5 * kLn2d * kLn2d * kLn2d * kLn2d * kLn2d);
 inline float exp_poly_nofma(float x) {
   const float y = x * kLog2e;
   const float t = y + kRoundMagic;

@@ -63,13 +63,13 @@ inline void prefetch_span(const T* p, int64_t n) {
 
 // Streaming (non-temporal) stores for gradients written to memory nobody reads soon. On x86 a plain
 // store to a line that is not cached first reads the line: 4 more bytes of DRAM traffic per fp32
-// logit, half again the fused kernel's floor (read x, write g: 8 bytes). x86-64's baseline has them (SSE2's
-// movntdq), so every x86 build streams. Compilers do not emit them from plain loops (GCC has no
-// portable non-temporal store), so the loops write a block to an L1 buffer and stream_copy moves it.
-// Only fp32 gradients stream: the bf16 and fp16 sweeps are bound by their conversions (3-4x their
-// floor), where the buffer's extra pass measured slower than the reads it saves. Elsewhere plain stores:
-// Arm cores switch to a write-streaming mode without the read on runs of whole-line writes (not
-// measured here).
+// logit, half again the fused kernel's floor (read x, write g: 8 bytes). x86-64's baseline has
+// streaming stores (SSE2's movntdq), so every x86 build uses them. Compilers do not emit them from
+// plain loops (GCC has no portable non-temporal store), so the loops write a block to an L1 buffer
+// and stream_copy moves it. Only fp32 gradients stream: the bf16 and fp16 sweeps are bound by their
+// conversions (3-5x their floor), where the buffer's extra pass measured slower than the reads it
+// saves. Elsewhere plain stores: Arm cores switch to a write-streaming mode without the read on runs
+// of whole-line writes (not measured here).
 #if defined(__SSE2__)
 constexpr bool kStreamStores = true;
 // dst: 16-byte aligned; bytes: a multiple of 16.
@@ -86,9 +86,9 @@ inline void stream_fence() {}
 #endif
 
 // Writes g[0, n) in blocks of at most kBlock elements: emit(out, i0, i1) writes the values of elements
-// i0..i1-1 to out[0, i1 - i0). Streaming fp32, each block goes to an L1 buffer and then to g with streaming
-// stores (after a first short block up to g's first 16-byte boundary, written directly); otherwise
-// emit writes g itself.
+// i0..i1-1 to out[0, i1 - i0). Streaming fp32, each block goes to an L1 buffer and then to g with
+// streaming stores (after a first short block up to g's first 16-byte boundary, written directly);
+// otherwise emit writes g itself.
 template <class T, class Emit>
 inline void write_blocks(T* g, int64_t n, bool streaming, Emit&& emit) {
   const bool stream = kStreamStores && sizeof(T) == 4 && streaming && reinterpret_cast<uintptr_t>(g) % 4 == 0;
