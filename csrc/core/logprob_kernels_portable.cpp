@@ -4,6 +4,7 @@
 // arithmetic; the one x86 instruction used by name is SSE2's streaming store (see stream_copy).
 #include <algorithm>
 #include <cstring>
+#include <type_traits>
 
 #if defined(__SSE2__)
 #include <emmintrin.h>
@@ -19,12 +20,24 @@ namespace {
 // std::fma would be a library call per element, so products and sums are rounded separately and the
 // exp is exp_poly_nofma (exp2 domain, Estrin's form).
 #if defined(__FP_FAST_FMAF) || defined(__FMA__) || defined(__ARM_FEATURE_FMA)
+constexpr bool kFma = true;
 inline float mul_add(float a, float b, float c) { return std::fma(a, b, c); }
 inline float exp_one(float x) { return exp_poly(x); }
 #else
+constexpr bool kFma = false;
 inline float mul_add(float a, float b, float c) { return a * b + c; }
 inline float exp_one(float x) { return exp_poly_nofma(x); }
 #endif
+// x/T - c, with Unit (T = 1, the usual temperature) as x - c: the same value, one multiply fewer. Only
+// the build without FMA takes it: there the loops are bound by their dependency chain, which the
+// multiply lengthens by a tenth (in cache, SSE2 fp32: fused 1.18 -> 1.14, backward 0.91 -> 0.85 ns/logit).
+template <bool Unit>
+inline float shifted(float x, float inv_t, float c) { return Unit ? x - c : mul_add(x, inv_t, -c); }
+template <class F>
+inline void with_unit_temperature(float inv_t, F&& run) {
+  if (!kFma && inv_t == 1.f) run(std::true_type{});
+  else run(std::false_type{});
+}
 
 // The loops are `#pragma omp simd` (compiled with -fopenmp-simd, which enables these pragmas and no
 // OpenMP runtime): that lets the compiler reorder the sums into vector lanes (fp reassociation it may
@@ -130,24 +143,26 @@ struct PortableOps {
   template <class E, bool Ent, bool Store>
   static void sum_exp(const typename E::T* x, int64_t n, float inv_t, float m, float* s_out, float* t_out,
                       int64_t pf, float* e_out) {
-    float s = 0.f, t = 0.f;
-    for (int64_t b = 0; b < n; b += kBlock) {
-      const int64_t end = n - b < kBlock ? n : b + kBlock;
-      if (pf) prefetch_span(x + b + pf, end - b);
-      float bs = 0.f, bt = 0.f;
+    with_unit_temperature(inv_t, [&](auto unit) {
+      float s = 0.f, t = 0.f;
+      for (int64_t b = 0; b < n; b += kBlock) {
+        const int64_t end = n - b < kBlock ? n : b + kBlock;
+        if (pf) prefetch_span(x + b + pf, end - b);
+        float bs = 0.f, bt = 0.f;
 #pragma omp simd reduction(+ : bs, bt)
-      for (int64_t i = b; i < end; ++i) {
-        const float d = mul_add(E::load(x + i), inv_t, -m);  // m may be stale: d above 0
-        const float e = exp_masked(d);
-        if (Store) e_out[i] = e;
-        bs += e;
-        if (Ent) bt += zero_below(d, e * d);
+        for (int64_t i = b; i < end; ++i) {
+          const float d = shifted<decltype(unit)::value>(E::load(x + i), inv_t, m);  // m may be stale: d above 0
+          const float e = exp_masked(d);
+          if (Store) e_out[i] = e;
+          bs += e;
+          if (Ent) bt += zero_below(d, e * d);
+        }
+        s += bs;
+        t += bt;
       }
-      s += bs;
-      t += bt;
-    }
-    *s_out = s;
-    *t_out = t;
+      *s_out = s;
+      *t_out = t;
+    });
   }
 
   template <class E>
@@ -161,14 +176,16 @@ struct PortableOps {
   template <class E, bool Ent>
   static void grad_span(const typename E::T* x, typename E::T* g, int64_t n, float inv_t, float lse, float a,
                         float b, bool streaming, int64_t pf) {
-    write_blocks(g, n, streaming, [&](typename E::T* out, int64_t i0, int64_t i1) {
-      if (pf) prefetch_span(x + i0 + pf, i1 - i0);
+    with_unit_temperature(inv_t, [&](auto unit) {
+      write_blocks(g, n, streaming, [&](typename E::T* out, int64_t i0, int64_t i1) {
+        if (pf) prefetch_span(x + i0 + pf, i1 - i0);
 #pragma omp simd
-      for (int64_t i = i0; i < i1; ++i) {  // in place (g == x): each out element written after its x is read
-        const float d = mul_add(E::load(x + i), inv_t, -lse);  // <= 0 up to rounding
-        const float p = zero_below(d, exp_one(d));  // then times a: a NaN a (dlogp) still gives NaN
-        out[i - i0] = E::from(Ent ? p * mul_add(b, clamp_lo(d), a) : p * a);
-      }
+        for (int64_t i = i0; i < i1; ++i) {  // in place (g == x): each out element written after its x is read
+          const float d = shifted<decltype(unit)::value>(E::load(x + i), inv_t, lse);  // <= 0 up to rounding
+          const float p = zero_below(d, exp_one(d));  // then times a: a NaN a (dlogp) still gives NaN
+          out[i - i0] = E::from(Ent ? p * mul_add(b, clamp_lo(d), a) : p * a);
+        }
+      });
     });
   }
 
