@@ -35,8 +35,10 @@ template <bool Unit>
 inline float shifted(float x, float inv_t, float c) { return Unit ? x - c : mul_add(x, inv_t, -c); }
 template <class F>
 inline void with_unit_temperature(float inv_t, F&& run) {
-  if (!kFma && inv_t == 1.f) run(std::true_type{});
-  else run(std::false_type{});
+  if constexpr (!kFma) {
+    if (inv_t == 1.f) return run(std::true_type{});
+  }
+  run(std::false_type{});
 }
 
 // The loops are `#pragma omp simd` (compiled with -fopenmp-simd, which enables these pragmas and no
