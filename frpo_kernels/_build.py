@@ -1,5 +1,6 @@
 """How csrc/ is compiled, in one place: read by setup.py, the JIT fallback in cpu.py, CMakeLists.txt
-(which runs this file: `python frpo_kernels/_build.py cmake`) and tests/test_csrc_aarch64.py.
+(which runs this file: `python frpo_kernels/_build.py cmake`), tests/csrc_build.py (the aarch64 cross
+build and the AVX-512-on-SIMDe build) and csrc/bench/mca_loops.py.
 
 Standard library only: setup.py and CMake load it without importing frpo_kernels or torch.
 """
@@ -32,6 +33,11 @@ CORE_STD_FLAGS = ("-std=c++17",)
 # torch's ATen parallel backend is OpenMP and at::parallel_for is inlined into ops.cpp, so the extension
 # is compiled and linked with it; the core itself has no OpenMP (callers split rows across threads).
 OPENMP_FLAGS = ("-fopenmp",)
+
+
+def core_compile_flags(root):
+    """The compiler flags of a torch-free build of the core outside CMake, for the checkout at root."""
+    return list(CXX_FLAGS + CORE_STD_FLAGS) + [f"-I{root}/{d}/core" for d in INCLUDE_DIRS]
 
 
 if __name__ == "__main__":

@@ -11,8 +11,7 @@ CORE_TEST = os.path.join(ROOT, "csrc", "tests", "test_logprob_kernels.cpp")
 
 
 def core_flags():
-    return (list(_build.CXX_FLAGS + _build.CORE_STD_FLAGS)
-            + [f"-I{os.path.join(ROOT, d, 'core')}" for d in _build.INCLUDE_DIRS])
+    return _build.core_compile_flags(ROOT)
 
 
 def run_all(commands, timeout=600):

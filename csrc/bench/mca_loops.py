@@ -69,7 +69,7 @@ def describe(body):
 
 def main():
     cpus = sys.argv[1:] or ["znver3", "skylake", "skylake-avx512", "icelake-server"]
-    flags = list(_build.CXX_FLAGS) + list(_build.CORE_STD_FLAGS) + [f"-I{os.path.join(ROOT, 'csrc/core')}", "-DNDEBUG"]
+    flags = _build.core_compile_flags(ROOT) + ["-DNDEBUG"]
     if shutil.which("llvm-mca") is None:
         sys.exit("mca_loops.py needs llvm-mca (Debian: apt-get install llvm)")
     version = subprocess.run(["llvm-mca", "--version"], capture_output=True, text=True).stdout
