@@ -25,6 +25,45 @@ def rerun_under_interpreter(test_file, select=None, timeout=900, **env):
     return proc
 
 
+def cpu_flags():
+    """This CPU's feature flags from /proc/cpuinfo (x86 "flags", aarch64 "Features"); empty elsewhere."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def runnable_isas():
+    """The CPU kernel paths this CPU runs, fastest first, from /proc/cpuinfo (independent of the
+    core's own detection, which the tests check against it)."""
+    names = ["portable"]
+    if {"avx2", "fma", "f16c"} <= cpu_flags():
+        names.insert(0, "avx2")
+        if {"avx512f", "avx512bw", "avx512dq", "avx512vl"} <= cpu_flags():
+            names.insert(0, "avx512")
+    return names
+
+
+def expected_isa():
+    """The path cpu.isa() must report in this process: FRPO_CPU_ISA's choice, else the fastest."""
+    chosen = os.environ.get("FRPO_CPU_ISA", "").strip() or "auto"
+    return runnable_isas()[0] if chosen == "auto" else chosen
+
+
+def rerun_under_isa(test_file, isa, timeout=900):
+    """pytest on test_file in a subprocess with FRPO_CPU_ISA=isa, asserting it passed: the same
+    cases on another kernel path of this CPU."""
+    command = [sys.executable, "-m", "pytest", os.path.abspath(test_file), "-q", "-p", "no:cacheprovider"]
+    proc = subprocess.run(command, cwd=ROOT, env=dict(os.environ, FRPO_CPU_ISA=isa), capture_output=True,
+                          text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-8000:] + proc.stderr[-4000:]
+    return proc
+
+
 def make_batch(batch=6, length=5, vocab=7, group_size=3, dtype=torch.float64, seed=0,
                old_spread=0.3, with_old=True, with_ref=True):
     gen = torch.Generator().manual_seed(seed)

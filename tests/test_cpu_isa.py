@@ -12,33 +12,13 @@ import pytest
 import torch
 
 from frpo_kernels import backends, reference
+from helpers import expected_isa, runnable_isas
 
 cpu = pytest.importorskip("frpo_kernels.cpu")
 AVAILABLE, WHY = cpu.availability()
 pytestmark = pytest.mark.skipif(not AVAILABLE, reason=f"cpu backend unavailable: {WHY}")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHOICES = "auto, avx512, avx2, portable"
-
-
-def _cpu_flags():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
-def _runnable():
-    """The paths this CPU runs, fastest first, from /proc/cpuinfo (independent of the core's detection)."""
-    names = ["portable"]
-    if {"avx2", "fma", "f16c"} <= _cpu_flags():
-        names.insert(0, "avx2")
-        if {"avx512f", "avx512bw", "avx512dq", "avx512vl"} <= _cpu_flags():
-            names.insert(0, "avx512")
-    return names
 
 
 @pytest.fixture
@@ -49,10 +29,10 @@ def restore_isa():
 
 
 def test_isa_names_and_set_isa(restore_isa):
-    assert cpu.isa() == _runnable()[0]  # auto: the fastest path this CPU has
-    for name in _runnable():
+    assert cpu.isa() == expected_isa()  # auto: the fastest path this CPU has
+    for name in runnable_isas():
         assert cpu.set_isa(name) == name and cpu.isa() == name
-    assert cpu.set_isa("auto") == _runnable()[0]
+    assert cpu.set_isa("auto") == runnable_isas()[0]
 
 
 @pytest.mark.parametrize("name", ["avx3", "AVX2", "scalar", ""])
@@ -63,16 +43,16 @@ def test_unknown_isa_is_an_error_naming_the_choices(name, restore_isa):
     assert cpu.isa() == before
 
 
-@pytest.mark.skipif("avx512" in _runnable(), reason="this CPU has AVX-512 (its path runs in the tests below)")
+@pytest.mark.skipif("avx512" in runnable_isas(), reason="this CPU has AVX-512 (its path runs in the tests below)")
 def test_avx512_without_avx512_is_an_error_naming_what_runs(restore_isa):
     before = cpu.isa()
-    runs = ", ".join(_runnable())
+    runs = ", ".join(runnable_isas())
     with pytest.raises(ValueError, match=f"needs an x86-64 CPU with AVX-512 F, BW, DQ and VL .this CPU runs: {runs}."):
         cpu.set_isa("avx512")
     assert cpu.isa() == before
 
 
-@pytest.mark.skipif("avx2" in _runnable(), reason="this CPU has AVX2")
+@pytest.mark.skipif("avx2" in runnable_isas(), reason="this CPU has AVX2")
 def test_avx2_without_avx2_is_an_error(restore_isa):
     with pytest.raises(ValueError, match="needs an x86-64 CPU with AVX2"):
         cpu.set_isa("avx2")
@@ -112,7 +92,7 @@ def test_auto_falls_back_to_torch_when_the_kernels_would_be_slow(monkeypatch):
     assert torch.ops.frpo_kernels.cpu_auto_slow_reason() == ""  # this build's loops are vectorised
 
 
-@pytest.mark.parametrize("isa", _runnable())
+@pytest.mark.parametrize("isa", runnable_isas())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_every_path_matches_the_reference(isa, dtype, restore_isa):
     """fwd / bwd (+ entropy term) / fused (+ KL) on each path, odd V (vector tails) and row strides."""
@@ -141,7 +121,7 @@ def test_every_path_matches_the_reference(isa, dtype, restore_isa):
     close(fused[3], reference.fused(z, ids, mask, 0.8, coef.double(), kl.abs().double(), ref, False)[3])
 
 
-@pytest.mark.parametrize("isa", _runnable())
+@pytest.mark.parametrize("isa", runnable_isas())
 @pytest.mark.parametrize("scale,vocab", [(3.0, 49152), (0.1, 151936), (8.0, 4096)])
 def test_fp32_parity_within_twice_torch_error(isa, scale, vocab, restore_isa):
     cpu.set_isa(isa)

@@ -8,6 +8,7 @@ so the per-token outputs keep the fp32 tolerance, and only the gradient (stored 
 is compared at one rounding of that dtype (bf16 8e-3, fp16 1e-3 relative).
 """
 import itertools
+import os
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 import frpo_kernels
 from frpo_kernels import backends, reference
-from helpers import make_batch
+from helpers import expected_isa, make_batch, require_cpu_kernels, rerun_under_isa, runnable_isas
 
 cpu = pytest.importorskip("frpo_kernels.cpu")
 AVAILABLE, WHY = cpu.availability()
@@ -27,7 +28,15 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 def test_extension_loads():
     assert AVAILABLE, WHY
-    assert cpu.isa() in ("avx2", "portable")
+    assert cpu.isa() == expected_isa()
+
+
+@pytest.mark.skipif(bool(os.environ.get("FRPO_CPU_ISA")), reason="a rerun on one chosen path")
+@pytest.mark.parametrize("isa", runnable_isas()[1:])
+def test_every_other_path_this_cpu_runs(isa):
+    """The file's cases ran above on the fastest path (auto); here again on each slower one."""
+    require_cpu_kernels()
+    rerun_under_isa(__file__, isa)
 
 
 def _logits(batch, length, vocab, dtype, seed=0, ninf=0.0, pad=0, scale=3.0):

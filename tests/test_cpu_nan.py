@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from frpo_kernels import reference
+from helpers import runnable_isas
 
 cpu = pytest.importorskip("frpo_kernels.cpu")
 AVAILABLE, WHY = cpu.availability()
@@ -20,22 +21,7 @@ TEMPERATURE = 0.9
 CHUNK = 2048  # the kernels' max/sum-exp chunk (csrc/core/detail.h): a NaN in an all -inf chunk is a case
 
 
-def _isas():
-    if not AVAILABLE:
-        return ["portable"]
-    runs = []
-    for name in ("avx2", "portable"):
-        try:
-            previous = cpu.isa()
-            cpu.set_isa(name)
-            cpu.set_isa(previous)
-            runs.append(name)
-        except ValueError:
-            pass
-    return runs
-
-
-@pytest.fixture(params=_isas())
+@pytest.fixture(params=runnable_isas())
 def isa(request):
     previous = cpu.isa()
     cpu.set_isa(request.param)
