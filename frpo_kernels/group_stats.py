@@ -7,7 +7,12 @@ jackknifed group term J_g = n log u_g - (n-1) mean_i log u_{g,-i} has dJ_g/ds_j 
   sum_{j in micro-batch} [ J_g / n_g + kappa_j s_j * (log s_j - stop_grad(log s_j)) ] (and the baseline alike)
 whose value is the rows' share of J and whose gradient is the whole batch's. Everything is kept in the
 log domain (kappa_j s_j = s_j / u_g - (1/n) sum_{i != j} s_j / u_{g,-i}, each a bounded ratio), with the
-unique top row of a group, whose exclusion would cancel catastrophically, given sums of its own.
+top row of a group, whose exclusion would cancel catastrophically, given sums of its own.
+
+The statistics may come from log-probs a little off the loss's (num_iterations > 1, recompute noise), so
+the row that gets the top row's sums is decided by a split halfway (in log s) between the group's top and
+its runner-up, never by a tolerance: a row is misplaced only when it drifted by half the gap, and then
+the two rows are within that drift of each other and either formula is first-order right.
 
 With lam="auto" each group's lam comes from the whole batch's advantages (lam_auto.py) and scales its terms.
 On-policy (ratios 1) s_i = exp(-A_i / lam) for a row with a token: the statistics follow from advantages
@@ -45,7 +50,7 @@ class GroupStats:
     mean_o: torch.Tensor      # the baseline's mean_i o_i
     log_u: torch.Tensor       # log u_g
     top: torch.Tensor         # max_i log s_i
-    top_count: torch.Tensor   # rows within _tolerance(top) of it
+    top_split: torch.Tensor   # halfway from the runner-up to the top: rows above it take the top's sums
     log_sum: torch.Tensor     # log sum_i s_i
     log_rest: torch.Tensor    # log sum_{i != top row} s_i
     inv_loo: torch.Tensor     # log sum_i 1 / u_{g,-i}
@@ -89,7 +94,7 @@ class GroupStats:
         own_u = torch.exp(log_s - self.log_u[g])  # s_j / u_g; d log u_g / d log s_j = s_j / (n u_g)
         if not self.cfg.jackknife:
             return own_u / n.clamp_min(1)
-        is_top = (self.top_count[g] == 1) & (log_s >= self.top[g] - _tolerance(self.top[g]))
+        is_top = log_s > self.top_split[g]
         # log sum_{i != j} s_i: the top row's own sum, or the group's minus this row's (the top stays in)
         scaled_rest = torch.exp(self.log_sum[g] - self.top[g]) - torch.exp(log_s - self.top[g])
         others = torch.where(is_top, self.log_rest[g], self.top[g] + torch.log(scaled_rest.clamp_min(1e-300)))
@@ -105,12 +110,6 @@ class GroupStats:
             if getattr(cfg, name) != getattr(self.cfg, name):
                 raise ValueError(f"{name}={getattr(cfg, name)!r} differs from the group_stats' "
                                  f"{name}={getattr(self.cfg, name)!r}: pass the same options to both")
-
-
-def _tolerance(top):
-    """Rows within this of the group's max count as tied with it (log-domain values recomputed in a
-    micro-batch, maybe in float32, match the statistics' to about this)."""
-    return 1e-5 * top.abs().clamp_min(1)
 
 
 def group_stats(completion_mask, *, advantages=None, rewards=None, group_size=None, group_ids=None,
@@ -163,7 +162,7 @@ def group_stats(completion_mask, *, advantages=None, rewards=None, group_size=No
         lams = solve_group_lams(advantages, mask.sum(-1) > 0, groups, cfg.kl_radius) if cfg.auto_lam else None
         stats = dict(_frpo_statistics(cfg, mask, advantages, groups, span, logps, old_logps, lams), lams=lams)
     else:
-        stats.update({name: stats["n"] for name in ("terms", "mean_o", "log_u", "top", "top_count", "log_sum",
+        stats.update({name: stats["n"] for name in ("terms", "mean_o", "log_u", "top", "top_split", "log_sum",
                                                      "log_rest", "inv_loo", "inv_loo_rest")}, num_nonempty=0)
     return GroupStats(cfg, torch.unique(group_ids).long(), size, reward_mean, reward_scale, **stats)
 
@@ -189,16 +188,22 @@ def _frpo_statistics(cfg, mask, advantages, groups, span, logps, old_logps, lams
                                          None if lams is None else groups.broadcast(lams))
     n = groups.sum(valid.double())
     terms, log_u, log_loo, top_row = group_log_terms(log_s, valid, groups, cfg.jackknife)
-    lv = torch.where(valid, log_s, torch.full_like(log_s, float("-inf")))
-    top = torch.full((groups.num,), float("-inf"), dtype=lv.dtype, device=lv.device).scatter_reduce(
-        0, groups.index, lv, "amax", include_self=True)
+    top = _group_max(log_s, valid, groups)
+    # the max over the rest; equal to the top for a tie (then no row is set apart), -inf for one row
+    runner_up = _group_max(log_s, valid & ~top_row, groups)
     top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
-    near = valid & (log_s >= groups.broadcast(top - _tolerance(top)))
     o = torch.where(valid, torch.exp(log_o), torch.zeros_like(log_o))
     return dict(
         n=n, terms=terms, mean_o=groups.sum(o) / n.clamp_min(1), log_u=log_u, top=top,
-        top_count=groups.sum(near.double()), log_sum=log_u + torch.log(n.clamp_min(1)),
+        top_split=top - (top - runner_up) / 2, log_sum=log_u + torch.log(n.clamp_min(1)),
         log_rest=group_logsumexp(log_s, valid & ~top_row, groups),
         inv_loo=group_logsumexp(-log_loo, valid, groups),
         inv_loo_rest=group_logsumexp(-log_loo, valid & ~top_row, groups),
         num_nonempty=int((n > 0).sum()))
+
+
+def _group_max(values, include, groups):
+    """[num]: max_{i in g, include_i} values_i, -inf for a group with no included row."""
+    values = torch.where(include, values, torch.full_like(values, float("-inf")))
+    return torch.full((groups.num,), float("-inf"), dtype=values.dtype, device=values.device).scatter_reduce(
+        0, groups.index, values, "amax", include_self=True)
