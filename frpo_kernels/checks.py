@@ -17,6 +17,7 @@ def _checking_values() -> bool:
 
 
 def check_logits_and_ids(logits, ids, ids_name="completion_ids"):
+    """Types, shapes and devices; the ids' range is check_ids_in_range's, once the mask is checked."""
     if not isinstance(logits, torch.Tensor) or not logits.is_floating_point():
         raise TypeError(f"logits must be a floating-point tensor, got {_describe(logits)}")
     if logits.device.type == "meta":
@@ -35,10 +36,18 @@ def check_logits_and_ids(logits, ids, ids_name="completion_ids"):
                          f"got {tuple(ids.shape)}")
     if ids.device != logits.device:
         raise ValueError(f"{ids_name} is on {ids.device} but logits are on {logits.device}")
-    vocab = logits.shape[-1]
-    if _checking_values() and bool(((ids < 0) | (ids >= vocab)).any()):
-        raise ValueError(f"{ids_name} has entries outside [0, {vocab}) (V = logits.shape[-1]): "
-                         f"min {int(ids.min())}, max {int(ids.max())}")
+
+
+def check_ids_in_range(name, ids, vocab, mask, vocab_is="logits.shape[-1]"):
+    """ids in [0, vocab) wherever they are read: where mask != 0, or everywhere without a mask. Masked
+    positions are never read by any backend, so padding there (HF's ignore index -100) is fine."""
+    if not _checking_values():
+        return
+    read = ids if mask is None else ids[mask != 0]
+    if read.numel() and bool(((read < 0) | (read >= vocab)).any()):
+        where = "" if mask is None else " where the mask is not 0"
+        raise ValueError(f"{name} has entries outside [0, {vocab}) (V = {vocab_is}){where}: "
+                         f"min {int(read.min())}, max {int(read.max())}")
 
 
 def check_overwritable(name, overwrite, logits):
@@ -50,8 +59,7 @@ def check_overwritable(name, overwrite, logits):
 
 
 def check_temperature(temperature):
-    if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature <= 0:
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    check_number("temperature", temperature, lambda x: x > 0, "a finite number > 0")
 
 
 def check_token_tensor(name, value, shape, device, allow_none=True):
@@ -68,33 +76,53 @@ def check_token_tensor(name, value, shape, device, allow_none=True):
 
 
 def check_finite_per_sequence(name, value, batch, device):
+    """Per-sequence values (rewards, advantages): any integer or floating-point dtype, all finite."""
     check_token_tensor(name, value, (batch,), device, allow_none=False)
-    if not value.is_floating_point() and value.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"{name} must be a float tensor, got {value.dtype}")
+    if value.dtype == torch.bool or value.is_complex():
+        raise TypeError(f"{name} must be a tensor of real numbers (an integer or floating-point dtype), "
+                        f"got {value.dtype}")
     if _checking_values() and not bool(torch.isfinite(value).all()):
         raise ValueError(f"{name} contains NaN or inf")
+
+
+def check_token_weights(name, mask):
+    """A mask's entries weight their tokens: each must be finite and >= 0 (0 leaves the token out). A
+    negative or NaN entry would otherwise make a row look empty or turn the loss NaN."""
+    if mask is None or mask.dtype == torch.bool or not _checking_values():
+        return
+    if mask.is_complex():
+        raise TypeError(f"{name} must be a real tensor, got {mask.dtype}")
+    bad = ~(torch.isfinite(mask) & (mask >= 0))
+    if bool(bad.any()):
+        first = tuple(int(i) for i in bad.nonzero()[0])
+        raise ValueError(f"{name} must hold finite weights >= 0 (1 = completion token, 0 = left out), got "
+                         f"{float(mask[first])!r} at {list(first)} ({int(bad.sum())} such entries)")
 
 
 def check_groups(batch, group_size, group_ids, device, jackknife, needs_pairs_reason=None):
     if (group_size is None) == (group_ids is None):
         raise ValueError("pass exactly one of group_size (contiguous groups) and group_ids ([B] ids)")
     if group_size is not None:
-        if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
-            raise ValueError(f"group_size must be a positive int, got {group_size!r}")
+        check_positive_int("group_size", group_size)
         if batch % group_size:
             raise ValueError(f"group_size={group_size} does not divide the batch size B={batch}")
         if jackknife and group_size == 1:
             raise ValueError("group_size=1 with jackknife=True: the leave-one-out mean needs >= 2 "
                              "members per group (use jackknife=False or larger groups)")
         return
-    check_token_tensor("group_ids", group_ids, (batch,), device, allow_none=False)
-    if group_ids.dtype.is_floating_point or group_ids.dtype == torch.bool:
-        raise TypeError(f"group_ids must be an integer tensor, got {group_ids.dtype}")
+    check_group_ids(group_ids, batch, device)
     if jackknife and _checking_values():
         _, counts = torch.unique(group_ids, return_counts=True)
         if bool((counts < 2).any()):
             raise ValueError("group_ids has a group of size 1 with jackknife=True: the leave-one-out "
                              "mean needs >= 2 members per group (use jackknife=False)")
+
+
+def check_group_ids(group_ids, batch, device):
+    """[B] integer ids: a float dtype would round large ids together (float32: 16777217 -> 16777216)."""
+    check_token_tensor("group_ids", group_ids, (batch,), device, allow_none=False)
+    if group_ids.dtype.is_floating_point or group_ids.dtype == torch.bool or group_ids.is_complex():
+        raise TypeError(f"group_ids must be an integer tensor, got {group_ids.dtype}")
 
 
 def check_scale_rewards_name(scale_rewards):
@@ -118,6 +146,20 @@ def check_number(name, value, ok, what):
         raise TypeError(f"{name} must be a real number, got {_describe(value)}")
     if not math.isfinite(value) or not ok(value):
         raise ValueError(f"{name} must be {what}, got {float(value)!r}")
+
+
+def check_positive_int(name, value):
+    """An integer >= 1 (Python or NumPy; a bool is not one), returned as a Python int."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be a positive int, got {value!r} ({type(value).__name__})")
+    if value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return int(value)
+
+
+def optional_positive_int(name, value):
+    """None, or check_positive_int's Python int."""
+    return None if value is None else check_positive_int(name, value)
 
 
 def _describe(value):

@@ -43,9 +43,8 @@ class LossConfig:
         for name in ("jackknife", "baseline"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
-        m = self.max_completion_length
-        if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 1):
-            raise ValueError(f"max_completion_length must be a positive int, got {m!r}")
+        object.__setattr__(self, "max_completion_length",  # NumPy integers become plain ints
+                           checks.optional_positive_int("max_completion_length", self.max_completion_length))
         checks.check_scale_rewards_name(self.scale_rewards)
         for name in ("beta", "epsilon_low", "epsilon_high", "temperature") + (
                 () if self.auto_lam else ("lam",)) + (() if self.delta is None else ("delta",)) + (

@@ -34,7 +34,7 @@ from frpo_kernels.objective import BatchSize, frpo_log_terms, log_ratios
 
 # Options that must be the same in group_stats() and in the loss that uses the statistics.
 SHARED_OPTIONS = ("loss_type", "lam", "kl_radius", "jackknife", "baseline", "scale_rewards", "epsilon_low",
-                  "epsilon_high", "delta", "importance_sampling_level")
+                  "epsilon_high", "delta", "importance_sampling_level", "max_completion_length")
 
 
 @dataclass
@@ -130,12 +130,15 @@ def group_stats(completion_mask, *, advantages=None, rewards=None, group_size=No
                      max_completion_length=max_completion_length, kl_radius=kl_radius)
     if not isinstance(completion_mask, torch.Tensor) or completion_mask.dim() != 2:
         raise ValueError(f"completion_mask must be a [B, T] tensor, got {checks._describe(completion_mask)}")
+    checks.check_token_weights("completion_mask", completion_mask)
     batch, length = completion_mask.shape
     device = completion_mask.device
     if (advantages is None) == (rewards is None):
         raise ValueError("pass exactly one of advantages and rewards (each of shape [B])")
     checks.check_finite_per_sequence("advantages" if rewards is None else "rewards",
                                      rewards if advantages is None else advantages, batch, device)
+    advantages, rewards = (None if t is None else t.detach() for t in (advantages, rewards))  # data, as in loss()
+    group_size = checks.optional_positive_int("group_size", group_size)
     if (logps is None) != (old_logps is None):
         raise ValueError("off-policy statistics need both old_logps and logps (the current policy's "
                          "per-token log-probs); on-policy pass neither")

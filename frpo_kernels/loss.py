@@ -8,6 +8,7 @@ fused one-pass path runs when old_logps is None (on-policy); otherwise two passe
 from __future__ import annotations
 
 import inspect
+import math
 from dataclasses import dataclass
 
 import torch
@@ -31,7 +32,8 @@ def loss(logits, completion_ids, completion_mask=None, *, overwrite_logits=False
     logits [B, T, V] predict completion_ids [B, T]; completion_mask [B, T] (None: all tokens).
     Exactly one of advantages/rewards [B] and one of group_size/group_ids. Returns the scalar loss,
     or (loss, metrics) with return_metrics=True. Formulas: see README.md, "The loss"; the keywords
-    are those of _loss below.
+    are those of _loss below. completion_mask entries are token weights (finite, >= 0). rewards,
+    advantages, old_logps and ref_logps are constants: no gradient reaches them, whatever the backend.
 
     overwrite_logits=True lets the cpu/triton kernels write the logits' gradient into the logits'
     own storage (no new [B, T, V] buffer); the logits hold the gradient afterwards, so use it only
@@ -42,7 +44,10 @@ def loss(logits, completion_ids, completion_mask=None, *, overwrite_logits=False
 
     def source(backend, temperature):
         return LogitsSource(logits, completion_ids, temperature, resolve(backend, logits), overwrite_logits)
-    return _loss(source, logits, completion_mask, **options)
+
+    def check_ids(mask):
+        checks.check_ids_in_range("completion_ids", completion_ids, logits.shape[-1], mask)
+    return _loss(source, check_ids, logits, completion_mask, **options)
 
 
 def linear_loss(hidden, weight, completion_ids, completion_mask=None, *, bias=None, **options):
@@ -52,11 +57,14 @@ def linear_loss(hidden, weight, completion_ids, completion_mask=None, *, bias=No
     a weight tied to the input embedding accumulates both) and bias [V]."""
     if isinstance(hidden, torch.Tensor) and hidden.dim() != 3:
         raise ValueError(f"hidden must have shape [B, T, H], got {tuple(hidden.shape)}")
-    check_linear_inputs(hidden, weight, bias, completion_ids, None)
+    check_linear_inputs(hidden, weight, bias, completion_ids, None, "completion_ids")
 
     def source(backend, temperature):
         return HiddenSource(hidden, weight, bias, completion_ids, temperature, resolve(backend, hidden))
-    return _loss(source, hidden, completion_mask, **options)
+
+    def check_ids(mask):
+        checks.check_ids_in_range("completion_ids", completion_ids, weight.shape[0], mask, "weight.shape[0]")
+    return _loss(source, check_ids, hidden, completion_mask, **options)
 
 
 @dataclass
@@ -73,13 +81,14 @@ class _Batch:
     lams: torch.Tensor | None = None  # [groups.num] each group's lam (lam="auto")
 
 
-def _loss(make_source, like, completion_mask, *, advantages=None, rewards=None, group_size=None,
+def _loss(make_source, check_ids, like, completion_mask, *, advantages=None, rewards=None, group_size=None,
           group_ids=None, old_logps=None, ref_logps=None, loss_type="frpo", lam=1.0, beta=0.0,
           epsilon_low=0.2, epsilon_high=0.2, delta=None, jackknife=True, baseline=True,
           importance_sampling_level="token", scale_rewards=False, temperature=1.0,
           max_completion_length=None, kl_radius=None, backend="auto", return_metrics=False, process_group=None,
           group_stats=None):
-    """The loss of loss() / linear_loss(); `like` (logits or hidden) gives [B, T], device and dtype.
+    """The loss of loss() / linear_loss(); `like` (logits or hidden) gives [B, T], device and dtype;
+    check_ids(completion_mask) checks the range of completion_ids where the mask reads them.
 
     process_group (torch.distributed): groups may span the ranks of this group. Each rank passes its
     own rows; the global batch is the rank-major concatenation of all ranks' rows (batch sizes and T
@@ -109,12 +118,19 @@ def _loss(make_source, like, completion_mask, *, advantages=None, rewards=None, 
     batch, length = like.shape[:2]
     device = like.device
     checks.check_token_tensor("completion_mask", completion_mask, (batch, length), device)
+    checks.check_token_weights("completion_mask", completion_mask)
+    check_ids(completion_mask)
     if (advantages is None) == (rewards is None):
         raise ValueError("pass exactly one of advantages and rewards (each of shape [B])")
     checks.check_finite_per_sequence("advantages" if rewards is None else "rewards",
                                      rewards if advantages is None else advantages, batch, device)
     checks.check_token_tensor("old_logps", old_logps, (batch, length), device)
     checks.check_token_tensor("ref_logps", ref_logps, (batch, length), device)
+    group_size = checks.optional_positive_int("group_size", group_size)
+    # Data, not parameters (as in TRL): detached here, every backend and path (fused, two-pass,
+    # group_stats) gives them no gradient, where autograd alone would differ between paths.
+    advantages, rewards, old_logps, ref_logps = (None if t is None else t.detach()
+                                                 for t in (advantages, rewards, old_logps, ref_logps))
     if cfg.beta != 0 and ref_logps is None:
         raise ValueError(f"beta={cfg.beta} needs ref_logps (the reference policy's per-token log-probs)")
     # The O(B*T) objective runs in float64 whatever the logits' dtype: it costs nothing next to the
@@ -182,7 +198,7 @@ def _micro_batch(cfg, stats, mask, advantages, rewards, group_size, group_ids, o
     if group_size is not None or group_ids is None:
         raise ValueError("with group_stats pass group_ids (the rows' global group ids); group_size is "
                          "ambiguous for part of a batch")
-    checks.check_token_tensor("group_ids", group_ids, (mask.shape[0],), mask.device, allow_none=False)
+    checks.check_group_ids(group_ids, mask.shape[0], mask.device)
     index = stats.index_of(group_ids)
     groups = Groups(index, stats.n.long(), stats.n.numel())
     local = LocalSpan(*mask.shape, mask.device)
@@ -249,9 +265,7 @@ def _metrics(logp, entropy, mask, ref, details, groups, cfg):
     def masked_mean(x):
         return x.float().mean() if x.shape[-1] == 1 and mask.shape[-1] != 1 else (x * mask).sum() / tokens
 
-    c1, adv = details["c1"].detach(), details["adv"]
-    low = (c1 < 1 - cfg.epsilon_low) & (adv < 0)
-    high = (c1 > 1 + cfg.epsilon_high) & (adv > 0)
+    low, high = _clipped_tokens(details, cfg)
     metrics = {
         "entropy": masked_mean(entropy) if entropy is not None else None,
         "clip_ratio/low_mean": masked_mean(low.to(mask.dtype)),
@@ -274,12 +288,28 @@ def _metrics(logp, entropy, mask, ref, details, groups, cfg):
     return metrics
 
 
+def _clipped_tokens(details, cfg):
+    """(low, high) bool: the tokens each clip counts. The GRPO family: TRL's definitions. FRPO's term
+    min(c1, c2) never takes the low clip (there c1 < c2) and is clipped, its gradient 0, exactly where
+    the log-ratio passes log(1 + epsilon_high) or log(delta) (objective.log_min_ratio)."""
+    if cfg.loss_type == "frpo":
+        log_ratio = details["log_ratio"].detach()
+        cap = math.log1p(cfg.epsilon_high) if cfg.delta is None else \
+            min(math.log1p(cfg.epsilon_high), math.log(cfg.delta))
+        return torch.zeros_like(log_ratio, dtype=torch.bool), log_ratio > cap
+    c1, adv = details["c1"].detach(), details["adv"]
+    return (c1 < 1 - cfg.epsilon_low) & (adv < 0), (c1 > 1 + cfg.epsilon_high) & (adv > 0)
+
+
 def token_logprobs(logits, ids, temperature=1.0, return_entropy=False, backend="auto", mask=None):
     """log_softmax(logits / temperature)[ids] as [B, T] float32 (float64 for float64 logits),
-    differentiable; with return_entropy also the per-token entropy. mask [B, T] skips rows."""
+    differentiable; with return_entropy also the per-token entropy. mask [B, T] (finite, >= 0):
+    rows where it is 0 are skipped."""
     checks.check_logits_and_ids(logits, ids, "ids")
     checks.check_temperature(temperature)
     checks.check_token_tensor("mask", mask, tuple(logits.shape[:2]), logits.device)
+    checks.check_token_weights("mask", mask)
+    checks.check_ids_in_range("ids", ids, logits.shape[-1], mask)
     name = resolve(backend, logits)
     row_mask = None if mask is None else mask != 0
     logp, entropy = _token_logprobs(logits, ids, row_mask, float(temperature), return_entropy, name)
@@ -292,6 +322,7 @@ def group_advantages(rewards, group_size=None, group_ids=None, scale_rewards=Fal
     if not isinstance(rewards, torch.Tensor) or rewards.dim() != 1 or rewards.numel() == 0:
         raise ValueError(f"rewards must be a non-empty tensor of shape [B], got {checks._describe(rewards)}")
     checks.check_finite_per_sequence("rewards", rewards, rewards.shape[0], rewards.device)
+    group_size = checks.optional_positive_int("group_size", group_size)
     checks.check_groups(rewards.shape[0], group_size, group_ids, rewards.device, jackknife=False)
     checks.check_scale_rewards_name(scale_rewards)
     groups = make_groups(rewards.shape[0], group_size, group_ids, rewards.device)

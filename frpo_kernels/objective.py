@@ -93,7 +93,7 @@ def policy_loss(logp, old, mask, advantages, groups: Groups, cfg: LossConfig, st
     positive = torch.ones_like(adv, dtype=torch.bool) if cfg.loss_type == "frpo" else adv >= 0
     log_ratio = log_ratios(logp, old, mask, cfg, positive)
     c1, c2 = clipped_ratios(log_ratio, cfg)
-    details = {"c1": c1, "adv": adv}
+    details = {"c1": c1, "adv": adv, "log_ratio": log_ratio}
     if cfg.loss_type != "frpo":
         per_token = -torch.minimum(c1 * adv, c2 * adv)
         return (token_weights(mask, cfg, None if stats is None else stats.size) * per_token).sum(), details

@@ -8,8 +8,9 @@ import torch
 
 # Kernel contract (every backend module exposes these three functions with these signatures):
 #   logits  [B, T, V] float32/bfloat16/float16, stride(-1) == 1, any other strides
-#   ids     [B, T] int64 in [0, V)
+#   ids     [B, T] int64 in [0, V) where mask is True (any value where it is False: never read)
 #   mask    [B, T] bool or None; rows with mask False are skipped: logp = lse = entropy = 0, grad = 0
+#           (whatever their logits hold, NaN included)
 #   every [B, T] output is float32 (float64 for float64 logits in the torch reference)
 #
 #   forward(logits, ids, mask, temperature, with_entropy) -> (logp, lse, entropy or None)
@@ -27,7 +28,7 @@ import torch
 
 
 def forward(logits, ids, mask, temperature, with_entropy):
-    z = logits.float() if logits.dtype != torch.float64 else logits
+    z, ids = _masked_rows_unread(_compute(logits), ids, mask)
     log_probs = torch.log_softmax(z / temperature, dim=-1)
     lse = torch.logsumexp(z / temperature, dim=-1)
     logp = log_probs.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
@@ -45,8 +46,21 @@ def _zero_where_masked(x, mask):
     return torch.where(mask, x, torch.zeros_like(x))
 
 
+def _compute(logits):
+    return logits.float() if logits.dtype != torch.float64 else logits
+
+
+def _masked_rows_unread(z, ids, mask):
+    """Masked rows as logits 0 and id 0 before any op reads them: zeroing only the results would let
+    a NaN there into the gradient (log_softmax's backward mixes a row's entries: 0 * NaN), and an
+    out-of-range id there (HF's -100) into gather / scatter."""
+    if mask is None:
+        return z, ids
+    return torch.where(mask.unsqueeze(-1), z, 0), torch.where(mask, ids, 0)
+
+
 def backward(logits, ids, mask, lse, dlogp, entropy, dentropy, temperature, inplace=False):
-    z = logits.float() if logits.dtype != torch.float64 else logits
+    z, ids = _masked_rows_unread(_compute(logits), ids, mask)
     log_probs = z / temperature - lse.unsqueeze(-1)
     p = log_probs.exp()
     onehot = torch.zeros_like(p).scatter_(-1, ids.unsqueeze(-1), 1.0)

@@ -69,12 +69,25 @@ class FRPOConfig(GRPOConfig):
                 self.lam = float(self.lam)
             except ValueError:
                 raise ValueError(f'FRPOConfig.lam must be a number > 0 or "auto", got {self.lam!r}') from None
-        try:
-            LossConfig(loss_type=self.loss_type, lam=self.lam, kl_radius=self.kl_radius)
-        except (ValueError, TypeError) as exc:
-            raise type(exc)(f"FRPOConfig: {exc}") from None
+        self._check_loss_options()
         if self.kernel_backend not in BACKENDS:
             raise ValueError(f"FRPOConfig.kernel_backend must be one of {BACKENDS}, got {self.kernel_backend!r}")
+
+    def _check_loss_options(self):
+        """The loss options as FRPOTrainer passes them to the loss, checked now rather than after the
+        first generation."""
+        try:
+            LossConfig(loss_type=self.loss_type, lam=self.lam, kl_radius=self.kl_radius, jackknife=self.jackknife,
+                       baseline=self.baseline, beta=self.beta, epsilon_low=self.epsilon,
+                       epsilon_high=self.epsilon if self.epsilon_high is None else self.epsilon_high,
+                       delta=self.delta, importance_sampling_level=self.importance_sampling_level,
+                       temperature=self.temperature,
+                       max_completion_length=self.max_completion_length if self.loss_type == "dr_grpo" else None)
+        except (ValueError, TypeError) as exc:
+            message = str(exc)
+            if message.startswith("epsilon_low"):  # GRPOConfig's name for it
+                message = "epsilon" + message[len("epsilon_low"):]
+            raise type(exc)(f"FRPOConfig: {message}") from None
 
 
 class FRPOTrainer(GRPOTrainer):

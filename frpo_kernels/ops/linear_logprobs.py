@@ -16,6 +16,9 @@ Memory beyond inputs and gradients: the workspace plus O(N) statistics. Two auto
 * `linear_fused_loss` (one pass): when dloss/dlogp is known once a row's logp is (on-policy), one
   sweep computes logp and every gradient; backward only scales them by the upstream gradient.
 
+Double backward (create_graph=True): the torch backend's backward then recomputes the gradients with
+autograd through the plain formula, so they are differentiable; the cpu/triton kernels raise.
+
 Masked rows (mask False) are left out of the tiles altogether: no GEMM rows, logp = lse = entropy
 = 0 and zero gradient. Precision: fp32 inputs run fp32 GEMMs and kernels; float64 inputs (torch
 backend only) run in float64; bf16/fp16 inputs keep a tile of their own dtype on CUDA (cuBLAS
@@ -27,7 +30,9 @@ from __future__ import annotations
 
 import torch
 
+from frpo_kernels import reference
 from frpo_kernels.backends import kernels, resolve
+from frpo_kernels.ops.token_logprobs import _refuse_double_backward
 
 # Rows per tile for every sweep when set (tests, benchmarks); None: tile_rows() chooses.
 TILE_ROWS = None
@@ -329,12 +334,17 @@ class LinearTokenLogprobs(torch.autograd.Function):
         return logp, entropy
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, dlogp, dentropy):
         hidden, weight, bias, ids, mask, lse, entropy = ctx.saved_tensors
         want_hidden, want_weight, want_bias = ctx.needs_input_grad[:3]
         if not (want_hidden or want_weight or want_bias):
             return (None,) * 9
+        if torch.is_grad_enabled():  # create_graph=True: the gradient must be differentiable itself
+            if ctx.backend != "torch":
+                _refuse_double_backward()
+            grads = _differentiable_gradients(hidden, weight, bias, ids, mask, ctx.temperature, dlogp,
+                                              None if entropy is None else dentropy, ctx.needs_input_grad[:3])
+            return (*grads, None, None, None, None, None, None)
         sweep = _Sweep(hidden, weight, bias, ids, mask, ctx.rows)
         if dlogp is None:
             dlogp = torch.zeros_like(lse)
@@ -356,6 +366,29 @@ class LinearTokenLogprobs(torch.autograd.Function):
                 None, None, None, None, None, None)
 
 
+def _differentiable_gradients(hidden, weight, bias, ids, mask, temperature, dlogp, dentropy, wanted):
+    """The gradients w.r.t. (hidden, weight, bias) (None where not wanted) of the torch backend under
+    create_graph=True: autograd's, through the plain formula on the unmasked rows, so that autograd can
+    differentiate them again (a Hessian-vector product). This holds the [rows, V] logits and their
+    softmax, as double backward of any torch formula must."""
+    rows = hidden if mask is None else hidden[mask]
+    ids = ids if mask is None else ids[mask]
+    with_entropy = dentropy is not None
+    logp, _, entropy = reference.forward(torch.nn.functional.linear(rows, weight, bias).unsqueeze(0),
+                                         ids.unsqueeze(0), None, temperature, with_entropy)
+    outputs, upstream = [logp[0]], [_unmasked(dlogp, mask).to(logp.dtype)]
+    if with_entropy:
+        outputs.append(entropy[0])
+        upstream.append(_unmasked(dentropy, mask).to(entropy.dtype))
+    inputs = [t for t, want in zip((hidden, weight, bias), wanted) if want]
+    grads = iter(torch.autograd.grad(outputs, inputs, upstream, create_graph=True, allow_unused=True))
+    return [next(grads) if want else None for want in wanted]
+
+
+def _unmasked(vector, mask):
+    return vector if mask is None else vector[mask]
+
+
 class _PrecomputedLinearGradient(torch.autograd.Function):
     """Returns `value`; its gradients w.r.t. hidden, weight and bias are the given tensors scaled
     by the upstream gradient."""
@@ -367,6 +400,7 @@ class _PrecomputedLinearGradient(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        _refuse_double_backward()
         grads = ctx.saved_tensors
         if not (grad_out.numel() == 1 and bool(grad_out == 1)):
             grads = tuple(None if g is None else g * grad_out.to(g.dtype) for g in grads)
@@ -436,8 +470,9 @@ def _describe(value):
     return f"{type(value).__name__} {value!r}"
 
 
-def check_linear_inputs(hidden, weight, bias, ids, mask):
-    """ValueError/TypeError naming the bad argument, before any GEMM runs."""
+def check_linear_inputs(hidden, weight, bias, ids, mask, ids_name="ids"):
+    """ValueError/TypeError naming the bad argument, before any GEMM runs: types, shapes and devices
+    (the ids' range is checks.check_ids_in_range's, once the mask is checked)."""
     if not isinstance(hidden, torch.Tensor) or not hidden.is_floating_point():
         raise TypeError(f"hidden must be a floating-point tensor, got {_describe(hidden)}")
     if hidden.dim() not in (2, 3):
@@ -468,11 +503,11 @@ def check_linear_inputs(hidden, weight, bias, ids, mask):
     lead = tuple(hidden.shape[:-1])
     if not isinstance(ids, torch.Tensor) or ids.dtype.is_floating_point or ids.dtype == torch.bool \
             or ids.is_complex():
-        raise TypeError(f"ids must be an integer tensor, got {_describe(ids)}")
+        raise TypeError(f"{ids_name} must be an integer tensor, got {_describe(ids)}")
     if tuple(ids.shape) != lead:
-        raise ValueError(f"ids must have shape {lead} (hidden's leading dimensions), got {tuple(ids.shape)}")
+        raise ValueError(f"{ids_name} must have shape {lead} (hidden's leading dimensions), got {tuple(ids.shape)}")
     if ids.device != hidden.device:
-        raise ValueError(f"ids is on {ids.device} but hidden is on {hidden.device}")
+        raise ValueError(f"{ids_name} is on {ids.device} but hidden is on {hidden.device}")
     if mask is not None:
         if not isinstance(mask, torch.Tensor):
             raise TypeError(f"mask must be None or a tensor of shape {lead}, got {_describe(mask)}")
@@ -480,11 +515,6 @@ def check_linear_inputs(hidden, weight, bias, ids, mask):
             raise ValueError(f"mask must have shape {lead} (hidden's leading dimensions), got {tuple(mask.shape)}")
         if mask.device != hidden.device:
             raise ValueError(f"mask is on {mask.device} but hidden is on {hidden.device}")
-    if not torch.compiler.is_compiling():
-        checked = ids if mask is None else ids[mask != 0]
-        if checked.numel() and bool(((checked < 0) | (checked >= vocab)).any()):
-            raise ValueError(f"ids has entries outside [0, {vocab}) (V = weight.shape[0]): "
-                             f"min {int(checked.min())}, max {int(checked.max())}")
 
 
 def linear_token_logprobs(hidden, weight, ids, *, bias=None, temperature=1.0, return_entropy=False,
@@ -500,6 +530,7 @@ def linear_token_logprobs(hidden, weight, ids, *, bias=None, temperature=1.0, re
     from frpo_kernels import checks
 
     check_linear_inputs(hidden, weight, bias, ids, mask)
+    checks.check_ids_in_range("ids", ids, weight.shape[0], mask, "weight.shape[0]")
     checks.check_temperature(temperature)
     name = resolve(backend, hidden)
     shape = ids.shape
