@@ -239,14 +239,21 @@ void bwd_inplace(const Tensor& logits, const Tensor& ids, const std::optional<Te
 std::tuple<Tensor, Tensor, Tensor> fused_into(const Tensor& grad, bool inplace, const Tensor& logits, const Tensor& ids,
                                               const std::optional<Tensor>& mask, double temperature, const Tensor& coef,
                                               const std::optional<Tensor>& kl_coef,
-                                              const std::optional<Tensor>& ref_logps, bool with_entropy) {
+                                              const std::optional<Tensor>& ref_logps, bool with_entropy,
+                                              const std::optional<Tensor>& old_logps,
+                                              const std::optional<Tensor>& ratio_lo,
+                                              const std::optional<Tensor>& ratio_hi) {
   Prepared p = prepare(logits, ids, mask, temperature);
   Tensor coef_c = token_input("coef", coef, logits, true);
   Tensor kl_c = token_input("kl_coef", kl_coef, logits, false), ref_c = token_input("ref_logps", ref_logps, logits, false);
   TORCH_CHECK(!kl_c.defined() || ref_c.defined(), "frpo_kernels: kl_coef needs ref_logps");
+  Tensor old_c = token_input("old_logps", old_logps, logits, false);
+  Tensor lo_c = token_input("ratio_lo", ratio_lo, logits, false), hi_c = token_input("ratio_hi", ratio_hi, logits, false);
+  TORCH_CHECK(old_c.defined() == lo_c.defined() && old_c.defined() == hi_c.defined(),
+              "frpo_kernels: pass old_logps, ratio_lo and ratio_hi together, or none of them");
   Tensor logp = token_output(logits), lse = token_output(logits);
   Tensor entropy = with_entropy ? token_output(logits) : at::empty({0}, logits.options().dtype(at::kFloat));
-  frpo::FusedIn in{ptr(coef_c), ptr(kl_c), kl_c.defined() ? ptr(ref_c) : nullptr};
+  frpo::FusedIn in{ptr(coef_c), ptr(kl_c), kl_c.defined() ? ptr(ref_c) : nullptr, ptr(old_c), ptr(lo_c), ptr(hi_c)};
   frpo::ForwardOut out{logp.data_ptr<float>(), lse.data_ptr<float>(), with_entropy ? entropy.data_ptr<float>() : nullptr};
   const frpo::GradView g = grad_view(grad, inplace);
   at::parallel_for(0, p.rows, grain_rows(p.view.vocab), [&](int64_t r0, int64_t r1) {
@@ -258,18 +265,26 @@ std::tuple<Tensor, Tensor, Tensor> fused_into(const Tensor& grad, bool inplace, 
 std::tuple<Tensor, Tensor, Tensor, Tensor> fused(const Tensor& logits, const Tensor& ids,
                                                  const std::optional<Tensor>& mask, double temperature,
                                                  const Tensor& coef, const std::optional<Tensor>& kl_coef,
-                                                 const std::optional<Tensor>& ref_logps, bool with_entropy) {
+                                                 const std::optional<Tensor>& ref_logps, bool with_entropy,
+                                                 const std::optional<Tensor>& old_logps,
+                                                 const std::optional<Tensor>& ratio_lo,
+                                                 const std::optional<Tensor>& ratio_hi) {
   Tensor grad = new_grad(logits);
-  auto [logp, lse, entropy] = fused_into(grad, false, logits, ids, mask, temperature, coef, kl_coef, ref_logps, with_entropy);
+  auto [logp, lse, entropy] = fused_into(grad, false, logits, ids, mask, temperature, coef, kl_coef, ref_logps,
+                                         with_entropy, old_logps, ratio_lo, ratio_hi);
   return {logp, lse, entropy, grad};
 }
 
 std::tuple<Tensor, Tensor, Tensor> fused_inplace(const Tensor& logits, const Tensor& ids,
                                                  const std::optional<Tensor>& mask, double temperature,
                                                  const Tensor& coef, const std::optional<Tensor>& kl_coef,
-                                                 const std::optional<Tensor>& ref_logps, bool with_entropy) {
+                                                 const std::optional<Tensor>& ref_logps, bool with_entropy,
+                                                 const std::optional<Tensor>& old_logps,
+                                                 const std::optional<Tensor>& ratio_lo,
+                                                 const std::optional<Tensor>& ratio_hi) {
   check_writable_logits(logits);
-  return fused_into(logits, true, logits, ids, mask, temperature, coef, kl_coef, ref_logps, with_entropy);
+  return fused_into(logits, true, logits, ids, mask, temperature, coef, kl_coef, ref_logps, with_entropy,
+                    old_logps, ratio_lo, ratio_hi);
 }
 
 std::string isa() { return frpo::active_isa(); }
@@ -294,10 +309,11 @@ TORCH_LIBRARY(frpo_kernels, m) {
   m.def("token_logprobs_bwd_inplace(Tensor(a!) logits, Tensor ids, Tensor? mask, Tensor lse, Tensor dlogp,"
         " Tensor? entropy, Tensor? dentropy, float temperature) -> ()");
   m.def("token_logprobs_fused(Tensor logits, Tensor ids, Tensor? mask, float temperature, Tensor coef,"
-        " Tensor? kl_coef, Tensor? ref_logps, bool with_entropy) -> (Tensor logp, Tensor lse, Tensor entropy,"
-        " Tensor grad)");
+        " Tensor? kl_coef, Tensor? ref_logps, bool with_entropy, Tensor? old_logps=None, Tensor? ratio_lo=None,"
+        " Tensor? ratio_hi=None) -> (Tensor logp, Tensor lse, Tensor entropy, Tensor grad)");
   m.def("token_logprobs_fused_inplace(Tensor(a!) logits, Tensor ids, Tensor? mask, float temperature, Tensor coef,"
-        " Tensor? kl_coef, Tensor? ref_logps, bool with_entropy) -> (Tensor logp, Tensor lse, Tensor entropy)");
+        " Tensor? kl_coef, Tensor? ref_logps, bool with_entropy, Tensor? old_logps=None, Tensor? ratio_lo=None,"
+        " Tensor? ratio_hi=None) -> (Tensor logp, Tensor lse, Tensor entropy)");
   m.def("cpu_isa() -> str", &isa);
   m.def("cpu_set_isa(str name) -> str", &set_isa);
   m.def("cpu_auto_slow_reason() -> str", &frpo::auto_slow_reason);

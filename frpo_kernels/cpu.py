@@ -141,12 +141,14 @@ def _register_fakes():
         return None
 
     @torch.library.register_fake(ops + "token_logprobs_fused")
-    def _fused_fake(logits, ids, mask, temperature, coef, kl_coef, ref_logps, with_entropy):
+    def _fused_fake(logits, ids, mask, temperature, coef, kl_coef, ref_logps, with_entropy, old_logps=None,
+                    ratio_lo=None, ratio_hi=None):
         return (_token_like(logits), _token_like(logits), _entropy_like(logits, with_entropy),
                 torch.empty(logits.shape, dtype=logits.dtype, device=logits.device))
 
     @torch.library.register_fake(ops + "token_logprobs_fused_inplace")
-    def _fused_inplace_fake(logits, ids, mask, temperature, coef, kl_coef, ref_logps, with_entropy):
+    def _fused_inplace_fake(logits, ids, mask, temperature, coef, kl_coef, ref_logps, with_entropy, old_logps=None,
+                            ratio_lo=None, ratio_hi=None):
         return _token_like(logits), _token_like(logits), _entropy_like(logits, with_entropy)
 
 
@@ -169,18 +171,20 @@ def backward(logits, ids, mask, lse, dlogp, entropy, dentropy, temperature, inpl
                                                      float(temperature))
 
 
-def fused(logits, ids, mask, temperature, coef, kl_coef, ref_logps, with_entropy, inplace=False):
+def fused(logits, ids, mask, temperature, coef, kl_coef, ref_logps, with_entropy, inplace=False,
+          old_logps=None, ratio_lo=None, ratio_hi=None):
     _require()
     if kl_coef is None:
         ref_logps = None
     coef = _per_token(coef, logits)
+    gate = (old_logps, ratio_lo, ratio_hi)
     if inplace:
         logp, lse, entropy = torch.ops.frpo_kernels.token_logprobs_fused_inplace(
-            logits, ids, mask, float(temperature), coef, kl_coef, ref_logps, bool(with_entropy))
+            logits, ids, mask, float(temperature), coef, kl_coef, ref_logps, bool(with_entropy), *gate)
         grad = logits
     else:
         logp, lse, entropy, grad = torch.ops.frpo_kernels.token_logprobs_fused(
-            logits, ids, mask, float(temperature), coef, kl_coef, ref_logps, bool(with_entropy))
+            logits, ids, mask, float(temperature), coef, kl_coef, ref_logps, bool(with_entropy), *gate)
     return logp, lse, (entropy if with_entropy else None), grad
 
 

@@ -2,8 +2,9 @@
 LM head (the logits then exist only as tiles). Each source runs both kernel paths on its inputs.
 
   two_pass(row_mask, with_entropy) -> (logp, entropy or None)   differentiable log-probs
-  fused(row_mask, coef, kl_coef, ref, with_entropy, value_from_logp) -> (loss, logp, entropy)
-      one sweep when dloss/dlogp = coef + kl_coef * (1 - exp(ref - logp)) is known per token
+  fused(row_mask, coef, kl_coef, ref, with_entropy, value_from_logp, gate) -> (loss, logp, entropy)
+      one sweep when dloss/dlogp = coef * gate + kl_coef * (1 - exp(ref - logp)) is known per token
+      (gate: None for 1, or (old_logps, lo, hi): the importance ratio inside [lo, hi] of its log, else 0)
 """
 from __future__ import annotations
 
@@ -31,9 +32,9 @@ class LogitsSource:
         return token_logprobs(self.logits, self.ids, row_mask, self.temperature, with_entropy, self.backend,
                               self.overwrite_logits)
 
-    def fused(self, row_mask, coef, kl_coef, ref, with_entropy, value_from_logp):
+    def fused(self, row_mask, coef, kl_coef, ref, with_entropy, value_from_logp, gate=None):
         return fused_loss(self.logits, self.ids, row_mask, self.temperature, coef, kl_coef, ref, with_entropy,
-                          self.backend, value_from_logp, self.overwrite_logits)
+                          self.backend, value_from_logp, self.overwrite_logits, gate)
 
 
 @dataclass
@@ -57,6 +58,6 @@ class HiddenSource:
             None)
         return logp.view(shape), (entropy.view(shape) if with_entropy else None)
 
-    def fused(self, row_mask, coef, kl_coef, ref, with_entropy, value_from_logp):
+    def fused(self, row_mask, coef, kl_coef, ref, with_entropy, value_from_logp, gate=None):
         return linear_fused_loss(self.hidden, self.weight, self.bias, self.ids, row_mask, self.temperature, coef,
-                                 kl_coef, ref, with_entropy, self.backend, value_from_logp)
+                                 kl_coef, ref, with_entropy, self.backend, value_from_logp, gate=gate)

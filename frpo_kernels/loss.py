@@ -3,7 +3,8 @@
 loss() and linear_loss() differ only in where the per-token log-probs come from (logprob_sources:
 the logits, or hidden states and the LM head); everything else is _loss(): checks, the backend
 choice, the batch's O(B*T) tensors (gathered over ranks by a BatchSpan), and the objective. The
-fused one-pass path runs when old_logps is None (on-policy); otherwise two passes.
+fused one-pass path runs on-policy (old_logps None) and for token-local losses (objective.is_token_local)
+off-policy; otherwise two passes.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from frpo_kernels.group_stats import GroupStats
 from frpo_kernels.groups import Groups, advantages_from_rewards, make_groups
 from frpo_kernels.lam_auto import solve_group_lams
 from frpo_kernels.logprob_sources import HiddenSource, LogitsSource
-from frpo_kernels.objective import k3_kl, kl_weights, policy_loss
+from frpo_kernels.objective import clipped_ratio_gate, is_token_local, k3_kl, kl_weights, policy_loss
 from frpo_kernels.ops.linear_logprobs import check_linear_inputs
 from frpo_kernels.ops.token_logprobs import token_logprobs as _token_logprobs
 
@@ -149,7 +150,7 @@ def _loss(make_source, check_ids, like, completion_mask, *, advantages=None, rew
     source = make_source(backend, cfg.temperature)
     # The fused path takes autograd.grad of a probe inside forward, which torch.compile cannot trace:
     # compiled graphs use the two-pass kernels instead.
-    fused = source.backend != "torch" and old_logps is None and source.requires_grad \
+    fused = source.backend != "torch" and (old_logps is None or is_token_local(cfg)) and source.requires_grad \
         and torch.is_grad_enabled() and not torch.compiler.is_compiling()
     result, logp, entropy, details = (_fused_path if fused else _two_pass_path)(
         source, data, cfg, span, return_metrics)
@@ -218,14 +219,22 @@ def _unmasked_only(span, token_values, mask):
 
 
 def _fused_path(source, data, cfg, span, with_entropy):
-    """On-policy: the ratios are exactly 1, so dloss/dlogp does not depend on logp except through the
-    row-local KL term; take it from the objective at any logp and fuse fwd+bwd in one pass over V."""
+    """One pass over V: each token's dloss/dlogp is known once its row is read. On-policy the ratios are
+    exactly 1, so it does not depend on logp but through the row-local KL term: take it from the
+    objective at any logp. Off-policy, for a token-local loss, it is the clipped-ratio gate."""
     dtype = data.mask.dtype
-    with torch.enable_grad():
-        probe = torch.zeros(data.mask.shape, dtype=dtype, device=data.mask.device, requires_grad=True)
-        policy_value, details = policy_loss(probe, probe.detach(), data.mask, data.advantages, data.groups, cfg,
-                                            data.stats, data.lams)
-        (coef,) = torch.autograd.grad(policy_value, probe)
+    gate = None
+    if data.old is None:
+        with torch.enable_grad():
+            probe = torch.zeros(data.mask.shape, dtype=dtype, device=data.mask.device, requires_grad=True)
+            policy_value, details = policy_loss(probe, probe.detach(), data.mask, data.advantages, data.groups,
+                                                cfg, data.stats, data.lams)
+            (coef,) = torch.autograd.grad(policy_value, probe)
+    else:
+        coef, lo, hi = clipped_ratio_gate(data.mask, data.advantages, cfg,
+                                          None if data.stats is None else data.stats.size)
+        gate = tuple(span.local(t) for t in (data.old, lo, hi))
+        details = {}
     # this rank's rows; their gradient carries the world_size factor (see _loss)
     coef = span.local(coef) * span.world
     ref = None if data.ref is None else span.local(data.ref)
@@ -237,10 +246,15 @@ def _fused_path(source, data, cfg, span, with_entropy):
         local = (logp.to(dtype) * 0).sum()
         if kl_coef is not None:
             local = local + (kl_coef * k3_kl(logp.to(dtype), ref)).sum()
-        return policy_value.detach() + span.all_sum(local)
+        if gate is None:
+            return policy_value.detach() + span.all_sum(local)
+        value, at_logp = policy_loss(span.gather(logp.to(dtype)), data.old, data.mask, data.advantages, data.groups,
+                                     cfg, data.stats, data.lams)
+        details.update(at_logp)  # the metrics' clip counts need the ratios at this logp
+        return value + span.all_sum(local)
 
     result, logp, entropy = source.fused(data.row_mask, coef, None if kl_coef is None else kl_coef * span.world,
-                                         ref, with_entropy, value_from_logp)
+                                         ref, with_entropy, value_from_logp, gate)
     logp = logp.to(dtype)
     if with_entropy:
         logp = span.gather(logp.detach())

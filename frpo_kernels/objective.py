@@ -108,6 +108,30 @@ def policy_loss(logp, old, mask, advantages, groups: Groups, cfg: LossConfig, st
     return (1.0 if lams is not None else max(cfg.lam, 1.0)) * robust, details
 
 
+def is_token_local(cfg: LossConfig) -> bool:
+    """Whether a token's gradient coefficient needs only that token (its logp, old and ref log-probs,
+    its row's advantage and the batch's normaliser): then one fused sweep serves off-policy too. FRPO
+    (group log-means) and sequence-level IS (a row's mean log-ratio) need statistics first."""
+    return cfg.loss_type != "frpo" and cfg.importance_sampling_level == "token"
+
+
+def clipped_ratio_gate(mask, advantages, cfg: LossConfig, size: BatchSize | None = None):
+    """The token-local losses' gradient off-policy as the kernels' gate: (coef, lo, hi) [B, T] with
+    d policy_loss / d logp = coef * r where lo <= log r <= hi, else 0 (r = exp(logp - old)).
+
+    -min(c1 A, c2 A) moves with r only where the min's active branch does: for A > 0 up to the
+    clip at 1 + epsilon_high (and delta, if lower); for A < 0 from 1 - epsilon_low on, up to delta
+    if given (past max(delta, 1 + epsilon_high) both branches are constant)."""
+    adv = advantages.unsqueeze(-1).expand_as(mask)
+    coef = -token_weights(mask, cfg, size) * adv
+    clip_high = math.log1p(cfg.epsilon_high)
+    log_delta = math.inf if cfg.delta is None else math.log(cfg.delta)
+    clip_low = math.log(1 - cfg.epsilon_low) if cfg.epsilon_low < 1 else -math.inf
+    lo = torch.where(adv < 0, clip_low, -math.inf)
+    hi = torch.where(adv < 0, max(log_delta, clip_high), min(log_delta, clip_high))
+    return coef, lo.to(mask.dtype), hi.to(mask.dtype)
+
+
 def frpo_log_terms(log_ratio, mask, advantages, cfg: LossConfig, lam=None):
     """(log s_i, log o_i, valid_i) [B]: s_i = w_i * o_i, w_i = exp(-A_i / lam), o_i = mean_t min(c1, c2)
     over the row's tokens; valid: the row has a completion token. In the log domain, so exp(-A/lam)

@@ -20,11 +20,13 @@ import torch
 #       (entropy and dentropy may be None: no entropy term). inplace=True writes grad into the
 #       logits' own storage and returns that tensor; otherwise a new [B, T, V] tensor of the
 #       logits' dtype (contiguous).
-#   fused(logits, ids, mask, temperature, coef, kl_coef, ref_logps, with_entropy, inplace)
-#         -> (logp, lse, entropy or None, grad_logits)
+#   fused(logits, ids, mask, temperature, coef, kl_coef, ref_logps, with_entropy, inplace,
+#         old_logps=None, ratio_lo=None, ratio_hi=None) -> (logp, lse, entropy or None, grad_logits)
 #       forward and backward in one pass over each row, with the token's loss gradient
-#       dlogp = coef + kl_coef * (1 - exp(ref_logps - logp))   (kl_coef / ref_logps may be None)
-#       known once the row's logp is known (the k3-KL term is the only part that depends on it).
+#       dlogp = coef * gate + kl_coef * (1 - exp(ref_logps - logp))   (kl_coef / ref_logps may be None)
+#       known once the row's logp is known. gate = 1 without old_logps; with them (and ratio_lo/hi, all
+#       three or none) gate = exp(logp - old_logps) where ratio_lo <= logp - old_logps <= ratio_hi, else 0:
+#       the token gradient of the clipped-ratio (GRPO-family) losses off-policy.
 
 
 def forward(logits, ids, mask, temperature, with_entropy):
@@ -77,15 +79,21 @@ def backward(logits, ids, mask, lse, dlogp, entropy, dentropy, temperature, inpl
     return grad
 
 
-def fused(logits, ids, mask, temperature, coef, kl_coef, ref_logps, with_entropy, inplace=False):
+def fused(logits, ids, mask, temperature, coef, kl_coef, ref_logps, with_entropy, inplace=False,
+          old_logps=None, ratio_lo=None, ratio_hi=None):
     logp, lse, entropy = forward(logits, ids, mask, temperature, with_entropy)
-    dlogp = token_loss_gradient(logp, coef, kl_coef, ref_logps)
+    dlogp = token_loss_gradient(logp, coef, kl_coef, ref_logps, old_logps, ratio_lo, ratio_hi)
     grad = backward(logits, ids, mask, lse, dlogp, None, None, temperature, inplace)
     return logp, lse, entropy, grad
 
 
-def token_loss_gradient(logp, coef, kl_coef, ref_logps):
-    """dloss/dlogp of a token in the fused path: a constant plus the k3-KL derivative."""
+def token_loss_gradient(logp, coef, kl_coef, ref_logps, old_logps=None, ratio_lo=None, ratio_hi=None):
+    """dloss/dlogp of a token in the fused path: coef (gated by the importance ratio when old_logps are
+    given) plus the k3-KL derivative."""
+    if old_logps is not None:
+        log_ratio = logp - old_logps
+        inside = (log_ratio >= ratio_lo) & (log_ratio <= ratio_hi)
+        coef = torch.where(inside, coef * torch.exp(torch.where(inside, log_ratio, 0.0)), 0.0)
     if kl_coef is None:
         return coef
     return coef + kl_coef * (1.0 - torch.exp(ref_logps - logp))

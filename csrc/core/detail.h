@@ -329,6 +329,13 @@ void backward_rows_t(const LogitsView& L, const TokenInputs& tok, const Backward
   if (G.streaming) Ops::fence();
 }
 
+// coef * exp(logp - old) inside [lo, hi] of the log-ratio, else 0 (a NaN log-ratio gives 0; the row's NaN
+// lse still makes its gradient NaN, as torch's).
+inline float ratio_gated(float coef, float logp, float old, float lo, float hi) {
+  const double log_ratio = double(logp) - double(old);
+  return log_ratio >= lo && log_ratio <= hi ? float(double(coef) * std::exp(log_ratio)) : 0.f;
+}
+
 template <class Ops, class E>
 void fused_rows_t(const LogitsView& L, const TokenInputs& tok, const FusedIn& in, const ForwardOut& out,
                   const GradView& G, int64_t r0, int64_t r1) {
@@ -360,6 +367,7 @@ void fused_rows_t(const LogitsView& L, const TokenInputs& tok, const FusedIn& in
     out.lse[r] = st.lse;
     if (out.entropy) out.entropy[r] = st.entropy;
     float dlogp = in.coef[r];
+    if (in.old_logps) dlogp = ratio_gated(dlogp, st.logp, in.old_logps[r], in.ratio_lo[r], in.ratio_hi[r]);
     if (with_kl) dlogp += float(double(in.kl_coef[r]) * (1.0 - std::exp(double(in.ref_logps[r]) - st.logp)));
     if (std::isfinite(st.lse)) {
       gradient_from_exps<Ops, E>(e, chunk_m, g, L.vocab, id, xid, inv_t, st.lse, dlogp, G.streaming);

@@ -47,11 +47,17 @@ struct BackwardIn {
   const float* dentropy = nullptr;
 };
 
-// Fused: dlogp = coef + kl_coef*(1 - exp(ref_logps - logp)); kl_coef/ref_logps both nullptr: no KL term.
+// Fused: dlogp = coef*gate + kl_coef*(1 - exp(ref_logps - logp)); kl_coef/ref_logps both nullptr: no KL term.
+// gate = 1 without old_logps; with them (an importance ratio r = exp(logp - old_logps)) gate = r where
+// ratio_lo <= logp - old_logps <= ratio_hi, else 0: the clipped-ratio losses' token gradient, known as soon
+// as the row's logp is (old_logps, ratio_lo, ratio_hi: all three or none; the bounds may be +-inf).
 struct FusedIn {
   const float* coef = nullptr;
   const float* kl_coef = nullptr;
   const float* ref_logps = nullptr;
+  const float* old_logps = nullptr;
+  const float* ratio_lo = nullptr;
+  const float* ratio_hi = nullptr;
 };
 
 // Each function handles rows [row_begin, row_end) of the flattened batch*length rows, so callers can

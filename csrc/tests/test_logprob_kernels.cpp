@@ -126,13 +126,17 @@ static void run_case(const Case& c, uint32_t seed) {
     for (int64_t v = 0; v < c.vocab; ++v) z[v] = double(logits.value(off + v) * tok.inv_temperature);
     ref[r] = reference_row(z, ids[r]);
   }
-  std::vector<float> coef(rows), kl(rows), refl(rows), dlogp(rows), dent(rows);
+  std::vector<float> coef(rows), kl(rows), refl(rows), dlogp(rows), dent(rows), old(rows), lo(rows), hi(rows);
   for (int64_t r = 0; r < rows; ++r) {
     coef[r] = float(unif(rng) - 0.5);
     kl[r] = float(unif(rng));
     refl[r] = maskv[r] ? float(ref[r].logp + 0.3 * (unif(rng) - 0.5)) : 0.f;
     dlogp[r] = float(unif(rng) - 0.5);
     dent[r] = float(unif(rng) - 0.5);
+    // an importance ratio exp(logp - old) within e^+-0.4 of 1, against bounds that gate about half the rows
+    old[r] = maskv[r] ? float(ref[r].logp + 0.8 * (unif(rng) - 0.5)) : 0.f;
+    lo[r] = r % 4 == 0 ? -kInf : float(-0.2 * unif(rng));
+    hi[r] = r % 4 == 1 ? kInf : float(0.2 * unif(rng));
   }
 
   // fused (or backward) gradient target
@@ -145,8 +149,10 @@ static void run_case(const Case& c, uint32_t seed) {
   };
   const double t = tol(c.dtype);
   const bool fused = c.kl || (seed % 2 == 0);
+  const bool gated = fused && seed % 3 == 0;  // the clipped-ratio gate (old_logps given)
   if (fused) {
     FusedIn fi{coef.data(), c.kl ? kl.data() : nullptr, c.kl ? refl.data() : nullptr};
+    if (gated) fi.old_logps = old.data(), fi.ratio_lo = lo.data(), fi.ratio_hi = hi.data();
     fused_rows(L, tok, fi, fo, G, 0, rows);
   } else {
     forward_rows(L, tok, fo, 0, rows);
@@ -170,6 +176,10 @@ static void run_case(const Case& c, uint32_t seed) {
   }
   for (int64_t r = 0; r < rows; ++r) {
     double dl = fused ? coef[r] : dlogp[r];
+    if (gated && maskv[r]) {
+      const double log_ratio = double(logp[r]) - double(old[r]);
+      dl = log_ratio >= lo[r] && log_ratio <= hi[r] ? dl * std::exp(log_ratio) : 0.0;
+    }
     if (fused && c.kl && maskv[r]) dl += kl[r] * (1.0 - std::exp(double(refl[r]) - double(logp[r])));
     const bool with_ent = !fused && c.entropy;
     // gradient scale: |dlogp|/T (the largest a gradient entry can be, and the size of fp32 rounding in 1 - p)

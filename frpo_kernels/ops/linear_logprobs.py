@@ -408,12 +408,13 @@ class _PrecomputedLinearGradient(torch.autograd.Function):
 
 
 def linear_fused_loss(hidden, weight, bias, ids, mask, temperature, coef, kl_coef, ref_logps,
-                      with_entropy, backend, value_from_logp, rows=None):
-    """The loss whose per-token gradient dloss/dlogp is coef + kl_coef * (1 - exp(ref_logps - logp)),
+                      with_entropy, backend, value_from_logp, rows=None, gate=None):
+    """The loss whose per-token gradient dloss/dlogp is coef * gate + kl_coef * (1 - exp(ref_logps - logp)),
     from hidden [..., H] and the head weight [V, H] (+ bias [V]), in one sweep over the tiles.
 
     ids, mask (bool or None), coef, kl_coef and ref_logps (both or neither None) have hidden's
-    leading shape; backend is a resolved name. value_from_logp(logp) -> the scalar loss value (no
+    leading shape; gate: None, or (old_logps, ratio_lo, ratio_hi) of that shape (reference.py's
+    importance-ratio gate); backend is a resolved name. value_from_logp(logp) -> the scalar loss value (no
     gradient needed). Returns (loss, logp, entropy or None); logp and entropy have ids' shape, are
     float32 (float64 for float64 inputs) and carry no gradient. The gradients w.r.t. hidden, weight
     and bias (each only if it requires grad) are computed here and scaled by the upstream
@@ -437,6 +438,7 @@ def linear_fused_loss(hidden, weight, bias, ids, mask, temperature, coef, kl_coe
         raise ValueError("linear_fused_loss: kl_coef needs ref_logps")
     kl_coef = sweep.per_token(kl_coef)
     ref_logps = None if kl_coef is None else sweep.per_token(ref_logps)
+    gate = () if gate is None else tuple(sweep.per_token(t) for t in gate)
     logp = sweep.token_vector()
     entropy = sweep.token_vector() if with_entropy else None
     grad_hidden, grad_weight, grad_bias = sweep.gradient_buffers(*want)
@@ -448,7 +450,7 @@ def linear_fused_loss(hidden, weight, bias, ids, mask, temperature, coef, kl_coe
                             sweep.take(coef, start, stop),
                             None if kl_coef is None else sweep.take(kl_coef, start, stop),
                             None if ref_logps is None else sweep.take(ref_logps, start, stop),
-                            with_entropy, inplace=True)
+                            with_entropy, True, *(sweep.take(t, start, stop) for t in gate))
         sweep.put(logp, start, stop, lp)
         if with_entropy:
             sweep.put(entropy, start, stop, ent)

@@ -93,19 +93,23 @@ class _PrecomputedGradient(torch.autograd.Function):
 
 
 def fused_loss(logits, ids, mask, temperature, coef, kl_coef, ref_logps, with_entropy, backend,
-               value_from_logp, overwrite_logits=False):
-    """Loss whose token gradient is coef + kl_coef * (1 - exp(ref - logp)), in one pass over V.
+               value_from_logp, overwrite_logits=False, gate=None):
+    """Loss whose token gradient is coef * gate + kl_coef * (1 - exp(ref - logp)), in one pass over V.
 
     value_from_logp(logp) -> scalar loss value (no gradient needed); returns (loss, logp, entropy).
     overwrite_logits: the gradient is written into the logits' own storage (no [B, T, V] buffer).
+    gate: None, or (old_logps, ratio_lo, ratio_hi) [B, T] (reference.py's importance-ratio gate).
     """
     unit_stride = _unit_stride_rows(logits)
     copied = unit_stride is not logits  # a copy of our own is free to hold the gradient
+    token_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32  # the kernels' [B, T] dtype
+
+    def per_token(t):
+        return None if t is None else t.to(token_dtype).contiguous()
     logp, _, entropy, grad_logits = kernels(backend).fused(
-        unit_stride.detach(), ids.long(), mask, temperature, coef.float().contiguous(),
-        None if kl_coef is None else kl_coef.float().contiguous(),
-        None if ref_logps is None else ref_logps.float().contiguous(), with_entropy,
-        overwrite_logits or copied)
+        unit_stride.detach(), ids.long(), mask, temperature, per_token(coef), per_token(kl_coef),
+        per_token(ref_logps), with_entropy, overwrite_logits or copied,
+        *(() if gate is None else (per_token(t) for t in gate)))
     if overwrite_logits and not copied:
         _mark_overwritten(logits)
     value = value_from_logp(logp)

@@ -121,10 +121,12 @@ def backward_kernel(logits_ptr, stride_b, stride_t, ids_ptr, mask_ptr, lse_ptr, 
 
 @triton.jit
 def fused_kernel(logits_ptr, stride_b, stride_t, ids_ptr, mask_ptr, coef_ptr, kl_coef_ptr, ref_ptr,
+                 old_ptr, ratio_lo_ptr, ratio_hi_ptr,
                  logp_ptr, lse_ptr, entropy_ptr, grad_ptr, grad_stride_b, grad_stride_t, N, T, V,
-                 inv_temperature, HAS_MASK: tl.constexpr, HAS_KL: tl.constexpr,
+                 inv_temperature, HAS_MASK: tl.constexpr, HAS_KL: tl.constexpr, HAS_GATE: tl.constexpr,
                  WITH_ENTROPY: tl.constexpr, ROWS: tl.constexpr, BLOCK_V: tl.constexpr):
-    """Forward, then dlogp = coef + kl_coef * (1 - exp(ref - logp)), then the gradient sweep.
+    """Forward, then dlogp = coef * gate + kl_coef * (1 - exp(ref - logp)), then the gradient sweep
+    (gate, with HAS_GATE: exp(logp - old) where ratio_lo <= logp - old <= ratio_hi, else 0).
 
     The sweep re-reads the rows this program has just read. They are still in L2 only if few rows
     are in flight: L2 must hold (programs in flight) x (rows' bytes), so the launcher starts a
@@ -138,6 +140,11 @@ def fused_kernel(logits_ptr, stride_b, stride_t, ids_ptr, mask_ptr, coef_ptr, kl
         z_target = tl.load(logits_ptr + offset + target, mask=live, other=0.0).to(tl.float32)
         logp = tl.where(live, z_target * inv_temperature - lse, 0.0)
         dlogp = tl.load(coef_ptr + row, mask=live, other=0.0)
+        if HAS_GATE:
+            log_ratio = logp - tl.load(old_ptr + row, mask=live, other=0.0)
+            inside = (log_ratio >= tl.load(ratio_lo_ptr + row, mask=live, other=0.0)) \
+                & (log_ratio <= tl.load(ratio_hi_ptr + row, mask=live, other=0.0))
+            dlogp = tl.where(inside & live, dlogp * tl.exp(tl.where(inside, log_ratio, 0.0)), 0.0)
         if HAS_KL:
             kl_coef = tl.load(kl_coef_ptr + row, mask=live, other=0.0)
             ref = tl.load(ref_ptr + row, mask=live, other=0.0)

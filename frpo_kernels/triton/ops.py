@@ -170,7 +170,8 @@ def fused_programs(logits, cfg):
     return max(1, min(tiles, max(sms, fit)))
 
 
-def fused(logits, ids, mask, temperature, coef, kl_coef, ref_logps, with_entropy, inplace=False):
+def fused(logits, ids, mask, temperature, coef, kl_coef, ref_logps, with_entropy, inplace=False,
+          old_logps=None, ratio_lo=None, ratio_hi=None):
     _check(logits, ids)
     module = _kernels_for(logits)
     batch, length, vocab = logits.shape
@@ -181,6 +182,11 @@ def fused(logits, ids, mask, temperature, coef, kl_coef, ref_logps, with_entropy
     coef = _per_token(coef, logits, torch.float32)
     kl_coef = _per_token(kl_coef, logits, torch.float32) if has_kl else coef
     ref_logps = _per_token(ref_logps, logits, torch.float32) if has_kl else coef
+    gate = [old_logps, ratio_lo, ratio_hi]
+    has_gate = old_logps is not None
+    if has_gate != (ratio_lo is not None) or has_gate != (ratio_hi is not None):
+        raise ValueError("fused: pass old_logps, ratio_lo and ratio_hi together, or none of them")
+    gate = [_per_token(t, logits, torch.float32) if has_gate else coef for t in gate]
     logp = torch.empty(batch, length, dtype=torch.float32, device=logits.device)
     lse = torch.empty_like(logp)
     entropy = torch.empty_like(logp) if with_entropy else None
@@ -190,8 +196,8 @@ def fused(logits, ids, mask, temperature, coef, kl_coef, ref_logps, with_entropy
     with _on_device(logits):
         module.fused_kernel[(fused_programs(logits, cfg),)](
             logits, logits.stride(0), logits.stride(1), ids, ids if mask_u8 is None else mask_u8,
-            coef, kl_coef, ref_logps, logp, lse, logp if entropy is None else entropy, grad,
+            coef, kl_coef, ref_logps, *gate, logp, lse, logp if entropy is None else entropy, grad,
             grad.stride(0), grad.stride(1), batch * length, length, vocab, 1.0 / float(temperature),
-            HAS_MASK=mask_u8 is not None, HAS_KL=has_kl, WITH_ENTROPY=bool(with_entropy),
+            HAS_MASK=mask_u8 is not None, HAS_KL=has_kl, HAS_GATE=has_gate, WITH_ENTROPY=bool(with_entropy),
             **cfg.meta(), **cfg.launch())
     return logp, lse, entropy, grad

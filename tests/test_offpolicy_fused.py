@@ -1,0 +1,167 @@
+"""Off-policy in one pass: with old_logps, a token-local loss (the GRPO family at token-level IS) takes
+the fused sweep, its token gradient the clipped-ratio gate (objective.clipped_ratio_gate); FRPO and
+sequence-level IS keep the two-pass path.
+
+- float64: the fused path on the reference kernels equals the two-pass path to 1e-10 (value, metrics,
+  gradient) for loss() and linear_loss(), every token-local type, delta, KL, masks, group_stats;
+- cpu (fp32, bf16) and triton (interpreter) against the float64 torch loss, and which path ran.
+"""
+import importlib
+import itertools
+
+import pytest
+import torch
+
+import frpo_kernels
+from frpo_kernels import backends
+from helpers import INTERPRETED, rerun_under_interpreter, use_backend
+
+loss_module = importlib.import_module("frpo_kernels.loss")  # the module (frpo_kernels.loss is the function)
+B, T, H, V = 6, 5, 8, 41
+TOKEN_LOCAL = ["grpo", "bnpo", "dr_grpo", "dapo"]
+
+
+def batch(seed=0, spread=0.3):
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(B, T, H, generator=gen, dtype=torch.float64)
+    weight = torch.randn(V, H, generator=gen, dtype=torch.float64)
+    ids = torch.randint(0, V, (B, T), generator=gen)
+    mask = (torch.rand(B, T, generator=gen) > 0.25).double()
+    mask[:, 0] = 1
+    mask[2] = 0  # a row with no completion token
+    logp = torch.log_softmax(hidden @ weight.T, -1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+    # spread 0.3: a good share of the ratios fall outside [0.8, 1.2] on either side
+    old = logp + spread * torch.randn(B, T, generator=gen, dtype=torch.float64)
+    ref = logp + 0.3 * torch.randn(B, T, generator=gen, dtype=torch.float64)
+    rewards = torch.randn(B, generator=gen, dtype=torch.float64)
+    return hidden, weight, ids, mask, old, ref, rewards
+
+
+def options(loss_type, delta, beta, ref):
+    return dict(loss_type=loss_type, delta=delta, beta=beta, ref_logps=ref if beta else None, group_size=3,
+                max_completion_length=7 if loss_type == "dr_grpo" else None, return_metrics=True)
+
+
+def value_grad_metrics(fn, leaf):
+    leaf = leaf.detach().clone().requires_grad_(True)
+    value, metrics = fn(leaf)
+    value.backward()
+    return value.detach(), leaf.grad, metrics
+
+
+def assert_metrics_equal(got, want, tol):
+    for name, value in want.items():
+        if isinstance(value, torch.Tensor):
+            assert torch.allclose(got[name].double(), value.double(), rtol=tol, atol=tol), name
+
+
+@pytest.mark.parametrize("loss_type, delta, beta, entry",
+                         itertools.product(TOKEN_LOCAL, [None, 1.1, 3.0], [0.0, 0.1], ["logits", "hidden"]))
+def test_fused_equals_two_pass_in_float64(monkeypatch, loss_type, delta, beta, entry):
+    """The reference kernels run the fused path when _loss is made to take it for backend="torch"."""
+    hidden, weight, ids, mask, old, ref, rewards = batch()
+    opts = options(loss_type, delta, beta, ref)
+
+    def call(x):
+        if entry == "logits":
+            return frpo_kernels.loss(x @ weight.T, ids, mask, rewards=rewards, old_logps=old, backend="torch", **opts)
+        return frpo_kernels.linear_loss(x, weight, ids, mask, rewards=rewards, old_logps=old, backend="torch", **opts)
+
+    two_pass = value_grad_metrics(call, hidden)
+    fused_ran = []
+
+    def fused_instead(*args):
+        fused_ran.append(True)
+        return loss_module._fused_path(*args)
+    monkeypatch.setattr(loss_module, "_two_pass_path", fused_instead)
+    fused = value_grad_metrics(call, hidden)
+    assert fused_ran
+    assert torch.allclose(fused[0], two_pass[0], rtol=1e-10, atol=1e-12)
+    assert torch.allclose(fused[1], two_pass[1], rtol=1e-10, atol=1e-10 * two_pass[1].abs().max())
+    assert_metrics_equal(fused[2], two_pass[2], 1e-10)
+    assert two_pass[2]["clip_ratio/region_mean"] > 0  # the gate was exercised on both sides
+
+
+def test_micro_batches_with_group_stats_in_one_pass_each(monkeypatch):
+    """Micro-batches of a batch (bnpo normalises by the whole batch's tokens) on the fused path."""
+    hidden, weight, ids, mask, old, ref, rewards = batch(seed=3)
+    gids = torch.arange(B) // 3
+    logits = hidden @ weight.T
+    whole = value_grad_metrics(lambda z: (frpo_kernels.loss(z, ids, mask, rewards=rewards, group_ids=gids,
+                                                            old_logps=old, loss_type="bnpo", backend="torch"), {}),
+                               logits)
+    monkeypatch.setattr(loss_module, "_two_pass_path", loss_module._fused_path)
+    stats = frpo_kernels.group_stats(mask, rewards=rewards, group_ids=gids, loss_type="bnpo")
+    grad = torch.zeros_like(logits)
+    total = 0.0
+    for rows in ([0, 4], [1, 2, 3, 5]):
+        z = logits[rows].clone().requires_grad_(True)
+        part = frpo_kernels.loss(z, ids[rows], mask[rows], rewards=rewards[rows], group_ids=gids[rows],
+                                 old_logps=old[rows], loss_type="bnpo", group_stats=stats, backend="torch")
+        part.backward()
+        total, grad[rows] = total + part.detach(), z.grad
+    assert torch.allclose(total, whole[0], rtol=1e-10)
+    assert torch.allclose(grad, whole[1], rtol=1e-10, atol=1e-12)
+
+
+def _count_kernel_calls(monkeypatch, backend):
+    module = backends.kernels(backend)
+    calls = {"fused": 0, "backward": 0}
+    for name in calls:
+        original = getattr(module, name)
+
+        def counted(*args, _name=name, _original=original, **kwargs):
+            calls[_name] += 1
+            return _original(*args, **kwargs)
+        monkeypatch.setattr(module, name, counted)
+    return calls
+
+
+KERNEL_CASES = list(itertools.product(["cpu", "triton"], ["grpo", "dapo", "dr_grpo"], [torch.float32, torch.bfloat16],
+                                      ["logits", "hidden"]))
+
+
+@pytest.mark.parametrize("backend, loss_type, dtype, entry", KERNEL_CASES)
+def test_kernels_take_one_pass_and_match_float64(monkeypatch, backend, loss_type, dtype, entry):
+    """Against the float64 loss of the same (rounded) inputs: the logits, or hidden and weight."""
+    backend = use_backend(backend)
+    hidden, weight, ids, mask, old, ref, rewards = batch(seed=1)
+    opts = options(loss_type, 1.1, 0.1, ref.float())
+    opts.pop("return_metrics")
+    weight = weight.to(dtype)
+    leaf = (hidden.to(dtype) @ weight.T if entry == "logits" else hidden.to(dtype)).detach()
+
+    def call(x, be):
+        if entry == "logits":
+            return frpo_kernels.loss(x, ids, mask, rewards=rewards, old_logps=old.float(), backend=be, **opts)
+        w = weight.double() if be == "torch" else weight
+        return frpo_kernels.linear_loss(x, w, ids, mask, rewards=rewards, old_logps=old.float(), backend=be, **opts)
+
+    want_leaf = leaf.double().requires_grad_(True)
+    want = call(want_leaf, "torch")
+    want.backward()
+    calls = _count_kernel_calls(monkeypatch, backend)
+    got_leaf = leaf.clone().requires_grad_(True)
+    got = call(got_leaf, backend)
+    got.backward()
+    assert calls == {"fused": 1, "backward": 0}, calls
+    tol = 2e-5 if dtype == torch.float32 else 3e-2
+    assert abs(got.item() - want.item()) <= tol * max(1.0, abs(want.item()))
+    assert (got_leaf.grad.double() - want_leaf.grad).abs().max() <= tol * want_leaf.grad.abs().max()
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+@pytest.mark.parametrize("loss_type, level", [("frpo", "token"), ("grpo", "sequence")])
+def test_row_or_group_coupled_losses_keep_two_passes(monkeypatch, backend, loss_type, level):
+    backend = use_backend(backend)
+    hidden, weight, ids, mask, old, ref, rewards = batch(seed=2)
+    calls = _count_kernel_calls(monkeypatch, backend)
+    z = (hidden @ weight.T).float().requires_grad_(True)
+    frpo_kernels.loss(z, ids, mask, rewards=rewards, group_size=3, old_logps=old.float(), loss_type=loss_type,
+                      importance_sampling_level=level, backend=backend).backward()
+    assert calls == {"fused": 0, "backward": 1}, calls
+
+
+@pytest.mark.skipif(INTERPRETED, reason="this is the rerun")
+def test_triton_cases_under_interpreter():
+    rerun_under_interpreter(__file__, select="triton")
