@@ -38,6 +38,33 @@ SPECS = [("H100 PCIe", 2.0e12, 756e12), ("H100 NVL", 3.9e12, 835e12), ("H200", 4
          ("H100", 3.35e12, 989e12), ("A100", 2.0e12, 312e12)]
 
 
+class Unavailable(Exception):
+    """A comparison whose package is not importable here (trl, Liger): skipped, not an error."""
+
+
+def optional_comparisons(device):
+    """(trl's ChunkedLogProbFunction, Liger's (CrossEntropyLoss, FusedLinearCrossEntropyLoss), why
+    each is missing). Neither is needed: the GPU machine may carry neither (no network there);
+    bench/gpu_check.sh puts pure-Python wheels from bench/wheels/ on the path."""
+    why = {}
+    try:
+        from trl.kernels import ChunkedLogProbFunction
+    except Exception as exc:  # not installed, or a dependency (transformers) missing or too old
+        ChunkedLogProbFunction = None
+        why["trl"] = f"trl is not importable ({type(exc).__name__}: {str(exc)[:120]})"
+    liger = None
+    if device.type != "cuda":
+        why["liger"] = "Liger-Kernel needs CUDA tensors"
+    else:
+        try:
+            from liger_kernel.transformers.cross_entropy import LigerCrossEntropyLoss
+            from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
+            liger = (LigerCrossEntropyLoss, LigerFusedLinearCrossEntropyLoss)
+        except Exception as exc:
+            why["liger"] = f"Liger-Kernel is not importable ({type(exc).__name__}: {str(exc)[:120]})"
+    return ChunkedLogProbFunction, liger, why
+
+
 class Budget:
     def __init__(self, seconds):
         self.end = time.monotonic() + seconds
@@ -260,17 +287,11 @@ def timings(torch, device, report, args, budget):
     reps = 1 if args.smoke else 3
     free_bytes = (torch.cuda.mem_get_info()[0] if device.type == "cuda" else 8 << 30)
 
-    try:
-        from trl.kernels import ChunkedLogProbFunction
-    except Exception:
-        ChunkedLogProbFunction = None
-    try:
-        from liger_kernel.transformers.cross_entropy import LigerCrossEntropyLoss
-        from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
-    except Exception:
-        LigerCrossEntropyLoss = LigerFusedLinearCrossEntropyLoss = None
-    if device.type != "cuda":
-        LigerCrossEntropyLoss = LigerFusedLinearCrossEntropyLoss = None
+    ChunkedLogProbFunction, liger, missing = optional_comparisons(device)
+    LigerCrossEntropyLoss, LigerFusedLinearCrossEntropyLoss = liger or (None, None)
+    report["optional_missing"] = missing
+    for reason in missing.values():
+        print(f"  {reason}: its comparisons are skipped", flush=True)
 
     # measured floors of this session: device copy bandwidth and a large cuBLAS GEMM
     probe = torch.empty(256 << 20, dtype=torch.uint8, device=device)
@@ -299,7 +320,8 @@ def timings(torch, device, report, args, budget):
             if gemm_flops:
                 row["x_gemm_floor_measured"] = seconds / (flops / gemm_flops)
         rows_out.append(row)
-        shown = "skipped" if seconds is None else f"{seconds * 1e3:9.2f} ms"
+        shown = (f"{seconds * 1e3:9.2f} ms" if seconds is not None
+                 else "" if note.startswith("skipped") else "skipped")
         print(f"  {group:>14} {impl:>16} N={n:<6} {shown} {note}", flush=True)
 
     def timed(group, impl, n, make, logits_bytes=None, flops=None, need_bytes=0, min_left=0):
@@ -313,6 +335,8 @@ def timings(torch, device, report, args, budget):
             fn = make()
             seconds = run(fn, reps, budget)
             record(group, impl, n, seconds, logits_bytes, flops, "" if seconds else "skipped: time budget")
+        except Unavailable as exc:  # the full reason is printed once and kept in optional_missing
+            record(group, impl, n, None, note=f"skipped: {str(exc).split(' (')[0]}")
         except Exception as exc:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -400,7 +424,7 @@ def timings(torch, device, report, args, budget):
 
             def trl():
                 if ChunkedLogProbFunction is None:
-                    raise RuntimeError("trl is not installed")
+                    raise Unavailable(missing["trl"])
 
                 def fn():
                     h, w, wrt = leaves()
@@ -411,7 +435,7 @@ def timings(torch, device, report, args, budget):
 
             def liger_flce():
                 if LigerFusedLinearCrossEntropyLoss is None:
-                    raise RuntimeError("Liger-Kernel is not installed")
+                    raise Unavailable(missing["liger"])
                 loss_fn = LigerFusedLinearCrossEntropyLoss(reduction="sum")
 
                 def fn():
@@ -459,7 +483,7 @@ def timings(torch, device, report, args, budget):
 
         def tokens_liger(logits):
             if LigerCrossEntropyLoss is None:
-                raise RuntimeError("Liger-Kernel is not installed")
+                raise Unavailable(missing["liger"])
             loss_fn = LigerCrossEntropyLoss(reduction="sum")
 
             def fn():
@@ -536,6 +560,8 @@ def write_outputs(report, folder):
              f"{_fmt(report.get('measured_bf16_gemm_flops'), 1e12)} TFLOP/s. CUDA tile-rows rule at this shape: "
              f"{report.get('cuda_tile_rows_rule')}.", "",
              "## Numerics", ""]
+    if report.get("optional_missing"):
+        lines[-2:-2] = ["Comparisons skipped: " + "; ".join(report["optional_missing"].values()) + ".", ""]
     for r in report["numerics"]:
         lines.append(f"- {'ok' if r['ok'] else 'FAIL'}: {r['check']} {r['detail']}")
     lines += ["", "## Timings (fwd+bwd, bf16; min of the runs)", "",

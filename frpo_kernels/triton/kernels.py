@@ -6,6 +6,10 @@ online max / sum-exp in fp32; the contract they implement is frpo_kernels/refere
 import triton
 import triton.language as tl
 
+from frpo_kernels.triton.compat import fix_interpreter_index
+
+fix_interpreter_index()  # triton <= 3.6's interpreter with numpy >= 2.4: see compat.py
+
 
 @triton.jit
 def _rows(first, N, T, stride_b, stride_t, mask_ptr, HAS_MASK: tl.constexpr, ROWS: tl.constexpr):
