@@ -122,6 +122,7 @@ def numerics(torch, device, report, smoke):
     from frpo_kernels.triton import ops
     import frpo_kernels
     from frpo_kernels.ops import linear_logprobs as lin
+    from frpo_kernels.ops import tile_policy
 
     results = report["numerics"]
 
@@ -220,7 +221,7 @@ def numerics(torch, device, report, smoke):
             if active % 2 == 0:
                 mask[mask.nonzero()[0, 0]] = False
                 active -= 1
-            lin.TILE_ROWS = {"lt": active + 3, "eq": active, "k1": max(1, (active - 1) // 2)}[rows_case]
+            tile_policy.TILE_ROWS = {"lt": active + 3, "eq": active, "k1": max(1, (active - 1) // 2)}[rows_case]
             coef = torch.randn(n_rows, generator=gen, device=device) / n_rows
             kl = torch.rand(n_rows, generator=gen, device=device) / n_rows
             dent = torch.randn(n_rows, generator=gen, device=device) / n_rows
@@ -269,7 +270,7 @@ def numerics(torch, device, report, smoke):
                         check(f"linear {path} V={vocab} H={size} N={n_rows} tile={rows_case} {str(dtype)[6:]}",
                               linear_case(dtype, path, rows_case, vocab, size, n_rows))
     finally:
-        lin.TILE_ROWS = None
+        tile_policy.TILE_ROWS = None
     return all(r["ok"] for r in results)
 
 
@@ -277,6 +278,7 @@ def numerics(torch, device, report, smoke):
 def timings(torch, device, report, args, budget):
     import frpo_kernels
     from frpo_kernels.ops import linear_logprobs as lin
+    from frpo_kernels.ops import tile_policy
 
     run = timer(torch, device)
     rows_out = report["timings"]
@@ -407,7 +409,7 @@ def timings(torch, device, report, args, budget):
                 flat = hidden.reshape(-1, size)
 
                 def fn():
-                    rows = lin.sweep_rows(n, vocab, size, dtype, device)
+                    rows = tile_policy.sweep_rows(n, vocab, size, dtype, device)
                     ws = torch.empty(rows, vocab, dtype=dtype, device=device)
                     gh = torch.empty_like(flat)
                     gw = torch.zeros(vocab, size, dtype=torch.float32, device=device) if train else None
@@ -526,7 +528,7 @@ def timings(torch, device, report, args, budget):
         for rows in ((32, 96) if args.smoke else (1024, 2048, 4096)):
             def make(rows=rows):
                 def fn():
-                    lin.TILE_ROWS = rows
+                    tile_policy.TILE_ROWS = rows
                     try:
                         h = x["hidden"].detach().requires_grad_(True)
                         w = x["weight"].detach().requires_grad_(True)
@@ -534,11 +536,11 @@ def timings(torch, device, report, args, budget):
                                                      "triton", lambda lp: (x["coef"] * lp).sum())[0]
                         torch.autograd.grad(loss, [h, w])
                     finally:
-                        lin.TILE_ROWS = None
+                        tile_policy.TILE_ROWS = None
                 return fn
             timed("tile_rows", f"fused_rows{rows}", n, make, flops=3 * 2 * n * vocab * size)
 
-    report["cuda_tile_rows_rule"] = {n: lin.sweep_rows(n, vocab, size, dtype, device) for n in ns}
+    report["cuda_tile_rows_rule"] = {n: tile_policy.sweep_rows(n, vocab, size, dtype, device) for n in ns}
     for compile_pass in (False, True):  # compilation last: a minute or more per compiled function
         for n in ns:
             x = inputs(n)

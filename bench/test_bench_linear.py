@@ -33,6 +33,7 @@ import torch
 from conftest import FULL
 
 from frpo_kernels.ops import linear_logprobs as lin
+from frpo_kernels.ops import tile_policy
 
 try:
     from trl.kernels import ChunkedLogProbFunction
@@ -101,7 +102,7 @@ def eager(hidden, weight, ids, coef, train_head):
 def _gemm_tiles(hidden, weight, train_head, backward_only=False, forward_only=False):
     """The GEMMs of one sweep exactly as the loop runs them (same rows, workspace, out=), no kernel."""
     n, vocab = hidden.shape[0], weight.shape[0]
-    rows = lin.sweep_rows(n, vocab, hidden.shape[1], hidden.dtype, hidden.device)
+    rows = tile_policy.sweep_rows(n, vocab, hidden.shape[1], hidden.dtype, hidden.device)
     workspace = torch.empty(rows, vocab, dtype=hidden.dtype)
     grad_hidden = None if forward_only else torch.empty_like(hidden)
     grad_weight = torch.zeros_like(weight) if train_head and not forward_only else None
@@ -144,7 +145,7 @@ def summary_lines(head, best, values):
     def ratios(a, b):
         return f"{ratio(a, b, 0)} wall, {ratio(a, b, 1)} cpu"
 
-    rows = lin.sweep_rows(N, V, H, torch.float32, torch.device("cpu"))
+    rows = tile_policy.sweep_rows(N, V, H, torch.float32, torch.device("cpu"))
     lines = [f"N={N} H={H} V={V} fp32, {head} head, min of {ROUNDS} interleaved rounds, "
              f"{torch.get_num_threads()} thread(s), tile rows {rows}; wall clock and process CPU time"]
     for name, (wall, cpu) in best.items():
@@ -207,6 +208,8 @@ MEMORY_SCRIPT = textwrap.dedent(r"""
     sys.path.insert(0, "bench")  # run from the repository root
     from proc_status import status_kib
     from frpo_kernels.ops import linear_logprobs as lin
+    from frpo_kernels.ops import tile_policy
+from frpo_kernels.ops import tile_policy
 
     n, size, vocab, path = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
     gen = torch.Generator().manual_seed(0)
@@ -226,7 +229,7 @@ MEMORY_SCRIPT = textwrap.dedent(r"""
     loss.backward()
     peak = status_kib("VmHWM")
     grads = hidden.grad.numel() * 4 + weight.grad.numel() * 4
-    rows = lin.sweep_rows(n, vocab, size, torch.float32, torch.device("cpu"))
+    rows = tile_policy.sweep_rows(n, vocab, size, torch.float32, torch.device("cpu"))
     print(json.dumps({"peak_growth_bytes": (peak - before) * 1024, "grad_bytes": grads,
                       "workspace_bytes": rows * vocab * 4, "logits_bytes": n * vocab * 4}))
 """)

@@ -162,7 +162,55 @@ def optional_positive_int(name, value):
     return None if value is None else check_positive_int(name, value)
 
 
-def _describe(value):
+def _describe(value, with_device=False):
     if isinstance(value, torch.Tensor):
-        return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
-    return type(value).__name__
+        where = f" on {value.device}" if with_device else ""
+        return f"a {value.dtype} tensor of shape {tuple(value.shape)}{where}"
+    return f"{type(value).__name__} {value!r}"
+
+
+def check_linear_inputs(hidden, weight, bias, ids, mask, ids_name="ids"):
+    """ValueError/TypeError naming the bad argument, before any GEMM runs: types, shapes and devices
+    (the ids' range is checks.check_ids_in_range's, once the mask is checked)."""
+    if not isinstance(hidden, torch.Tensor) or not hidden.is_floating_point():
+        raise TypeError(f"hidden must be a floating-point tensor, got {_describe(hidden, True)}")
+    if hidden.dim() not in (2, 3):
+        raise ValueError(f"hidden must have shape [B, T, H] or [N, H], got {tuple(hidden.shape)}")
+    if any(s == 0 for s in hidden.shape):
+        raise ValueError(f"hidden has a zero-size dimension (shape {tuple(hidden.shape)}); nothing to compute")
+    if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
+        raise TypeError(f"weight must be a floating-point tensor [V, H], got {_describe(weight, True)}")
+    if weight.dim() != 2 or weight.shape[0] == 0:
+        raise ValueError(f"weight must have shape [V, H] with V > 0, got {tuple(weight.shape)}")
+    if weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"weight has H = {weight.shape[1]} (shape {tuple(weight.shape)}) but hidden has "
+                         f"H = {hidden.shape[-1]} (shape {tuple(hidden.shape)})")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"weight is {weight.dtype} but hidden is {hidden.dtype}; pass both in one dtype")
+    if weight.device != hidden.device:
+        raise ValueError(f"weight is on {weight.device} but hidden is on {hidden.device}")
+    vocab = weight.shape[0]
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor) or not bias.is_floating_point():
+            raise TypeError(f"bias must be None or a floating-point tensor [V], got {_describe(bias, True)}")
+        if tuple(bias.shape) != (vocab,):
+            raise ValueError(f"bias must have shape [V] = ({vocab},) (weight's rows), got {tuple(bias.shape)}")
+        if bias.dtype != hidden.dtype:
+            raise TypeError(f"bias is {bias.dtype} but hidden is {hidden.dtype}; pass both in one dtype")
+        if bias.device != hidden.device:
+            raise ValueError(f"bias is on {bias.device} but hidden is on {hidden.device}")
+    lead = tuple(hidden.shape[:-1])
+    if not isinstance(ids, torch.Tensor) or ids.dtype.is_floating_point or ids.dtype == torch.bool \
+            or ids.is_complex():
+        raise TypeError(f"{ids_name} must be an integer tensor, got {_describe(ids, True)}")
+    if tuple(ids.shape) != lead:
+        raise ValueError(f"{ids_name} must have shape {lead} (hidden's leading dimensions), got {tuple(ids.shape)}")
+    if ids.device != hidden.device:
+        raise ValueError(f"{ids_name} is on {ids.device} but hidden is on {hidden.device}")
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor):
+            raise TypeError(f"mask must be None or a tensor of shape {lead}, got {_describe(mask, True)}")
+        if tuple(mask.shape) != lead:
+            raise ValueError(f"mask must have shape {lead} (hidden's leading dimensions), got {tuple(mask.shape)}")
+        if mask.device != hidden.device:
+            raise ValueError(f"mask is on {mask.device} but hidden is on {hidden.device}")

@@ -23,7 +23,6 @@ from frpo_kernels.groups import Groups, advantages_from_rewards, make_groups
 from frpo_kernels.lam_auto import solve_group_lams
 from frpo_kernels.logprob_sources import HiddenSource, LogitsSource
 from frpo_kernels.objective import clipped_ratio_gate, is_token_local, k3_kl, kl_weights, policy_loss
-from frpo_kernels.ops.linear_logprobs import check_linear_inputs
 from frpo_kernels.ops.token_logprobs import token_logprobs as _token_logprobs
 
 
@@ -58,7 +57,7 @@ def linear_loss(hidden, weight, completion_ids, completion_mask=None, *, bias=No
     a weight tied to the input embedding accumulates both) and bias [V]."""
     if isinstance(hidden, torch.Tensor) and hidden.dim() != 3:
         raise ValueError(f"hidden must have shape [B, T, H], got {tuple(hidden.shape)}")
-    check_linear_inputs(hidden, weight, bias, completion_ids, None, "completion_ids")
+    checks.check_linear_inputs(hidden, weight, bias, completion_ids, None, "completion_ids")
 
     def source(backend, temperature):
         return HiddenSource(hidden, weight, bias, completion_ids, temperature, resolve(backend, hidden))

@@ -21,6 +21,7 @@ import torch
 
 import frpo_kernels
 from frpo_kernels.ops import linear_logprobs as lin
+from frpo_kernels.ops import tile_policy
 from frpo_kernels.ops.linear_logprobs import linear_fused_loss, linear_token_logprobs
 from helpers import rerun_under_interpreter
 
@@ -115,7 +116,7 @@ TILE_CASES = ["n_lt_tile", "n_eq_tile", "n_2tile_plus_1"]
 def test_two_pass_float64_matches_autograd(monkeypatch, tile_case, bias, head, entropy):
     hidden, weight, b, ids, mask = make(3, 5, 12, 37, bias=bias, seed=1)  # 15 rows, 9 active (odd)
     temperature = 0.7 if entropy else 1.0
-    monkeypatch.setattr(lin, "TILE_ROWS", tile_for(tile_case, active_count(mask, 15)))
+    monkeypatch.setattr(tile_policy, "TILE_ROWS", tile_for(tile_case, active_count(mask, 15)))
     trainable = (True, head == "trainable", True)
     gen = torch.Generator().manual_seed(2)
     dlogp = torch.randn(3, 5, generator=gen, dtype=torch.float64)
@@ -151,7 +152,7 @@ def test_two_pass_float64_matches_autograd(monkeypatch, tile_case, bias, head, e
 def test_fused_float64_matches_autograd(monkeypatch, tile_case, bias, head, kl):
     hidden, weight, b, ids, mask = make(3, 5, 12, 37, bias=bias, seed=3)
     temperature = 1.3
-    monkeypatch.setattr(lin, "TILE_ROWS", tile_for(tile_case, active_count(mask, 15)))
+    monkeypatch.setattr(tile_policy, "TILE_ROWS", tile_for(tile_case, active_count(mask, 15)))
     trainable = (True, head == "trainable", True)
     gen = torch.Generator().manual_seed(4)
     coef = torch.randn(3, 5, generator=gen, dtype=torch.float64)
@@ -248,7 +249,7 @@ def test_all_rows_masked_gives_zeros_and_runs_no_gemm(monkeypatch, path):
 @pytest.mark.parametrize("path", ["two_pass", "fused"])
 def test_masked_rows_are_left_out_of_the_gemms(monkeypatch, path):
     hidden, weight, b, ids, mask = make(3, 5, 6, 11, seed=9)
-    monkeypatch.setattr(lin, "TILE_ROWS", 4)
+    monkeypatch.setattr(tile_policy, "TILE_ROWS", 4)
     rows = []
     original = lin._Sweep.logits_tile
     monkeypatch.setattr(lin._Sweep, "logits_tile", lambda self, h: rows.append(h.shape[0]) or original(self, h))
@@ -346,7 +347,7 @@ def compare_kernels_to_truth(backend, dtype, bf16_mode, tile_case, shapes=(2, 7,
     if active % 2 == 0:
         mask[0, 0] = False
         active -= 1
-    monkeypatch.setattr(lin, "TILE_ROWS", tile_for(tile_case, active))
+    monkeypatch.setattr(tile_policy, "TILE_ROWS", tile_for(tile_case, active))
     monkeypatch.setattr(lin, "CPU_LOW_PRECISION_GEMMS_IN_FP32", bf16_mode != "bf16_tiles")
     temperature = 0.8
     gen = torch.Generator().manual_seed(13)

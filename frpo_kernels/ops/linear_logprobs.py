@@ -13,8 +13,11 @@ Memory beyond inputs and gradients: the workspace plus O(N) statistics. Two auto
 
 * `LinearTokenLogprobs` (two passes): the forward sweep keeps logp, lse (and entropy); the backward
   recomputes each tile and turns it into its gradient with the saved lse.
-* `linear_fused_loss` (one pass): when dloss/dlogp is known once a row's logp is (on-policy), one
-  sweep computes logp and every gradient; backward only scales them by the upstream gradient.
+* `linear_fused_loss` (one pass): when dloss/dlogp is known once a row's logp is (on-policy, or a
+  token-local loss off-policy), one sweep computes logp and every gradient; backward only scales
+  them by the upstream gradient.
+
+Rows per tile: tile_policy.py. Input checks: checks.check_linear_inputs.
 
 Double backward (create_graph=True): the torch backend's backward then recomputes the gradients with
 autograd through the plain formula, so they are differentiable; the cpu/triton kernels raise.
@@ -30,12 +33,10 @@ from __future__ import annotations
 
 import torch
 
-from frpo_kernels import reference
+from frpo_kernels import checks, reference
 from frpo_kernels.backends import kernels, resolve
+from frpo_kernels.ops import tile_policy
 from frpo_kernels.ops.token_logprobs import _refuse_double_backward
-
-# Rows per tile for every sweep when set (tests, benchmarks); None: tile_rows() chooses.
-TILE_ROWS = None
 
 # On CPU, bf16/fp16 GEMMs run in fp32: torch 2.13's CPU bf16 matmul on this AVX2 EPYC (no native
 # bf16 dot products) ran at 4.0 GFLOP/s for [256, 576] x [576, 49152] and 0.5 GFLOP/s for the
@@ -45,113 +46,6 @@ TILE_ROWS = None
 CPU_LOW_PRECISION_GEMMS_IN_FP32 = True
 
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
-_INT32_ELEMENTS = 2**31 - 1
-
-
-def tile_rows(vocab: int, hidden_size: int, dtype: torch.dtype, device: torch.device) -> int:
-    """Rows per tile for logits of `vocab` columns in `dtype` from a [vocab, hidden_size] head
-    (TILE_ROWS overrides). The rule and its measurement: the comments at CPU_* / CUDA_* below.
-    rows * vocab also stays below 2**31, so every offset inside a tile fits a 32-bit int in any
-    kernel (offsets across tiles are torch's slicing, in int64)."""
-    if TILE_ROWS is not None:
-        return max(1, int(TILE_ROWS))
-    esize = torch.empty((), dtype=dtype).element_size()
-    row_bytes = vocab * esize
-    if torch.device(device).type == "cuda":
-        rows = CUDA_WORKSPACE_BYTES // row_bytes // 128 * 128
-        rows = min(CUDA_MAX_ROWS, max(CUDA_MIN_ROWS, rows))
-    else:
-        cache = _last_level_cache_bytes()
-        if vocab * hidden_size * esize <= cache // 2:  # the head stays cached: so can the workspace
-            rows = cache // 2 // row_bytes
-        else:  # the head streams from memory once per tile: enough rows to amortise it
-            rows = min(CPU_STREAMING_ROWS, CPU_MAX_WORKSPACE_BYTES // row_bytes)
-        rows = max(CPU_MIN_ROWS, rows // 16 * 16)
-    return max(1, min(rows, _INT32_ELEMENTS // max(1, vocab)))
-
-
-# CPU rule. Every GEMM of a tile reads the whole head W [V, H] once, and a tile does 2 * rows flops
-# per element of W it reads. When W is larger than the last-level cache (LLC) it streams from DRAM
-# on every tile, and the tile must be tall for the GEMMs to run at speed, even though the workspace
-# then no longer fits in the LLC (the kernel's extra pass over it is ~20 flops per logit against
-# 4H to 6H in the GEMMs); when W fits in half the LLC, a workspace of the other half is as fast.
-# Measured (AMD EPYC Zen 3, 32 MiB L3, torch 2.13 MKL; 1 thread and process CPU time, because this
-# 2-core VM was shared with other jobs at load 4-8: wall-clock sweeps varied 2x between rounds):
-#   N=1536 rows of work, H=576, V=49152 fp32 (W 113 MB streams), linear_fused_loss fwd+bwd, min of 3:
-#     rows         64     128    256    512    768
-#     frozen head  4.44   3.43   3.12   3.11   2.96 s   (its GEMMs alone at 512: 3.25 s)
-#     trainable    5.72   5.00   5.11   4.18   4.83 s   (its GEMMs alone at 512: 4.38 s)
-#   the same on 2 threads, wall clock, once the machine was quiet (min of 3):
-#     rows         128    256    512    768    1536
-#     frozen head  2.59   1.97   1.87   1.84   1.48 s
-#     trainable    3.36   2.83   2.70   2.59   2.83 s
-#   N=4096, H=64, V=32768 fp32 (W 8 MB stays in L3), 1 thread, CPU time, min of 5:
-#     rows         32     64     128    256    512    1024
-#     frozen head  1.30   1.11   1.00   1.03   1.02   1.07 s
-#     trainable    1.73   1.54   1.49   1.53   1.69   1.66 s
-# So: 512 rows when W streams (N=4096, H=576, V=49152: a 96 MiB workspace; 256 to 1536 rows are
-# within the machine's noise of each other, 128 and fewer are 10-35% slower), capped at 128 MiB of
-# workspace for huge V (V=151936 fp32: 208 rows; V=262144: 128 rows); when W fits in half the LLC,
-# a workspace of half the LLC (H=64, V=32768: 128 rows, 16 MiB).
-CPU_STREAMING_ROWS = 512
-CPU_MAX_WORKSPACE_BYTES = 128 * 2**20
-CPU_MIN_ROWS = 32
-# CUDA rule (not measured in this session; bench/gpu_check.sh times 1024/2048/4096 rows): the GEMMs
-# read all of W once per tile and do `rows` flops per byte of bf16 W read, so cuBLAS needs ~1000
-# rows to be compute-bound (H100: ~990 TFLOP/s over 3.35 TB/s = ~300 flops per byte); up to 1 GiB
-# of workspace (V=151936 bf16: 3456 rows) keeps the tile count low without a large footprint.
-CUDA_WORKSPACE_BYTES = 1 << 30
-CUDA_MIN_ROWS = 256
-CUDA_MAX_ROWS = 4096
-_LLC_FALLBACK_BYTES = 32 * 2**20
-
-
-def _last_level_cache_bytes():
-    if "llc" not in _CACHE:
-        _CACHE["llc"] = _read_llc_bytes() or _LLC_FALLBACK_BYTES
-    return _CACHE["llc"]
-
-
-_CACHE = {}
-
-
-def _read_llc_bytes():
-    """The largest cache of cpu0 from Linux sysfs (e.g. "32768K"), or None."""
-    import glob
-
-    best = None
-    for path in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*/size"):
-        try:
-            with open(path) as f:
-                text = f.read().strip().upper()
-            scale = {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1:], 1)
-            size = int(text.rstrip("KMG")) * scale
-        except (OSError, ValueError):
-            continue
-        best = size if best is None else max(best, size)
-    return best
-
-
-def sweep_rows(active, vocab, hidden_size, dtype, device):
-    """Rows per tile of a sweep over `active` rows: TILE_ROWS as set, else tile_rows() spread evenly
-    over the tiles it needs (the GEMMs of a small ragged last tile run slowly)."""
-    if TILE_ROWS is not None:
-        return max(1, min(int(TILE_ROWS), active))
-    multiple = 128 if torch.device(device).type == "cuda" else 16
-    return max(1, min(_balanced(tile_rows(vocab, hidden_size, dtype, device), active, multiple), active))
-
-
-def _balanced(rows, active, multiple):
-    """As few tiles as `rows` allows, of about equal size (no small ragged last tile): rounded up to
-    a multiple of `multiple` rows (whole GEMM blocks) where the last tile stays at least half full."""
-    if active <= rows:
-        return max(1, active)
-    tiles = -(-active // rows)
-    even = -(-active // tiles)
-    rounded = -(-even // multiple) * multiple
-    last = active - (tiles - 1) * rounded
-    return rounded if rounded <= rows and 2 * last >= rounded else even
-
 
 def _compute_dtype(dtype, device):
     if dtype in _LOW_PRECISION and device.type == "cpu" and CPU_LOW_PRECISION_GEMMS_IN_FP32:
@@ -200,7 +94,7 @@ class _Sweep:
             self.index = mask.nonzero().squeeze(1)
         self.active = self.n if self.index is None else self.index.numel()
         self.rows = max(1, min(rows, self.active)) if rows else \
-            sweep_rows(self.active, self.vocab, self.hidden_size, self.compute, self.device)
+            tile_policy.sweep_rows(self.active, self.vocab, self.hidden_size, self.compute, self.device)
         self.workspace = torch.empty(self.rows, self.vocab, dtype=self.compute, device=self.device) \
             if self.active else None
         self._gather = self.index is not None or hidden.dtype != self.compute
@@ -466,59 +360,6 @@ def linear_fused_loss(hidden, weight, bias, ids, mask, temperature, coef, kl_coe
     return loss, logp, entropy
 
 
-def _describe(value):
-    if isinstance(value, torch.Tensor):
-        return f"a {value.dtype} tensor of shape {tuple(value.shape)} on {value.device}"
-    return f"{type(value).__name__} {value!r}"
-
-
-def check_linear_inputs(hidden, weight, bias, ids, mask, ids_name="ids"):
-    """ValueError/TypeError naming the bad argument, before any GEMM runs: types, shapes and devices
-    (the ids' range is checks.check_ids_in_range's, once the mask is checked)."""
-    if not isinstance(hidden, torch.Tensor) or not hidden.is_floating_point():
-        raise TypeError(f"hidden must be a floating-point tensor, got {_describe(hidden)}")
-    if hidden.dim() not in (2, 3):
-        raise ValueError(f"hidden must have shape [B, T, H] or [N, H], got {tuple(hidden.shape)}")
-    if any(s == 0 for s in hidden.shape):
-        raise ValueError(f"hidden has a zero-size dimension (shape {tuple(hidden.shape)}); nothing to compute")
-    if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
-        raise TypeError(f"weight must be a floating-point tensor [V, H], got {_describe(weight)}")
-    if weight.dim() != 2 or weight.shape[0] == 0:
-        raise ValueError(f"weight must have shape [V, H] with V > 0, got {tuple(weight.shape)}")
-    if weight.shape[1] != hidden.shape[-1]:
-        raise ValueError(f"weight has H = {weight.shape[1]} (shape {tuple(weight.shape)}) but hidden has "
-                         f"H = {hidden.shape[-1]} (shape {tuple(hidden.shape)})")
-    if weight.dtype != hidden.dtype:
-        raise TypeError(f"weight is {weight.dtype} but hidden is {hidden.dtype}; pass both in one dtype")
-    if weight.device != hidden.device:
-        raise ValueError(f"weight is on {weight.device} but hidden is on {hidden.device}")
-    vocab = weight.shape[0]
-    if bias is not None:
-        if not isinstance(bias, torch.Tensor) or not bias.is_floating_point():
-            raise TypeError(f"bias must be None or a floating-point tensor [V], got {_describe(bias)}")
-        if tuple(bias.shape) != (vocab,):
-            raise ValueError(f"bias must have shape [V] = ({vocab},) (weight's rows), got {tuple(bias.shape)}")
-        if bias.dtype != hidden.dtype:
-            raise TypeError(f"bias is {bias.dtype} but hidden is {hidden.dtype}; pass both in one dtype")
-        if bias.device != hidden.device:
-            raise ValueError(f"bias is on {bias.device} but hidden is on {hidden.device}")
-    lead = tuple(hidden.shape[:-1])
-    if not isinstance(ids, torch.Tensor) or ids.dtype.is_floating_point or ids.dtype == torch.bool \
-            or ids.is_complex():
-        raise TypeError(f"{ids_name} must be an integer tensor, got {_describe(ids)}")
-    if tuple(ids.shape) != lead:
-        raise ValueError(f"{ids_name} must have shape {lead} (hidden's leading dimensions), got {tuple(ids.shape)}")
-    if ids.device != hidden.device:
-        raise ValueError(f"{ids_name} is on {ids.device} but hidden is on {hidden.device}")
-    if mask is not None:
-        if not isinstance(mask, torch.Tensor):
-            raise TypeError(f"mask must be None or a tensor of shape {lead}, got {_describe(mask)}")
-        if tuple(mask.shape) != lead:
-            raise ValueError(f"mask must have shape {lead} (hidden's leading dimensions), got {tuple(mask.shape)}")
-        if mask.device != hidden.device:
-            raise ValueError(f"mask is on {mask.device} but hidden is on {hidden.device}")
-
-
 def linear_token_logprobs(hidden, weight, ids, *, bias=None, temperature=1.0, return_entropy=False,
                           mask=None, backend="auto"):
     """log_softmax((hidden @ weight.T + bias) / temperature)[ids] without the [N, V] logits.
@@ -529,9 +370,7 @@ def linear_token_logprobs(hidden, weight, ids, *, bias=None, temperature=1.0, re
     (float64 for float64 inputs), differentiable w.r.t. hidden, weight and bias; with
     return_entropy also the per-token entropy (differentiable too).
     """
-    from frpo_kernels import checks
-
-    check_linear_inputs(hidden, weight, bias, ids, mask)
+    checks.check_linear_inputs(hidden, weight, bias, ids, mask)
     checks.check_ids_in_range("ids", ids, weight.shape[0], mask, "weight.shape[0]")
     checks.check_temperature(temperature)
     name = resolve(backend, hidden)
