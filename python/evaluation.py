@@ -4,7 +4,7 @@ policy's own completion tokens.
 """
 from __future__ import annotations
 
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import replace
 
 import torch
@@ -12,31 +12,10 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from python import rollout
-from python.checkpoint import adapter_state, load_adapter_state
 
 
 def _batches(items, size):
     return [items[i:i + size] for i in range(0, len(items), size)]
-
-
-@contextmanager
-def adapter_loaded(model, state):
-    """The block runs with the LoRA parameters of `state`; the model's own are put back after."""
-    own = adapter_state(model)
-    load_adapter_state(model, state)
-    try:
-        yield
-    finally:
-        load_adapter_state(model, own)
-
-
-def kl_references(model, rl_adapter=None) -> dict:
-    """{name: () -> context in which the model is that reference}: the base model, and the policy
-    after RL when its adapter is given."""
-    refs = {"base": model.disable_adapter}
-    if rl_adapter is not None:
-        refs["rl"] = lambda: adapter_loaded(model, rl_adapter)
-    return refs
 
 
 @torch.no_grad()
@@ -100,17 +79,19 @@ def stage1_rewards(model, tokenizer, task, limit=None, label="", process_group=N
 KL_PROMPTS = 64  # the KL figures are descriptive: measured on the first 64 stage-1 eval prompts
 
 
-def evaluate(model, tokenizer, task, downstream, limit=None, base=False, kl=False, rl_adapter=None, label="",
+def evaluate(model, tokenizer, task, downstream, limit=None, base=False, references=None, label="",
              process_group=None):
     """{'reward', 'rewards', 'downstream', 'kl', 'kl_seq', ['kl_seq_to_rl']} on the eval splits (the first `limit`
-    examples of each; 'rewards': the stage-1 reward per prompt): kl / kl_seq are the per-token /
-    per-completion KL(policy || base model) at the policy's completions of the first KL_PROMPTS
-    stage-1 eval prompts; kl_seq_to_rl, with rl_adapter, the per-completion KL(policy ||
-    policy after RL), how far the downstream fine-tune moved it. With a process_group the examples
-    are split over its ranks and every rank gets the same result."""
+    examples of each; 'rewards': the stage-1 reward per prompt): with references ({name: () ->
+    context in which the model is that policy}, from adapters.AdapterStages.references), kl / kl_seq
+    are the per-token / per-completion KL(policy || references["base"]) at the policy's completions
+    of the first KL_PROMPTS stage-1 eval prompts, and kl_seq_to_rl the per-completion KL(policy ||
+    references["rl"]) (the policy after RL): how far the downstream fine-tune moved it. base=True
+    scores the adapter-free model. With a process_group the examples are split over its ranks and
+    every rank gets the same result."""
     stage1, down = task.eval[:limit], downstream.eval[:limit]
     pg = process_group
-    references = kl_references(model, rl_adapter) if kl and not base else None
+    references = None if base else references
     with model.disable_adapter() if base else nullcontext():
         rewards, kls = score_all(model, tokenizer, stage1, task.reward, task.max_new_tokens, references=references,
                                  kl_limit=KL_PROMPTS, desc=f"{label} {task.name}", process_group=pg)
@@ -119,7 +100,7 @@ def evaluate(model, tokenizer, task, downstream, limit=None, base=False, kl=Fals
     out = {"reward": mean(rewards), "rewards": rewards, "downstream": mean(skills), "kl": None, "kl_seq": None}
     if base:  # the base model is its own reference
         out["kl"] = out["kl_seq"] = 0.0
-    elif kl:
+    elif references:
         out["kl"], out["kl_seq"] = kls["base"]
         if "rl" in kls:
             out["kl_seq_to_rl"] = kls["rl"][1]

@@ -26,11 +26,11 @@ def _fmt(x, digits=3):
 
 
 def table(arms: list[dict], base: dict) -> str:
-    header = ["arm", "reward base", "after RL", "after downstream", "drop", "retention", "downstream before",
-              "downstream after", "KL to base"]
-    rows = [[a["name"], a["reward_base"], a["reward_after_rl"], a["reward_after_downstream"],
-             a["reward_after_rl"] - a["reward_after_downstream"], retention(a), a["downstream_before"],
-             a["downstream_after"], a["kl_to_base"]] for a in arms]
+    header = ["arm", "RL steps", "train reward at RL end", "reward base", "after RL", "after downstream", "drop",
+              "retention", "downstream before", "downstream after", "KL to base"]
+    rows = [[a["name"], a.get("rl_steps_done"), a.get("train_reward_end"), a["reward_base"], a["reward_after_rl"],
+             a["reward_after_downstream"], a["reward_after_rl"] - a["reward_after_downstream"], retention(a),
+             a["downstream_before"], a["downstream_after"], a["kl_to_base"]] for a in arms]
     cells = [header] + [[_fmt(c) for c in row] for row in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
     lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |" for row in cells]
@@ -40,6 +40,35 @@ def table(arms: list[dict], base: dict) -> str:
     return "\n".join(lines) + "\n" + note
 
 
+def rl_budget(config: dict) -> str:
+    """The RL stage's budget in words: fixed steps, or a target training reward with its cap."""
+    size = f"{config['prompts_per_step']} prompts x G={config['group_size']}"
+    if config.get("rl_target_reward") is not None:
+        return (f"RL until the mean sampled reward over {config['rl_target_window']} steps reaches "
+                f"{config['rl_target_reward']:g} (at most {config['rl_max_steps']} steps) x {size}")
+    return f"{config['rl_steps']} RL steps x {size}"
+
+
+def downstream_stage(config: dict) -> str:
+    if config.get("downstream_adapter", "continue") == "fresh":
+        return (f"{config['sft_steps']} SFT steps of a fresh LoRA (r={config['sft_lora_r']}) on the weights with the "
+                f"RL adapter merged in")
+    return f"{config['sft_steps']} SFT steps continuing the RL adapter"
+
+
+def measures_table(arms: list[dict]) -> str:
+    """The task's named measures (e.g. refusal rate) of each arm after RL and after the downstream stage."""
+    if not any(a.get("measures_at_dose") for a in arms):
+        return ""
+    lines = []
+    for a in arms:
+        doses = sorted(a["measures_at_dose"], key=int)
+        for k in (doses[0], doses[-1]):
+            values = ", ".join(f"{name} {_fmt(v)}" for name, v in a["measures_at_dose"][k].items())
+            lines.append(f"- {a['name']}, {'after RL' if k == doses[0] else f'after {k} downstream steps'}: {values}")
+    return "\n".join(lines)
+
+
 def write(out: Path, arms: list[dict], base: dict, config: dict, metrics: list[dict], timing: dict) -> str:
     arms_json = [a | {"retention": None if math.isnan(retention(a)) else retention(a)} for a in arms]
     report = {"arms": arms_json, "base": base, "config": config, "timing": timing}
@@ -47,8 +76,8 @@ def write(out: Path, arms: list[dict], base: dict, config: dict, metrics: list[d
     text = table(arms, base)
     md = ["# FRPO robustness report", "",
           f"Task `{config['task']}` (downstream: `{config['downstream']}`), model `{config['model']}`, "
-          f"seed {config['seed']}, {config['rl_steps']} RL steps x {config['prompts_per_step']} prompts x "
-          f"G={config['group_size']}, then {config['sft_steps']} SFT steps.", "", text, "",
+          f"seed {config['seed']}, {rl_budget(config)}, then {downstream_stage(config)}.", "", text, "",
+          measures_table(arms), "",
           "Rewards are eval-split means (greedy decoding). Drop = after RL - after downstream; "
           "retention = (after downstream - base) / (after RL - base). KL to base: mean per-token "
           "KL(policy || base) on the policy's eval completions after RL.", "",
@@ -89,7 +118,7 @@ def plot(out: Path, arms: list[dict], metrics: list[dict]):
     width = 0.8 / len(stages)
     for j, (key, label) in enumerate(stages):
         ax.bar([i + (j - 1) * width for i in range(len(arms))], [a[key] for a in arms], width, label=label)
-    top = max(max(a[key] for key, _ in stages) for a in arms)
+    top = max(0.0, max(max(a[key] for key, _ in stages) for a in arms))  # (safety rewards may all be < 0)
     bottom = min(0.0, min(min(a[key] for key, _ in stages) for a in arms) * 1.1)  # safety rewards go to -1
     for i, arm in enumerate(arms):
         r = retention(arm)

@@ -22,7 +22,8 @@ class RunState:
     results: list[dict] = field(default_factory=list)  # one per arm started: the arm plus its evals
     metrics: list[dict] = field(default_factory=list)  # one row per optimizer step
     rng: dict | None = None       # RNG states at the last step boundary
-    rl_adapter: dict | None = None  # the arm's adapter after RL: the reference of the downstream KL
+    rl_adapter: dict | None = None  # the arm's adapter after RL: merged for (or continued by) the
+                                    # downstream stage, and the reference of its KL
 
     def before(self, arm: int, phase: int) -> bool:
         """(arm, phase) is already done."""
@@ -56,6 +57,7 @@ class Run:
     downstream: object            # tasks.Downstream
     state: RunState
     initial_adapter: dict = field(default_factory=dict)  # every arm's RL starts from it
+    stages: object = None         # adapters.AdapterStages: the weights and adapter each stage trains
     optimizer: object = None
 
     @property

