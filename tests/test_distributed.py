@@ -42,6 +42,10 @@ CASES = {
     "fused_frpo_uneven": ((3, 5), 2, dict(loss_type="frpo", jackknife=False), {"fused": True,
                                                                                  "short_rank0": True}),
     "fused_bnpo_kl": ((4, 4), 4, dict(loss_type="bnpo", beta=0.1), {"fused": True}),
+    # ... and off-policy for a token-local loss (the clipped-ratio gate)
+    "fused_grpo_offpolicy_kl": ((4, 4), 2, dict(loss_type="grpo", beta=0.1, delta=1.5), {"fused": True, "old": True}),
+    "fused_dapo_offpolicy_uneven": ((5, 3), 4, dict(loss_type="dapo"), {"fused": True, "old": True,
+                                                                        "short_rank0": True}),
     # the compiled CPU kernels (float32): fused on-policy path, and the two-pass path with old_logps
     "cpu_fused_frpo_kl": ((3, 5), [0, 1, 2, 0, 1, 2, 3, 3], dict(loss_type="frpo", beta=0.1, backend="cpu"),
                           {"float32": True, "short_rank0": True}),
