@@ -18,11 +18,20 @@ inline float bits_float(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f;
 
 // Conversions are branch-free (selects, no early returns) so that loops over them vectorise.
 inline float bf16_to_f32(uint16_t h) { return bits_float(uint32_t(h) << 16); }
-inline uint16_t f32_to_bf16(float f) {  // round to nearest even, NaN stays NaN (quietened)
+// f's bits with the bf16 result in their top 16 bits (the low 16 are left as they fall): round to
+// nearest even, NaN stays NaN (quietened). The portable path's bf16 stores merge two of these per
+// 32-bit word (logprob_kernels_portable.cpp), so the shift to the low half is left to the caller.
+// bf16_round_bits_finite: the same for f known not to be NaN (a NaN with high payload bits could carry
+// into the sign bit here).
+inline uint32_t bf16_round_bits_finite(float f) {
   const uint32_t u = float_bits(f);
-  const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-  return uint16_t((u & 0x7FFFFFFFu) > 0x7F800000u ? (u >> 16) | 0x40u : rounded);
+  return u + 0x7FFFu + ((u >> 16) & 1u);
 }
+inline uint32_t bf16_round_bits(float f) {
+  // NaN tested as a float compare: one vector op (as integers, three on x86 without AVX-512)
+  return f != f ? float_bits(f) | 0x00400000u : bf16_round_bits_finite(f);
+}
+inline uint16_t f32_to_bf16(float f) { return uint16_t(bf16_round_bits(f) >> 16); }
 #if defined(__aarch64__)
 // AArch64 converts fp16 to fp32 in one instruction (fcvtl when vectorised), with the same results as
 // the bit manipulation below. (The other way, GCC 12 does not vectorise fcvtn: f32_to_f16 uses bits.)
