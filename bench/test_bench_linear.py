@@ -137,6 +137,13 @@ def _shared_inputs():
     return _inputs["x"]
 
 
+def timing_lines(best, values):
+    """One line per implementation: its minimum wall and CPU time, and its loss value (if any)."""
+    return [f"  {name:>13} {wall * 1e3:10.1f} ms wall {cpu * 1e3:10.1f} ms cpu  "
+            f"{f'loss {values[name]:+.6f}' if name in values else '(GEMMs only)'}"
+            for name, (wall, cpu) in best.items()]
+
+
 def summary_lines(head, best, values):
     """best: name -> (wall seconds, process CPU seconds), each the minimum over the rounds."""
     def ratio(a, b, clock):
@@ -148,9 +155,7 @@ def summary_lines(head, best, values):
     rows = tile_policy.sweep_rows(N, V, H, torch.float32, torch.device("cpu"))
     lines = [f"N={N} H={H} V={V} fp32, {head} head, min of {ROUNDS} interleaved rounds, "
              f"{torch.get_num_threads()} thread(s), tile rows {rows}; wall clock and process CPU time"]
-    for name, (wall, cpu) in best.items():
-        loss = f"loss {values[name]:+.6f}" if name in values else "(GEMMs only)"
-        lines.append(f"  {name:>13} {wall * 1e3:10.1f} ms wall {cpu * 1e3:10.1f} ms cpu  {loss}")
+    lines += timing_lines(best, values)
     lines.append(f"  linear_fused / its GEMMs {ratios('linear_fused', 'gemms_fused')}; "
                  f"linear_2pass / its GEMMs {ratios('linear_2pass', 'gemms_2pass')}")
     lines.append(f"  TRL / linear_fused {ratios('trl_chunked', 'linear_fused')}; "
@@ -209,7 +214,6 @@ MEMORY_SCRIPT = textwrap.dedent(r"""
     from proc_status import status_kib
     from frpo_kernels.ops import linear_logprobs as lin
     from frpo_kernels.ops import tile_policy
-from frpo_kernels.ops import tile_policy
 
     n, size, vocab, path = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
     gen = torch.Generator().manual_seed(0)

@@ -24,7 +24,8 @@ import torch
 
 import frpo_kernels
 from conftest import FULL, cpu_description
-from test_bench_linear import TRL_VOCAB_CHUNK, _gemm_tiles, _leaves, bench_threads  # noqa: F401 (fixture)
+from test_bench_linear import (TRL_VOCAB_CHUNK, _gemm_tiles, _leaves, bench_threads,  # noqa: F401 (fixture)
+                               timing_lines)
 
 from frpo_kernels.ops import linear_logprobs as lin
 
@@ -132,9 +133,7 @@ def summary_lines(head, best, values):
     lines = [cpu_description(),
              f"off-policy GRPO, N={N} H={H} V={V} fp32, {head} head, min of {ROUNDS} interleaved rounds, "
              f"{torch.get_num_threads()} thread(s); wall clock and process CPU time"]
-    for name, (wall, cpu) in best.items():
-        loss = f"loss {values[name]:+.6f}" if name in values else "(GEMMs only)"
-        lines.append(f"  {name:>12} {wall * 1e3:10.1f} ms wall {cpu * 1e3:10.1f} ms cpu  {loss}")
+    lines += timing_lines(best, values)
     lines.append(f"  onepass / its GEMMs {ratios('onepass', 'gemms')} (target <= 1.2); "
                  f"twopass / the same GEMMs {ratios('twopass', 'gemms')}")
     for peer, target in (("trl_chunked", 2.5), ("eager", 1.2), ("liger", 1.3), ("twopass", None)):
