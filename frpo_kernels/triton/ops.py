@@ -182,11 +182,10 @@ def fused(logits, ids, mask, temperature, coef, kl_coef, ref_logps, with_entropy
     coef = _per_token(coef, logits, torch.float32)
     kl_coef = _per_token(kl_coef, logits, torch.float32) if has_kl else coef
     ref_logps = _per_token(ref_logps, logits, torch.float32) if has_kl else coef
-    gate = [old_logps, ratio_lo, ratio_hi]
     has_gate = old_logps is not None
     if has_gate != (ratio_lo is not None) or has_gate != (ratio_hi is not None):
         raise ValueError("fused: pass old_logps, ratio_lo and ratio_hi together, or none of them")
-    gate = [_per_token(t, logits, torch.float32) if has_gate else coef for t in gate]
+    gate = [_per_token(t, logits, torch.float32) if has_gate else coef for t in (old_logps, ratio_lo, ratio_hi)]
     logp = torch.empty(batch, length, dtype=torch.float32, device=logits.device)
     lse = torch.empty_like(logp)
     entropy = torch.empty_like(logp) if with_entropy else None
