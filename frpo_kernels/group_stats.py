@@ -191,9 +191,9 @@ def _frpo_statistics(cfg, mask, advantages, groups, span, logps, old_logps, lams
                                          None if lams is None else groups.broadcast(lams))
     n = groups.sum(valid.double())
     terms, log_u, log_loo, top_row = group_log_terms(log_s, valid, groups, cfg.jackknife)
-    top = _group_max(log_s, valid, groups)
+    top = groups.max(torch.where(valid, log_s, float("-inf")))
     # the max over the rest; equal to the top for a tie (then no row is set apart), -inf for one row
-    runner_up = _group_max(log_s, valid & ~top_row, groups)
+    runner_up = groups.max(torch.where(valid & ~top_row, log_s, float("-inf")))
     top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
     o = torch.where(valid, torch.exp(log_o), torch.zeros_like(log_o))
     return dict(
@@ -203,10 +203,3 @@ def _frpo_statistics(cfg, mask, advantages, groups, span, logps, old_logps, lams
         inv_loo=group_logsumexp(-log_loo, valid, groups),
         inv_loo_rest=group_logsumexp(-log_loo, valid & ~top_row, groups),
         num_nonempty=int((n > 0).sum()))
-
-
-def _group_max(values, include, groups):
-    """[num]: max_{i in g, include_i} values_i, -inf for a group with no included row."""
-    values = torch.where(include, values, torch.full_like(values, float("-inf")))
-    return torch.full((groups.num,), float("-inf"), dtype=values.dtype, device=values.device).scatter_reduce(
-        0, groups.index, values, "amax", include_self=True)

@@ -20,6 +20,11 @@ class Groups:
     def sum(self, x: torch.Tensor) -> torch.Tensor:
         return torch.zeros(self.num, dtype=x.dtype, device=x.device).index_add_(0, self.index, x)
 
+    def max(self, x: torch.Tensor) -> torch.Tensor:
+        """[B] -> [num]: max of x over each group's members (-inf for a group without members)."""
+        return torch.full((self.num,), float("-inf"), dtype=x.dtype, device=x.device).scatter_reduce(
+            0, self.index, x, "amax", include_self=True)
+
     def broadcast(self, per_group: torch.Tensor) -> torch.Tensor:
         """[num] -> [B]."""
         return per_group[self.index]
@@ -100,8 +105,7 @@ def _group_max(lv, valid, groups):
     """(top [B] bool: the first valid row attaining its group's max; the max [num], 0 where it is not
     finite). The max only shifts the log-sum-exps, so it is detached."""
     lv = lv.detach()
-    group_max = torch.full((groups.num,), float("-inf"), dtype=lv.dtype, device=lv.device)
-    group_max = group_max.scatter_reduce(0, groups.index, lv, "amax", include_self=True)
+    group_max = groups.max(lv)
     position = torch.arange(lv.shape[0], device=lv.device)
     at_max = valid & (lv == group_max[groups.index])
     first = torch.full((groups.num,), lv.shape[0], dtype=torch.long, device=lv.device)

@@ -9,7 +9,6 @@ off-policy; otherwise two passes.
 from __future__ import annotations
 
 import inspect
-import math
 from dataclasses import dataclass
 
 import torch
@@ -22,7 +21,8 @@ from frpo_kernels.group_stats import GroupStats
 from frpo_kernels.groups import Groups, advantages_from_rewards, make_groups
 from frpo_kernels.lam_auto import solve_group_lams
 from frpo_kernels.logprob_sources import HiddenSource, LogitsSource
-from frpo_kernels.objective import clipped_ratio_gate, is_token_local, k3_kl, kl_weights, policy_loss
+from frpo_kernels.objective import (clipped_ratio_gate, is_token_local, k3_kl, kl_weights, policy_loss,
+                                    positive_clip_cap)
 from frpo_kernels.ops.token_logprobs import token_logprobs as _token_logprobs
 
 
@@ -307,9 +307,7 @@ def _clipped_tokens(details, cfg):
     the log-ratio passes log(1 + epsilon_high) or log(delta) (objective.log_min_ratio)."""
     if cfg.loss_type == "frpo":
         log_ratio = details["log_ratio"].detach()
-        cap = math.log1p(cfg.epsilon_high) if cfg.delta is None else \
-            min(math.log1p(cfg.epsilon_high), math.log(cfg.delta))
-        return torch.zeros_like(log_ratio, dtype=torch.bool), log_ratio > cap
+        return torch.zeros_like(log_ratio, dtype=torch.bool), log_ratio > positive_clip_cap(cfg)
     c1, adv = details["c1"].detach(), details["adv"]
     return (c1 < 1 - cfg.epsilon_low) & (adv < 0), (c1 > 1 + cfg.epsilon_high) & (adv > 0)
 

@@ -115,6 +115,13 @@ def is_token_local(cfg: LossConfig) -> bool:
     return cfg.loss_type != "frpo" and cfg.importance_sampling_level == "token"
 
 
+def positive_clip_cap(cfg: LossConfig) -> float:
+    """The log-ratio above which min(c1, c2) (times a factor >= 0) is constant: the clip at
+    1 + epsilon_high, or delta where that is lower."""
+    clip_high = math.log1p(cfg.epsilon_high)
+    return clip_high if cfg.delta is None else min(clip_high, math.log(cfg.delta))
+
+
 def clipped_ratio_gate(mask, advantages, cfg: LossConfig, size: BatchSize | None = None):
     """The token-local losses' gradient off-policy as the kernels' gate: (coef, lo, hi) [B, T] with
     d policy_loss / d logp = coef * r where lo <= log r <= hi, else 0 (r = exp(logp - old)).
@@ -128,7 +135,7 @@ def clipped_ratio_gate(mask, advantages, cfg: LossConfig, size: BatchSize | None
     log_delta = math.inf if cfg.delta is None else math.log(cfg.delta)
     clip_low = math.log(1 - cfg.epsilon_low) if cfg.epsilon_low < 1 else -math.inf
     lo = torch.where(adv < 0, clip_low, -math.inf)
-    hi = torch.where(adv < 0, max(log_delta, clip_high), min(log_delta, clip_high))
+    hi = torch.where(adv < 0, max(log_delta, clip_high), positive_clip_cap(cfg))
     return coef, lo.to(mask.dtype), hi.to(mask.dtype)
 
 
