@@ -18,20 +18,10 @@ pins="triton==3.6.0 torch==2.13.0 numpy==2.4.6 pytest==9.0.3 hypothesis==6.155.2
 stamp="$venv/frpo-triton36-stamp"
 want="$("$python" -c 'import sys; print(sys.executable, sys.version.split()[0])') $pins"
 
-# one builder at a time (several checkouts or CI jobs may share a venv path)
-mkdir -p "$(dirname "$venv")"
-exec 9>"$venv.lock"
-flock 9
-if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && [ -x "$venv/bin/python" ]; then
-  echo "triton 3.6 venv $venv: cached"
-  exit 0
-fi
-start=$(date +%s)
-rm -rf "$venv"
-"$python" -m venv "$venv"
+. scripts/venv_cache.sh
+venv_begin "$venv" "$stamp" "$want" "triton 3.6 venv"
 # torch's own dependencies come unpinned from the resolver; --no-compile keeps the install short
 # shellcheck disable=SC2086
 "$venv/bin/python" -m pip install -q --disable-pip-version-check --no-compile $pins
 "$venv/bin/python" -c "import triton, torch; assert triton.__version__ == '3.6.0', triton.__version__"
-echo "$want" >"$stamp"
-echo "triton 3.6 venv $venv: built in $(($(date +%s) - start)) s"
+venv_done

@@ -25,17 +25,8 @@ typing_extensions==4.16.0 urllib3==2.8.0 zipp==4.1.2"
 stamp="$venv/frpo-verl-stamp"
 want="$("$python" -c 'import sys; print(sys.executable, sys.version.split()[0])') $verl_spec $pins"
 
-# one builder at a time (several checkouts or CI jobs may share a venv path)
-mkdir -p "$(dirname "$venv")"
-exec 9>"$venv.lock"
-flock 9
-if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && [ -x "$venv/bin/python" ]; then
-  echo "verl venv $venv: cached ($verl_spec)"
-  exit 0
-fi
-start=$(date +%s)
-rm -rf "$venv"
-"$python" -m venv "$venv"
+. scripts/venv_cache.sh
+venv_begin "$venv" "$stamp" "$want" "verl venv ($verl_spec)"
 pip=("$venv/bin/python" -m pip install -q --disable-pip-version-check --no-compile)
 cfile=$(mktemp)
 trap 'rm -f "$cfile"' EXIT
@@ -44,5 +35,4 @@ tr ' ' '\n' <<<"$pins $constraints" >"$cfile"
 "${pip[@]}" -c "$cfile" $pins
 "${pip[@]}" --no-deps "$verl_spec"
 PYTHONPATH=. "$venv/bin/python" -c "import verl.trainer.ppo.core_algos, frpo_kernels.integrations.verl"
-echo "$want" >"$stamp"
-echo "verl venv $venv: built in $(($(date +%s) - start)) s ($verl_spec)"
+venv_done
