@@ -140,16 +140,19 @@ def _register_fakes():
     def _bwd_inplace_fake(logits, ids, mask, lse, dlogp, entropy, dentropy, temperature):
         return None
 
+    # with an entropy_coef the fused ops compute and return the entropy whatever with_entropy says
     @torch.library.register_fake(ops + "token_logprobs_fused")
     def _fused_fake(logits, ids, mask, temperature, coef, kl_coef, ref_logps, with_entropy, old_logps=None,
-                    ratio_lo=None, ratio_hi=None):
-        return (_token_like(logits), _token_like(logits), _entropy_like(logits, with_entropy),
+                    ratio_lo=None, ratio_hi=None, entropy_coef=None):
+        return (_token_like(logits), _token_like(logits),
+                _entropy_like(logits, with_entropy or entropy_coef is not None),
                 torch.empty(logits.shape, dtype=logits.dtype, device=logits.device))
 
     @torch.library.register_fake(ops + "token_logprobs_fused_inplace")
     def _fused_inplace_fake(logits, ids, mask, temperature, coef, kl_coef, ref_logps, with_entropy, old_logps=None,
-                            ratio_lo=None, ratio_hi=None):
-        return _token_like(logits), _token_like(logits), _entropy_like(logits, with_entropy)
+                            ratio_lo=None, ratio_hi=None, entropy_coef=None):
+        return (_token_like(logits), _token_like(logits),
+                _entropy_like(logits, with_entropy or entropy_coef is not None))
 
 
 def forward(logits, ids, mask, temperature, with_entropy):
@@ -172,19 +175,20 @@ def backward(logits, ids, mask, lse, dlogp, entropy, dentropy, temperature, inpl
 
 
 def fused(logits, ids, mask, temperature, coef, kl_coef, ref_logps, with_entropy, inplace=False,
-          old_logps=None, ratio_lo=None, ratio_hi=None):
+          old_logps=None, ratio_lo=None, ratio_hi=None, entropy_coef=None):
     _require()
     if kl_coef is None:
         ref_logps = None
     coef = _per_token(coef, logits)
-    gate = (old_logps, ratio_lo, ratio_hi)
+    with_entropy = bool(with_entropy) or entropy_coef is not None  # the entropy term computes (and returns) H
+    extra = (old_logps, ratio_lo, ratio_hi, None if entropy_coef is None else _per_token(entropy_coef, logits))
     if inplace:
         logp, lse, entropy = torch.ops.frpo_kernels.token_logprobs_fused_inplace(
-            logits, ids, mask, float(temperature), coef, kl_coef, ref_logps, bool(with_entropy), *gate)
+            logits, ids, mask, float(temperature), coef, kl_coef, ref_logps, with_entropy, *extra)
         grad = logits
     else:
         logp, lse, entropy, grad = torch.ops.frpo_kernels.token_logprobs_fused(
-            logits, ids, mask, float(temperature), coef, kl_coef, ref_logps, bool(with_entropy), *gate)
+            logits, ids, mask, float(temperature), coef, kl_coef, ref_logps, with_entropy, *extra)
     return logp, lse, (entropy if with_entropy else None), grad
 
 

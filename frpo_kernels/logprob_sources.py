@@ -2,9 +2,12 @@
 LM head (the logits then exist only as tiles). Each source runs both kernel paths on its inputs.
 
   two_pass(row_mask, with_entropy) -> (logp, entropy or None)   differentiable log-probs
-  fused(row_mask, coef, kl_coef, ref, with_entropy, value_from_logp, gate) -> (loss, logp, entropy)
+  fused(row_mask, coef, kl_coef, ref, with_entropy, value_from_logp, gate, entropy_coef)
+      -> (loss, logp, entropy)
       one sweep when dloss/dlogp = coef * gate + kl_coef * (1 - exp(ref - logp)) is known per token
-      (gate: None for 1, or (old_logps, lo, hi): the importance ratio inside [lo, hi] of its log, else 0)
+      (gate: None for 1, or (old_logps, lo, hi): the importance ratio inside [lo, hi] of its log, else 0);
+      entropy_coef: None, or dloss/dH per token: the entropy term's gradient joins the same sweep, and the
+      entropy is returned (its value in the loss is the caller's to add)
 """
 from __future__ import annotations
 
@@ -32,9 +35,9 @@ class LogitsSource:
         return token_logprobs(self.logits, self.ids, row_mask, self.temperature, with_entropy, self.backend,
                               self.overwrite_logits)
 
-    def fused(self, row_mask, coef, kl_coef, ref, with_entropy, value_from_logp, gate=None):
+    def fused(self, row_mask, coef, kl_coef, ref, with_entropy, value_from_logp, gate=None, entropy_coef=None):
         return fused_loss(self.logits, self.ids, row_mask, self.temperature, coef, kl_coef, ref, with_entropy,
-                          self.backend, value_from_logp, self.overwrite_logits, gate)
+                          self.backend, value_from_logp, self.overwrite_logits, gate, entropy_coef=entropy_coef)
 
 
 @dataclass
@@ -58,6 +61,7 @@ class HiddenSource:
             None)
         return logp.view(shape), (entropy.view(shape) if with_entropy else None)
 
-    def fused(self, row_mask, coef, kl_coef, ref, with_entropy, value_from_logp, gate=None):
+    def fused(self, row_mask, coef, kl_coef, ref, with_entropy, value_from_logp, gate=None, entropy_coef=None):
         return linear_fused_loss(self.hidden, self.weight, self.bias, self.ids, row_mask, self.temperature, coef,
-                                 kl_coef, ref, with_entropy, self.backend, value_from_logp, gate=gate)
+                                 kl_coef, ref, with_entropy, self.backend, value_from_logp, gate=gate,
+                                 entropy_coef=entropy_coef)

@@ -21,12 +21,17 @@ import torch
 #       logits' own storage and returns that tensor; otherwise a new [B, T, V] tensor of the
 #       logits' dtype (contiguous).
 #   fused(logits, ids, mask, temperature, coef, kl_coef, ref_logps, with_entropy, inplace,
-#         old_logps=None, ratio_lo=None, ratio_hi=None) -> (logp, lse, entropy or None, grad_logits)
+#         old_logps=None, ratio_lo=None, ratio_hi=None, entropy_coef=None)
+#         -> (logp, lse, entropy or None, grad_logits)
 #       forward and backward in one pass over each row, with the token's loss gradient
 #       dlogp = coef * gate + kl_coef * (1 - exp(ref_logps - logp))   (kl_coef / ref_logps may be None)
 #       known once the row's logp is known. gate = 1 without old_logps; with them (and ratio_lo/hi, all
 #       three or none) gate = exp(logp - old_logps) where ratio_lo <= logp - old_logps <= ratio_hi, else 0:
 #       the token gradient of the clipped-ratio (GRPO-family) losses off-policy.
+#       entropy_coef [B, T] (None: no entropy term) is dloss/dH of each token's entropy H (of
+#       softmax(logits / T)): grad gains -entropy_coef * p * (log p + H) / T, backward's dentropy term
+#       (p log p = 0 where p = 0). The row's H is then computed in the same pass and returned, as if
+#       with_entropy were True.
 
 
 def forward(logits, ids, mask, temperature, with_entropy):
@@ -80,10 +85,15 @@ def backward(logits, ids, mask, lse, dlogp, entropy, dentropy, temperature, inpl
 
 
 def fused(logits, ids, mask, temperature, coef, kl_coef, ref_logps, with_entropy, inplace=False,
-          old_logps=None, ratio_lo=None, ratio_hi=None):
+          old_logps=None, ratio_lo=None, ratio_hi=None, entropy_coef=None):
+    with_entropy = with_entropy or entropy_coef is not None
     logp, lse, entropy = forward(logits, ids, mask, temperature, with_entropy)
     dlogp = token_loss_gradient(logp, coef, kl_coef, ref_logps, old_logps, ratio_lo, ratio_hi)
-    grad = backward(logits, ids, mask, lse, dlogp, None, None, temperature, inplace)
+    dentropy = None
+    if entropy_coef is not None:
+        dentropy = torch.as_tensor(entropy_coef, dtype=entropy.dtype, device=entropy.device).expand_as(entropy)
+    grad = backward(logits, ids, mask, lse, dlogp, entropy if dentropy is not None else None, dentropy, temperature,
+                    inplace)
     return logp, lse, entropy, grad
 
 

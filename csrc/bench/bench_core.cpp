@@ -1,5 +1,6 @@
 // Microbenchmark of the torch-free core (OpenMP over rows, one contiguous block per thread): the memcpy
-// floor vs forward / fused (new gradient buffer) / fused in place / backward. Each round runs all of
+// floor vs forward / fused (new gradient buffer) / fused with the entropy term (entropy_coef) / fused in
+// place / backward. Each round runs all of
 // them in turn, the copy included (interleaved, so slow phases of a shared machine hit every kernel
 // alike); the best round of each is reported.
 // Floors in units of one copy (read + write of the logits): forward 0.5 (read once), fused 1.0 (read
@@ -87,7 +88,7 @@ int main(int argc, char** argv) {
   }
   std::memset(g, 0, bytes);
   std::vector<int64_t> ids(rows);
-  std::vector<float> logp(rows), lse(rows), coef(rows, 0.1f);
+  std::vector<float> logp(rows), lse(rows), ent(rows), coef(rows, 0.1f), ecoef(rows, -0.01f);
   for (auto& id : ids) id = int64_t(rng() % vocab);
   LogitsView L{x, dtype, 1, rows, vocab, rows * vocab, vocab};
   TokenInputs tok{ids.data(), nullptr, 1.f};
@@ -107,7 +108,10 @@ int main(int argc, char** argv) {
   LogitsView Li = L;  // in place: the gradient overwrites a copy of the logits (refreshed, untimed, first)
   Li.data = g;
   GradView Gi{g, rows * vocab, vocab, false};
-  double tc = 1e30, tf = 1e30, tfu = 1e30, tb = 1e30, tip = 1e30, tr = 1e30;
+  double tc = 1e30, tf = 1e30, tfu = 1e30, tfe = 1e30, tb = 1e30, tip = 1e30, tr = 1e30;
+  FusedIn fe{coef.data(), nullptr, nullptr};
+  fe.entropy_coef = ecoef.data();
+  const ForwardOut foe{logp.data(), lse.data(), ent.data()};
   volatile uint64_t sink = 0;
   for (int i = 0; i < reps; ++i) {
     tc = std::min(tc, seconds(copy));
@@ -123,6 +127,7 @@ int main(int argc, char** argv) {
     }));
     tf = std::min(tf, seconds([&] { par([&](int64_t r0, int64_t r1) { forward_rows(L, tok, fo, r0, r1); }); }));
     tfu = std::min(tfu, seconds([&] { par([&](int64_t r0, int64_t r1) { fused_rows(L, tok, FusedIn{coef.data(), nullptr, nullptr}, fo, G, r0, r1); }); }));
+    tfe = std::min(tfe, seconds([&] { par([&](int64_t r0, int64_t r1) { fused_rows(L, tok, fe, foe, G, r0, r1); }); }));
     tb = std::min(tb, seconds([&] { par([&](int64_t r0, int64_t r1) { backward_rows(L, tok, BackwardIn{lse.data(), coef.data(), nullptr, nullptr}, G, r0, r1); }); }));
     copy();
     tip = std::min(tip, seconds([&] { par([&](int64_t r0, int64_t r1) { fused_rows(Li, tok, FusedIn{coef.data(), nullptr, nullptr}, fo, Gi, r0, r1); }); }));
@@ -135,6 +140,8 @@ int main(int argc, char** argv) {
   const double ns = 1e9 / double(n);  // per logit, all threads together
   std::printf("  ns/logit: copy %.3f  fwd %.3f  fused %.3f  fused_inplace %.3f  bwd %.3f  read %.3f\n", tc * ns, tf * ns,
               tfu * ns, tip * ns, tb * ns, tr * ns);
+  std::printf("  fused with entropy_coef %.3f ms %.2fx (%.3f ns/logit) = %.2fx fused without\n", tfe * 1e3, tfe / tc,
+              tfe * ns, tfe / tfu);
   std::printf("  read-only sweep %.3f ms (%.1f GB/s) = %.2fx half a copy; forward / read-only sweep %.2fx\n", tr * 1e3,
               bytes / tr / 1e9, tr / (0.5 * tc), tf / tr);
   std::printf("  cpu: %s\n", cpu_model().c_str());

@@ -174,6 +174,10 @@ inline int64_t row_offset(int64_t r, int64_t length, int64_t stride_b, int64_t s
 //                                                  (m may be below the chunk's max: d up to kExpHi);
 //                                                  Store: also e_out[i] = e (fp32 scratch)
 //   scale_span<E>(e, g, n, f, streaming)           g = e*f (e: fp32 scratch)
+//   scale_ent_span<E>(e, x, g, n, fa, fb, inv_t, lse, streaming)
+//                                                  g = e*(fa + fb*d), d = max(x*inv_t - lse, kExpLo)
+//                                                  (e: fp32 scratch as scale_span reads it; x read before
+//                                                  g is written, so g may be x: in place)
 //   grad_span<E, Ent>(x, g, n, inv_t, lse, a, b, streaming, pf)   g = p*(a + b*d), d = x*inv_t - lse, p = exp(d)
 //   (pf: a hint -- prefetch x[i + pf] while x[i] is processed; 0 = none. Prefetches never fault, so
 //   pf may point past the row or the buffer.)
@@ -286,18 +290,36 @@ struct Row {
 // The fused kernel's gradient sweep, from the exps forward() kept (e, chunk_m): g = e * dlogp-scaled
 // exp(chunk max - lse) per chunk, one multiply per logit instead of a second exp; the target logit
 // as in gradient(). xid: the target logit, read before any write (in place, g may be the logits).
+// With the entropy term (with_entropy: dentropy = the entropy coefficient, entropy = the row's H), each
+// logit's p*(a + b*log p) needs log p = x/T - lse: the sweep reads the logits row again (from L2 when
+// it stayed there) next to the kept exps -- a fused multiply-add and a multiply more per logit, still
+// no second exp (scale_ent_span).
 template <class Ops, class E>
-void gradient_from_exps(const float* e, const float* chunk_m, typename E::T* g, int64_t vocab, int64_t id,
-                        float xid, float inv_t, float lse, float dlogp, bool streaming) {
-  const double a = -double(dlogp) * inv_t;
+void gradient_from_exps(const float* e, const float* chunk_m, const typename E::T* x, typename E::T* g,
+                        int64_t vocab, int64_t id, float xid, float inv_t, float lse, float dlogp, bool with_entropy,
+                        float entropy, float dentropy, bool streaming) {
+  // grad = p * (a + b * log p), as in Row::gradient
+  const double a = (-double(dlogp) - (with_entropy ? double(dentropy) * double(entropy) : 0.0)) * inv_t;
+  const double b = with_entropy ? -double(dentropy) * inv_t : 0.0;
   for (int64_t c = 0; c < vocab; c += kChunk) {
     const int64_t n = vocab - c < kChunk ? vocab - c : kChunk;
     const float mc = chunk_m[c / kChunk];
-    if (mc == -std::numeric_limits<float>::infinity()) Ops::template zero_span<E>(g + c, n, streaming);
-    else Ops::template scale_span<E>(e + c, g + c, n, float(a * std::exp(double(mc) - double(lse))), streaming);
+    if (mc == -std::numeric_limits<float>::infinity()) {
+      Ops::template zero_span<E>(g + c, n, streaming);
+      continue;
+    }
+    const double scale = std::exp(double(mc) - double(lse));  // p = e * scale in this chunk
+    if (with_entropy)
+      Ops::template scale_ent_span<E>(e + c, x + c, g + c, n, float(a * scale), float(b * scale), inv_t, lse, streaming);
+    else
+      Ops::template scale_span<E>(e + c, g + c, n, float(a * scale), streaming);
   }
+  // the target logit: (1 - p) computed directly, no cancellation against dlogp
   const double d = clamp_exp_arg(xid * inv_t - lse);
-  g[id] = E::from(float(double(dlogp) * (1.0 - std::exp(d)) * inv_t));
+  const double p = std::exp(d);
+  double gid = double(dlogp) * (1.0 - p);
+  if (with_entropy) gid -= double(dentropy) * p * (d + double(entropy));
+  g[id] = E::from(float(gid * inv_t));
 }
 
 template <class Ops, class E>
@@ -350,6 +372,16 @@ void fused_rows_t(const LogitsView& L, const TokenInputs& tok, const FusedIn& in
                   const GradView& G, int64_t r0, int64_t r1) {
   const auto* base = static_cast<const typename E::T*>(L.data);
   auto* gbase = static_cast<typename E::T*>(G.data);
+  const bool with_ent_grad = in.entropy_coef != nullptr;
+  if (with_ent_grad && !out.entropy && r0 < r1) {
+    // The entropy term needs each row's H: computed into scratch when the caller does not want it. (A
+    // separate call rather than `out.entropy || with_ent_grad` in the forward call below: that made GCC 12
+    // leave one of the portable fp16 sum loops scalar.)
+    std::unique_ptr<float[]> entropy(new float[size_t(r1)]);
+    ForwardOut with_entropy = out;
+    with_entropy.entropy = entropy.get();
+    return fused_rows_t<Ops, E>(L, tok, in, with_entropy, G, r0, r1);
+  }
   const bool with_kl = in.kl_coef != nullptr && in.ref_logps != nullptr;
   // Scratch for one row's exps (fp32) and chunk maxima: it stays in L2 between the two sweeps, and
   // the logits row need not (the gradient sweep reads only the scratch).
@@ -378,10 +410,13 @@ void fused_rows_t(const LogitsView& L, const TokenInputs& tok, const FusedIn& in
     float dlogp = in.coef[r];
     if (in.old_logps) dlogp = ratio_gated(dlogp, st.logp, in.old_logps[r], in.ratio_lo[r], in.ratio_hi[r]);
     if (with_kl) dlogp += float(double(in.kl_coef[r]) * (1.0 - std::exp(double(in.ref_logps[r]) - st.logp)));
+    const float ecoef = with_ent_grad ? in.entropy_coef[r] : 0.f;
     if (std::isfinite(st.lse)) {
-      gradient_from_exps<Ops, E>(e, chunk_m, g, L.vocab, id, xid, inv_t, st.lse, dlogp, G.streaming);
+      gradient_from_exps<Ops, E>(e, chunk_m, x, g, L.vocab, id, xid, inv_t, st.lse, dlogp, with_ent_grad, st.entropy,
+                                 ecoef, G.streaming);
     } else {  // NaN / +inf / all -inf row (rare): the kept exps hold NaN; the plain sweep gives torch's pattern
-      Row<Ops, E>::gradient(x, g, L.vocab, id, inv_t, st.lse, dlogp, false, 0.f, 0.f, G.streaming, kBwdPrefetch);
+      Row<Ops, E>::gradient(x, g, L.vocab, id, inv_t, st.lse, dlogp, with_ent_grad, st.entropy, ecoef, G.streaming,
+                            kBwdPrefetch);
     }
   }
   if (G.streaming) Ops::fence();

@@ -51,6 +51,9 @@ struct BackwardIn {
 // gate = 1 without old_logps; with them (an importance ratio r = exp(logp - old_logps)) gate = r where
 // ratio_lo <= logp - old_logps <= ratio_hi, else 0: the clipped-ratio losses' token gradient, known as soon
 // as the row's logp is (old_logps, ratio_lo, ratio_hi: all three or none; the bounds may be +-inf).
+// entropy_coef (nullptr: no entropy term): dloss/dH per token; the gradient gains
+// -entropy_coef * p * (log p + H) / T, and the row's entropy is computed for it (written to
+// ForwardOut::entropy when that is given).
 struct FusedIn {
   const float* coef = nullptr;
   const float* kl_coef = nullptr;
@@ -58,6 +61,7 @@ struct FusedIn {
   const float* old_logps = nullptr;
   const float* ratio_lo = nullptr;
   const float* ratio_hi = nullptr;
+  const float* entropy_coef = nullptr;
 };
 
 // Each function handles rows [row_begin, row_end) of the flattened batch*length rows, so callers can

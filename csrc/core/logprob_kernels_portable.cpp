@@ -302,6 +302,40 @@ struct PortableOps {
     });
   }
 
+  // The fused gradient with the entropy term: g = e * (fa + fb * d), d = x/T - lse (log p, clamped below as in
+  // grad_span: -inf logits have e = 0 and must not give 0 * -inf). x is read before g is written (in place).
+  // One loop per dtype, no T = 1 variant: more instantiations in this file pushed GCC 12 past its inlining
+  // budget (inline-unit-growth), and it then left loops elsewhere in the file scalar.
+  template <class E>
+  static void scale_ent_span(const float* e, const typename E::T* x, typename E::T* g, int64_t n, float fa, float fb,
+                             float inv_t, float lse, bool streaming) {
+    if constexpr (kPairs<E>) {  // e pair-major (sum_exp_pairs); x and g by pairs (bf16 gradients never stream)
+      const int64_t h = n / 2;
+      write_blocks(g, n, false, [=](uint16_t* out, int64_t i0, int64_t i1) {
+        // blocks start at even i0 (kBlock is even; no streaming head): pairs j of the whole span
+        const int64_t j0 = i0 / 2, j1 = i1 / 2 < h ? i1 / 2 : h;
+#pragma omp simd
+        for (int64_t j = j0; j < j1; ++j) {  // in place: the pair is read before it is written
+          const uint32_t w = load_pair(x + 2 * j);
+          const float d0 = clamp_lo(mul_add(pair_first(w), inv_t, -lse)), d1 = clamp_lo(mul_add(pair_second(w), inv_t, -lse));
+          store_pair(out + 2 * (j - j0), make_pair(e[j] * mul_add(fb, d0, fa), e[h + j] * mul_add(fb, d1, fa)));
+        }
+        if (2 * j1 < i1) {  // an odd n's last logit (its exp at e[n - 1])
+          const float d = clamp_lo(mul_add(BF16::load(x + i1 - 1), inv_t, -lse));
+          out[i1 - 1 - i0] = BF16::from(e[i1 - 1] * mul_add(fb, d, fa));
+        }
+      });
+      return;
+    }
+    write_blocks(g, n, streaming && kStreams<E>, [=](typename E::T* out, int64_t i0, int64_t i1) {
+#pragma omp simd
+      for (int64_t i = i0; i < i1; ++i) {  // in place (g == x): each out element written after its x is read
+        const float d = clamp_lo(mul_add(E::load(x + i), inv_t, -lse));
+        out[i - i0] = E::from(e[i] * mul_add(fb, d, fa));
+      }
+    });
+  }
+
   template <class E, bool Ent>
   static void grad_span(const typename E::T* x, typename E::T* g, int64_t n, float inv_t, float lse, float a,
                         float b, bool streaming, int64_t pf) {

@@ -227,6 +227,44 @@ struct SimdOps {
     for (; i < n; ++i) g[i] = E::from(e[i] * f);
   }
 
+  // The fused gradient with the entropy term: g = e*(fa + fb*d), d = max(x*inv_t - lse, kExpLo) (log p; -inf
+  // logits have e = 0, and the clamp keeps 0 * -inf out). A step loads its x vectors before it stores (in place).
+  template <class E, bool Stream>
+  static FRPO_SIMD_INLINE int64_t scale_ent_body(const float* e, const typename E::T* x, typename E::T* g, int64_t n,
+                                                 F vfa, F vfb, F vt, F vnl) {
+    int64_t i = 0;
+#define FRPO_ENT_TERM(k)                                                                                         \
+  V::mul(V::loadu(e + i + (k) * W),                                                                             \
+         V::fmadd(vfb, clamp_lo<V>(V::fmadd(V::template Elem<E>::load(x + i + (k) * W), vt, vnl)), vfa))
+    for (; i + kStep <= n; i += kStep) {
+      const F v0 = FRPO_ENT_TERM(0), v1 = FRPO_ENT_TERM(1), v2 = FRPO_ENT_TERM(2), v3 = FRPO_ENT_TERM(3);
+      V::template Elem<E>::template put2<Stream>(g + i, v0, v1);
+      V::template Elem<E>::template put2<Stream>(g + i + 2 * W, v2, v3);
+    }
+    for (; i + W <= n; i += W) V::template Elem<E>::template put<Stream>(g + i, FRPO_ENT_TERM(0));
+#undef FRPO_ENT_TERM
+    return i;
+  }
+  template <class E>
+  static FRPO_SIMD void scale_ent_span(const float* e, const typename E::T* x, typename E::T* g, int64_t n, float fa,
+                                       float fb, float inv_t, float lse, bool streaming) {
+    auto scalar = [&](int64_t i) {
+      float d = E::load(x + i) * inv_t - lse;
+      d = d < kExpLo ? kExpLo : d;
+      g[i] = E::from(e[i] * (fa + fb * d));
+    };
+    const F vfa = V::set1(fa), vfb = V::set1(fb), vt = V::set1(inv_t), vnl = V::set1(-lse);
+    constexpr uintptr_t kAlign = V::template Elem<E>::kAlign;
+    int64_t i = 0;
+    if (streaming && (reinterpret_cast<uintptr_t>(g) % sizeof(typename E::T)) == 0) {
+      while (i < n && (reinterpret_cast<uintptr_t>(g + i) & (kAlign - 1)) != 0) scalar(i++);
+      i += scale_ent_body<E, true>(e + i, x + i, g + i, n - i, vfa, vfb, vt, vnl);
+    } else {
+      i = scale_ent_body<E, false>(e, x, g, n, vfa, vfb, vt, vnl);
+    }
+    for (; i < n; ++i) scalar(i);
+  }
+
   template <class E>
   static FRPO_SIMD void zero_span(typename E::T* g, int64_t n, bool streaming) {
     constexpr uintptr_t kAlign = V::template Elem<E>::kAlign;

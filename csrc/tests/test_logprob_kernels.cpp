@@ -150,23 +150,27 @@ static void run_case(const Case& c, uint32_t seed) {
   const double t = tol(c.dtype);
   const bool fused = c.kl || (seed % 2 == 0);
   const bool gated = fused && seed % 3 == 0;  // the clipped-ratio gate (old_logps given)
+  // the fused entropy term (entropy_coef = dent), now and then without the entropy output
+  const bool fused_ent = fused && c.entropy && seed % 5 != 0;
+  if (fused_ent && seed % 7 == 3) fo.entropy = nullptr;
   if (fused) {
     FusedIn fi{coef.data(), c.kl ? kl.data() : nullptr, c.kl ? refl.data() : nullptr};
     if (gated) fi.old_logps = old.data(), fi.ratio_lo = lo.data(), fi.ratio_hi = hi.data();
+    if (fused_ent) fi.entropy_coef = dent.data();
     fused_rows(L, tok, fi, fo, G, 0, rows);
   } else {
     forward_rows(L, tok, fo, 0, rows);
   }
   for (int64_t r = 0; r < rows; ++r) {
     if (!maskv[r]) {
-      CHECK(logp[r] == 0.f && lse[r] == 0.f && (!c.entropy || ent[r] == 0.f), "masked row %lld not zero", (long long)r);
+      CHECK(logp[r] == 0.f && lse[r] == 0.f && (!fo.entropy || ent[r] == 0.f), "masked row %lld not zero", (long long)r);
       continue;
     }
     const double scale = std::max(1.0, std::fabs(ref[r].lse));
     CHECK(std::fabs(logp[r] - ref[r].logp) <= 2e-6 * scale + 2e-6 * std::fabs(ref[r].logp),
           "logp row %lld: %.9g vs %.9g", (long long)r, logp[r], ref[r].logp);
     CHECK(std::fabs(lse[r] - ref[r].lse) <= 2e-6 * scale, "lse row %lld: %.9g vs %.9g", (long long)r, lse[r], ref[r].lse);
-    if (c.entropy)
+    if (fo.entropy)
       CHECK(std::fabs(ent[r] - ref[r].entropy) <= 1e-5 * std::max(1.0, ref[r].entropy), "entropy row %lld: %.9g vs %.9g",
             (long long)r, ent[r], ref[r].entropy);
   }
@@ -181,7 +185,7 @@ static void run_case(const Case& c, uint32_t seed) {
       dl = log_ratio >= lo[r] && log_ratio <= hi[r] ? dl * std::exp(log_ratio) : 0.0;
     }
     if (fused && c.kl && maskv[r]) dl += kl[r] * (1.0 - std::exp(double(refl[r]) - double(logp[r])));
-    const bool with_ent = !fused && c.entropy;
+    const bool with_ent = fused ? fused_ent : c.entropy;
     // gradient scale: |dlogp|/T (the largest a gradient entry can be, and the size of fp32 rounding in 1 - p)
     double gmax = std::fabs(dl) / c.temperature + (with_ent ? std::fabs(dent[r]) / c.temperature : 0.0);
     std::vector<double> want(c.vocab, 0.0);
@@ -198,7 +202,9 @@ static void run_case(const Case& c, uint32_t seed) {
       const double got = gval(r, v);
       // fp16 outputs below 2^-14 are subnormal: absolute spacing 2^-24
       const double atol = c.dtype == DType::F16 ? 5.97e-8 : 1e-30;
-      CHECK(std::fabs(got - want[v]) <= t * std::fabs(want[v]) + 1e-6 * gmax + atol,
+      // with the entropy term: plus |dentropy| * p * the entropy's own tolerance (checked above)
+      const double ent_err = with_ent && maskv[r] ? std::fabs(dent[r]) * ref[r].p[v] * 1e-5 * std::max(1.0, ref[r].entropy) : 0.0;
+      CHECK(std::fabs(got - want[v]) <= t * std::fabs(want[v]) + 1e-6 * gmax + ent_err + atol,
             "grad row %lld v %lld: %.9g vs %.9g (isa %s, dtype %d)", (long long)r, (long long)v, got, want[v],
             active_isa(), int(c.dtype));
       if (!maskv[r]) CHECK(got == 0.0, "masked grad row %lld not zero", (long long)r);
@@ -317,6 +323,13 @@ static void run_nonfinite_checks() {
           LogitsView L{x.data(), d, 1, 1, vocab, vocab, vocab};
           TokenInputs tok{&id, nullptr, 1.f};
           fused_rows(L, tok, FusedIn{&coef, nullptr, nullptr}, ForwardOut{&logp, &lse, &ent}, GradView{g.data(), vocab, vocab, false}, 0, 1);
+          // with the entropy term (H is NaN) every gradient entry is NaN, as torch's p * (log p + H)
+          float ecoef = 0.25f;
+          FusedIn with_ent{&coef, nullptr, nullptr};
+          with_ent.entropy_coef = &ecoef;
+          Buffer g2(d, size_t(vocab));
+          fused_rows(L, tok, with_ent, ForwardOut{&logp, &lse, nullptr}, GradView{g2.data(), vocab, vocab, false}, 0, 1);
+          for (int64_t v = 0; v < vocab; ++v) CHECK(std::isnan(g2.value(size_t(v))), "entropy grad %lld not NaN", (long long)v);
           const bool is_nan = bad != bad;
           CHECK(std::isnan(logp) && std::isnan(ent), "logp %g entropy %g must be NaN", logp, ent);
           CHECK(is_nan ? std::isnan(lse) : lse == kInf, "lse %g", lse);
@@ -361,6 +374,25 @@ static void run_stale_max_checks() {
           CHECK(std::fabs(g.value(size_t(v)) - want) <= tol(d) * std::fabs(want) + 1e-6 * 0.5 + (d == DType::F16 ? 6e-8 : 0.0),
                 "grad %lld: %.9g vs %.9g", (long long)v, g.value(size_t(v)), want);
         }
+        // the entropy term on the same row: chunk maxima redone or kept, each chunk's exps rescaled
+        float ecoef = -0.75f;
+        FusedIn with_ent{&coef, nullptr, nullptr};
+        with_ent.entropy_coef = &ecoef;
+        float logp_e = 0, lse_e = 0;
+        fused_rows(L, tok, with_ent, ForwardOut{&logp_e, &lse_e, nullptr}, GradView{g.data(), vocab, vocab, false}, 0, 1);
+        double gmax = 0.5;
+        std::vector<double> want_ent(vocab);
+        for (int64_t v = 0; v < vocab; ++v) {
+          want_ent[v] = 0.5 * ((v == id) - ref.p[v]) - ecoef * ref.p[v] * (ref.logp_all[v] + ref.entropy);
+          gmax = std::max(gmax, std::fabs(want_ent[v]));
+        }
+        // the entropy's own error (up to 1e-5 nats, checked above: a spike summed against a stale max rounds
+        // its e * d terms at |d| ~ 40) enters each entry as |entropy_coef| * p * error
+        const double ent_err = 1e-5 * std::max(1.0, ref.entropy) * std::fabs(ecoef);
+        for (int64_t v = 0; v < vocab; ++v)
+          CHECK(std::fabs(g.value(size_t(v)) - want_ent[v]) <= tol(d) * std::fabs(want_ent[v]) + 1e-6 * gmax +
+                    ent_err * ref.p[v] + (d == DType::F16 ? 6e-8 : 0.0),
+                "entropy grad %lld: %.9g vs %.9g", (long long)v, g.value(size_t(v)), want_ent[v]);
         float logp2 = 0, lse2 = 0;
         forward_rows(L, tok, ForwardOut{&logp2, &lse2, nullptr}, 0, 1);
         CHECK(logp2 == logp && lse2 == lse, "forward %.9g %.9g vs fused %.9g %.9g", logp2, lse2, logp, lse);

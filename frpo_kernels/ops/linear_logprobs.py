@@ -302,13 +302,16 @@ class _PrecomputedLinearGradient(torch.autograd.Function):
 
 
 def linear_fused_loss(hidden, weight, bias, ids, mask, temperature, coef, kl_coef, ref_logps,
-                      with_entropy, backend, value_from_logp, rows=None, gate=None):
+                      with_entropy, backend, value_from_logp, rows=None, gate=None, entropy_coef=None):
     """The loss whose per-token gradient dloss/dlogp is coef * gate + kl_coef * (1 - exp(ref_logps - logp)),
     from hidden [..., H] and the head weight [V, H] (+ bias [V]), in one sweep over the tiles.
 
     ids, mask (bool or None), coef, kl_coef and ref_logps (both or neither None) have hidden's
     leading shape; gate: None, or (old_logps, ratio_lo, ratio_hi) of that shape (reference.py's
-    importance-ratio gate); backend is a resolved name. value_from_logp(logp) -> the scalar loss value (no
+    importance-ratio gate); entropy_coef: None, or dloss/dH of each token's entropy, of that shape (the
+    entropy term's gradient joins each tile's, so it reaches hidden, weight and bias; the entropy is
+    then computed and returned, as with with_entropy=True, and the value of that term is the caller's to
+    add); backend is a resolved name. value_from_logp(logp) -> the scalar loss value (no
     gradient needed). Returns (loss, logp, entropy or None); logp and entropy have ids' shape, are
     float32 (float64 for float64 inputs) and carry no gradient. The gradients w.r.t. hidden, weight
     and bias (each only if it requires grad) are computed here and scaled by the upstream
@@ -319,6 +322,7 @@ def linear_fused_loss(hidden, weight, bias, ids, mask, temperature, coef, kl_coe
     flat_mask = None if mask is None else (mask if mask.dtype == torch.bool else mask != 0).reshape(-1)
     sweep = _Sweep(flat_hidden.detach(), weight.detach(), None if bias is None else bias.detach(),
                    ids.reshape(-1).to(torch.int64), flat_mask, rows)
+    with_entropy = bool(with_entropy) or entropy_coef is not None
     grad_on = torch.is_grad_enabled()
     want = [grad_on and t is not None and t.requires_grad for t in (hidden, weight, bias)]
     if not any(want):
@@ -332,7 +336,10 @@ def linear_fused_loss(hidden, weight, bias, ids, mask, temperature, coef, kl_coe
         raise ValueError("linear_fused_loss: kl_coef needs ref_logps")
     kl_coef = sweep.per_token(kl_coef)
     ref_logps = None if kl_coef is None else sweep.per_token(ref_logps)
-    gate = () if gate is None else tuple(sweep.per_token(t) for t in gate)
+    gate = (None,) * 3 if gate is None else tuple(sweep.per_token(t) for t in gate)
+    entropy_coef = None if entropy_coef is None else sweep.per_token(
+        entropy_coef if isinstance(entropy_coef, torch.Tensor) else torch.full(shape, float(entropy_coef),
+                                                                               device=hidden.device))
     logp = sweep.token_vector()
     entropy = sweep.token_vector() if with_entropy else None
     grad_hidden, grad_weight, grad_bias = sweep.gradient_buffers(*want)
@@ -344,7 +351,8 @@ def linear_fused_loss(hidden, weight, bias, ids, mask, temperature, coef, kl_coe
                             sweep.take(coef, start, stop),
                             None if kl_coef is None else sweep.take(kl_coef, start, stop),
                             None if ref_logps is None else sweep.take(ref_logps, start, stop),
-                            with_entropy, True, *(sweep.take(t, start, stop) for t in gate))
+                            with_entropy, True, *(None if t is None else sweep.take(t, start, stop) for t in gate),
+                            entropy_coef=None if entropy_coef is None else sweep.take(entropy_coef, start, stop))
         sweep.put(logp, start, stop, lp)
         if with_entropy:
             sweep.put(entropy, start, stop, ent)

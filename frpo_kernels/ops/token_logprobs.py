@@ -93,12 +93,16 @@ class _PrecomputedGradient(torch.autograd.Function):
 
 
 def fused_loss(logits, ids, mask, temperature, coef, kl_coef, ref_logps, with_entropy, backend,
-               value_from_logp, overwrite_logits=False, gate=None):
+               value_from_logp, overwrite_logits=False, gate=None, entropy_coef=None):
     """Loss whose token gradient is coef * gate + kl_coef * (1 - exp(ref - logp)), in one pass over V.
 
     value_from_logp(logp) -> scalar loss value (no gradient needed); returns (loss, logp, entropy).
     overwrite_logits: the gradient is written into the logits' own storage (no [B, T, V] buffer).
     gate: None, or (old_logps, ratio_lo, ratio_hi) [B, T] (reference.py's importance-ratio gate).
+    entropy_coef: None, or dloss/dH [B, T] of each token's entropy: its gradient is added in the same
+    pass, and the entropy is computed and returned (as with with_entropy=True). The loss value stays
+    value_from_logp(logp): the caller adds the entropy part's value from the returned entropy (detached:
+    its gradient is already in this pass).
     """
     unit_stride = _unit_stride_rows(logits)
     copied = unit_stride is not logits  # a copy of our own is free to hold the gradient
@@ -109,7 +113,7 @@ def fused_loss(logits, ids, mask, temperature, coef, kl_coef, ref_logps, with_en
     logp, _, entropy, grad_logits = kernels(backend).fused(
         unit_stride.detach(), ids.long(), mask, temperature, per_token(coef), per_token(kl_coef),
         per_token(ref_logps), with_entropy, overwrite_logits or copied,
-        *(() if gate is None else (per_token(t) for t in gate)))
+        *((None,) * 3 if gate is None else (per_token(t) for t in gate)), entropy_coef=per_token(entropy_coef))
     if overwrite_logits and not copied:
         _mark_overwritten(logits)
     value = value_from_logp(logp)

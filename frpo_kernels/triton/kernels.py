@@ -125,12 +125,15 @@ def backward_kernel(logits_ptr, stride_b, stride_t, ids_ptr, mask_ptr, lse_ptr, 
 
 @triton.jit
 def fused_kernel(logits_ptr, stride_b, stride_t, ids_ptr, mask_ptr, coef_ptr, kl_coef_ptr, ref_ptr,
-                 old_ptr, ratio_lo_ptr, ratio_hi_ptr,
+                 old_ptr, ratio_lo_ptr, ratio_hi_ptr, entropy_coef_ptr,
                  logp_ptr, lse_ptr, entropy_ptr, grad_ptr, grad_stride_b, grad_stride_t, N, T, V,
                  inv_temperature, HAS_MASK: tl.constexpr, HAS_KL: tl.constexpr, HAS_GATE: tl.constexpr,
-                 WITH_ENTROPY: tl.constexpr, ROWS: tl.constexpr, BLOCK_V: tl.constexpr):
+                 WITH_ENTROPY: tl.constexpr, HAS_ENTROPY_GRAD: tl.constexpr, ROWS: tl.constexpr,
+                 BLOCK_V: tl.constexpr):
     """Forward, then dlogp = coef * gate + kl_coef * (1 - exp(ref - logp)), then the gradient sweep
     (gate, with HAS_GATE: exp(logp - old) where ratio_lo <= logp - old <= ratio_hi, else 0).
+    HAS_ENTROPY_GRAD (needs WITH_ENTROPY: the sweep uses the row's entropy): the sweep also adds
+    -entropy_coef * p * (log p + H) / T, the entropy term of the loss.
 
     The sweep re-reads the rows this program has just read. They are still in L2 only if few rows
     are in flight: L2 must hold (programs in flight) x (rows' bytes), so the launcher starts a
@@ -159,5 +162,11 @@ def fused_kernel(logits_ptr, stride_b, stride_t, ids_ptr, mask_ptr, coef_ptr, kl
         if WITH_ENTROPY:
             tl.store(entropy_ptr + row, tl.where(live, entropy, 0.0), mask=in_range)
         grad_offset = _row_offset(row, T, grad_stride_b, grad_stride_t)
-        _gradient_sweep(logits_ptr, offset, grad_ptr, grad_offset, in_range, live, target, lse,
-                        dlogp, lse, lse, V, inv_temperature, False, ROWS, BLOCK_V)
+        if HAS_ENTROPY_GRAD:
+            tl.static_assert(WITH_ENTROPY, "HAS_ENTROPY_GRAD needs WITH_ENTROPY")
+            entropy_coef = tl.load(entropy_coef_ptr + row, mask=live, other=0.0)
+            _gradient_sweep(logits_ptr, offset, grad_ptr, grad_offset, in_range, live, target, lse,
+                            dlogp, entropy, entropy_coef, V, inv_temperature, True, ROWS, BLOCK_V)
+        else:
+            _gradient_sweep(logits_ptr, offset, grad_ptr, grad_offset, in_range, live, target, lse,
+                            dlogp, lse, lse, V, inv_temperature, False, ROWS, BLOCK_V)

@@ -171,7 +171,7 @@ def fused_programs(logits, cfg):
 
 
 def fused(logits, ids, mask, temperature, coef, kl_coef, ref_logps, with_entropy, inplace=False,
-          old_logps=None, ratio_lo=None, ratio_hi=None):
+          old_logps=None, ratio_lo=None, ratio_hi=None, entropy_coef=None):
     _check(logits, ids)
     module = _kernels_for(logits)
     batch, length, vocab = logits.shape
@@ -186,6 +186,9 @@ def fused(logits, ids, mask, temperature, coef, kl_coef, ref_logps, with_entropy
     if has_gate != (ratio_lo is not None) or has_gate != (ratio_hi is not None):
         raise ValueError("fused: pass old_logps, ratio_lo and ratio_hi together, or none of them")
     gate = [_per_token(t, logits, torch.float32) if has_gate else coef for t in (old_logps, ratio_lo, ratio_hi)]
+    has_entropy_grad = entropy_coef is not None
+    entropy_coef = _per_token(entropy_coef, logits, torch.float32) if has_entropy_grad else coef
+    with_entropy = bool(with_entropy) or has_entropy_grad  # the entropy term needs H; it is returned too
     logp = torch.empty(batch, length, dtype=torch.float32, device=logits.device)
     lse = torch.empty_like(logp)
     entropy = torch.empty_like(logp) if with_entropy else None
@@ -195,8 +198,8 @@ def fused(logits, ids, mask, temperature, coef, kl_coef, ref_logps, with_entropy
     with _on_device(logits):
         module.fused_kernel[(fused_programs(logits, cfg),)](
             logits, logits.stride(0), logits.stride(1), ids, ids if mask_u8 is None else mask_u8,
-            coef, kl_coef, ref_logps, *gate, logp, lse, logp if entropy is None else entropy, grad,
+            coef, kl_coef, ref_logps, *gate, entropy_coef, logp, lse, logp if entropy is None else entropy, grad,
             grad.stride(0), grad.stride(1), batch * length, length, vocab, 1.0 / float(temperature),
-            HAS_MASK=mask_u8 is not None, HAS_KL=has_kl, HAS_GATE=has_gate, WITH_ENTROPY=bool(with_entropy),
-            **cfg.meta(), **cfg.launch())
+            HAS_MASK=mask_u8 is not None, HAS_KL=has_kl, HAS_GATE=has_gate, WITH_ENTROPY=with_entropy,
+            HAS_ENTROPY_GRAD=has_entropy_grad, **cfg.meta(), **cfg.launch())
     return logp, lse, entropy, grad

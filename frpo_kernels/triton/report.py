@@ -28,7 +28,7 @@ PER_TOKEN = {
     "forward": {"ids": 8, "mask": 1, "logp": 4, "lse": 4, "entropy": 4},
     "backward": {"ids": 8, "mask": 1, "lse": 4, "dlogp": 4, "entropy": 4, "dentropy": 4},
     "fused": {"ids": 8, "mask": 1, "coef": 4, "kl_coef": 4, "ref": 4, "old": 4, "ratio_lo": 4, "ratio_hi": 4,
-              "logp": 4, "lse": 4, "entropy": 4},
+              "entropy_coef": 4, "logp": 4, "lse": 4, "entropy": 4},
 }
 
 
