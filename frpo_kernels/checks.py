@@ -148,6 +148,41 @@ def check_number(name, value, ok, what):
         raise ValueError(f"{name} must be {what}, got {float(value)!r}")
 
 
+def item_number(name, value):
+    """A one-element tensor (TRL's num_items_in_batch is one) as its Python number; anything else as is."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or value.is_complex() or value.dtype == torch.bool:
+            raise TypeError(f"{name} must be a real number or a one-element tensor, got {_describe(value)}")
+        return value.item()
+    return value
+
+
+def check_importance_sampling_ratio(ratio, batch, length, device, mask, per_token_only, loss_type):
+    """[B, T] or [B, 1] real, finite and >= 0 where read (where mask != 0; a [B, 1] ratio: every row).
+    per_token_only: the loss type reads the ratio per token (vespo's gamma weights), as TRL requires."""
+    if ratio is None:
+        return
+    if not isinstance(ratio, torch.Tensor) or not ratio.is_floating_point():
+        raise TypeError(f"importance_sampling_ratio must be a floating-point tensor of shape [B, T] or [B, 1], "
+                        f"got {_describe(ratio)}")
+    if tuple(ratio.shape) not in ((batch, length), (batch, 1)):
+        raise ValueError(f"importance_sampling_ratio must have shape {(batch, length)} or {(batch, 1)}, "
+                         f"got {tuple(ratio.shape)}")
+    if ratio.device != device:
+        raise ValueError(f"importance_sampling_ratio is on {ratio.device} but logits are on {device}")
+    if per_token_only and ratio.shape[1] != length:
+        raise ValueError(f"loss_type={loss_type!r} reads importance_sampling_ratio per token inside its gamma "
+                         f"weights: pass it as [B, T] (TRL's vllm_importance_sampling_mode 'token_truncate' or "
+                         f"'token_mask'), got shape {tuple(ratio.shape)}")
+    if not _checking_values():
+        return
+    read = ratio if mask is None or ratio.shape[1] != length else ratio[mask != 0]
+    bad = ~(torch.isfinite(read) & (read >= 0))
+    if bool(bad.any()):
+        raise ValueError(f"importance_sampling_ratio must be finite and >= 0 where the mask is not 0, "
+                         f"got {int(bad.sum())} entries that are not (e.g. {float(read[bad][0])!r})")
+
+
 def check_positive_int(name, value):
     """An integer >= 1 (Python or NumPy; a bool is not one), returned as a Python int."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):

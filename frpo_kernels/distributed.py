@@ -138,3 +138,14 @@ class LocalSpan:
     def groups(self, group_size, group_ids, jackknife):
         checks.check_groups(self.total, group_size, group_ids, self.device, jackknife)
         return group_size, group_ids
+
+
+def gather_token_factor(span, factor, mask):
+    """A per-token factor [B_r, T] or per-row [B_r, 1] (importance_sampling_ratio) over the span's rows as
+    mask.dtype, 1 where mask == 0 ([B, T]: padding there is never read)."""
+    if factor is None:
+        return None
+    factor = factor.to(mask.dtype)
+    if factor.shape[1] == 1 and mask.shape[1] != 1:  # one per row: not padded to T like token tensors
+        return span.gather(factor.squeeze(1)).unsqueeze(1)
+    return torch.where(mask != 0, span.gather(factor), torch.ones_like(mask))

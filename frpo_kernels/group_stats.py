@@ -14,9 +14,11 @@ the row that gets the top row's sums is decided by a split halfway (in log s) be
 its runner-up, never by a tolerance: a row is misplaced only when it drifted by half the gap, and then
 the two rows are within that drift of each other and either formula is first-order right.
 
-With lam="auto" each group's lam comes from the whole batch's advantages (lam_auto.py) and scales its terms.
-On-policy (ratios 1) s_i = exp(-A_i / lam) for a row with a token: the statistics follow from advantages
-and masks alone. Off-policy they need the current policy's per-token log-probs (a no-grad pass).
+Each group's lam (a number, or lam="auto"'s from the whole batch's advantages, lam_auto.py) is resolved here
+once and scales its terms. On-policy (ratios 1) s_i = exp(-A_i / lam) o_i for a row with a token, o_i =
+sum_t m_t q_t / T_i: the statistics follow from advantages, masks and importance-sampling ratios alone.
+Off-policy, and with an off-policy mask whose sampling log-probs are given, they need the current
+policy's per-token log-probs (a no-grad pass).
 """
 from __future__ import annotations
 
@@ -26,15 +28,18 @@ import torch
 
 from frpo_kernels import checks
 from frpo_kernels.config import LossConfig
-from frpo_kernels.distributed import BatchSpan
+from frpo_kernels.distributed import BatchSpan, gather_token_factor
 from frpo_kernels.groups import (Groups, advantages_from_rewards, group_log_terms, group_logsumexp, make_groups,
                                  scale_rewards_mode)
-from frpo_kernels.lam_auto import solve_group_lams
-from frpo_kernels.objective import BatchSize, frpo_log_terms, log_ratios
+from frpo_kernels.lam_auto import lam_scale, resolve_group_lams
+from frpo_kernels.objective import BatchSize, frpo_log_terms, log_ratios, off_policy_mask, token_scale
 
-# Options that must be the same in group_stats() and in the loss that uses the statistics.
+# Options that must be the same in group_stats() and in the loss that uses the statistics. The per-token
+# tensors (importance_sampling_ratio, sampling_logps) are passed to both: the whole batch's to
+# group_stats, the micro-batch's rows to the loss.
 SHARED_OPTIONS = ("loss_type", "lam", "kl_radius", "jackknife", "baseline", "scale_rewards", "epsilon_low",
-                  "epsilon_high", "delta", "importance_sampling_level", "max_completion_length")
+                  "epsilon_high", "delta", "importance_sampling_level", "max_completion_length",
+                  "num_items_in_batch", "off_policy_mask_threshold")
 
 
 @dataclass
@@ -56,7 +61,7 @@ class GroupStats:
     inv_loo: torch.Tensor     # log sum_i 1 / u_{g,-i}
     inv_loo_rest: torch.Tensor  # the same without the top row
     num_nonempty: int
-    lams: torch.Tensor | None = None  # lam="auto": each group's lam, from the whole batch's advantages
+    lams: torch.Tensor | None = None  # FRPO: each group's lam (lam_auto.resolve_group_lams)
 
     def index_of(self, group_ids: torch.Tensor) -> torch.Tensor:
         """Position in these statistics of each row's global group id (ValueError for an unknown id)."""
@@ -84,8 +89,7 @@ class GroupStats:
             o = torch.exp(log_o)
             base = self.mean_o[index] / n
             term = term - torch.where(valid, base.to(dtype) + (o - o.detach()) / n.to(dtype), torch.zeros_like(o))
-        if self.lams is not None:  # max(lam_g, 1) inside the mean over groups
-            term = term * self.lams[index].clamp_min(1.0).to(dtype)
+        term = term * lam_scale(self.lams)[index].to(dtype)  # max(lam_g, 1) inside the mean over groups
         return term.sum() / max(self.num_nonempty, 1)
 
     def kappa_times_s(self, log_s, g):
@@ -115,7 +119,8 @@ class GroupStats:
 def group_stats(completion_mask, *, advantages=None, rewards=None, group_size=None, group_ids=None,
                 loss_type="frpo", lam=1.0, jackknife=True, baseline=True, scale_rewards=False, logps=None,
                 old_logps=None, epsilon_low=0.2, epsilon_high=0.2, delta=None, importance_sampling_level="token",
-                max_completion_length=None, kl_radius=None, process_group=None) -> GroupStats:
+                max_completion_length=None, kl_radius=None, num_items_in_batch=None, importance_sampling_ratio=None,
+                off_policy_mask_threshold=None, sampling_logps=None, process_group=None) -> GroupStats:
     """Statistics of a whole generation batch for loss(..., group_stats=stats) on its micro-batches.
 
     completion_mask [B, T]; exactly one of advantages/rewards [B] and one of group_size/group_ids.
@@ -123,11 +128,16 @@ def group_stats(completion_mask, *, advantages=None, rewards=None, group_size=No
     current policy's per-token log-probs of the batch (under no_grad), so the statistics are exact at
     the current parameters. process_group: the batch is the rank-major concatenation of every rank's
     rows (as in loss()); the statistics describe it and are the same on every rank.
+
+    The options are loss()'s (SHARED_OPTIONS must be equal in both). importance_sampling_ratio and
+    sampling_logps: the whole batch's (the loss gets the micro-batch's rows); sampling_logps needs logps.
+    top_entropy_quantile < 1 is not supported with group_stats (the loss refuses it).
     """
     cfg = LossConfig(loss_type=loss_type, lam=lam, jackknife=jackknife, baseline=baseline,
                      scale_rewards=scale_rewards, epsilon_low=epsilon_low, epsilon_high=epsilon_high, delta=delta,
                      importance_sampling_level=importance_sampling_level,
-                     max_completion_length=max_completion_length, kl_radius=kl_radius)
+                     max_completion_length=max_completion_length, kl_radius=kl_radius,
+                     num_items_in_batch=num_items_in_batch, off_policy_mask_threshold=off_policy_mask_threshold)
     if not isinstance(completion_mask, torch.Tensor) or completion_mask.dim() != 2:
         raise ValueError(f"completion_mask must be a [B, T] tensor, got {checks._describe(completion_mask)}")
     checks.check_token_weights("completion_mask", completion_mask)
@@ -139,11 +149,23 @@ def group_stats(completion_mask, *, advantages=None, rewards=None, group_size=No
                                      rewards if advantages is None else advantages, batch, device)
     advantages, rewards = (None if t is None else t.detach() for t in (advantages, rewards))  # data, as in loss()
     group_size = checks.optional_positive_int("group_size", group_size)
-    if (logps is None) != (old_logps is None):
+    if (logps is None) != (old_logps is None) and (old_logps is not None or sampling_logps is None):
         raise ValueError("off-policy statistics need both old_logps and logps (the current policy's "
-                         "per-token log-probs); on-policy pass neither")
+                         "per-token log-probs); on-policy pass neither (or logps alone, for the off-policy "
+                         "mask's sampling_logps)")
     checks.check_token_tensor("logps", logps, (batch, length), device)
     checks.check_token_tensor("old_logps", old_logps, (batch, length), device)
+    checks.check_importance_sampling_ratio(importance_sampling_ratio, batch, length, device, completion_mask,
+                                           cfg.kind.ratio_inside, cfg.loss_type)
+    checks.check_token_tensor("sampling_logps", sampling_logps, (batch, length), device)
+    if sampling_logps is not None and cfg.off_policy_mask_threshold is None:
+        raise ValueError("sampling_logps is read only by the off-policy mask: pass off_policy_mask_threshold "
+                         "with it")
+    if sampling_logps is not None and logps is None:
+        raise ValueError("sampling_logps needs logps (the current policy's per-token log-probs), which the "
+                         "off-policy mask compares them with")
+    importance_sampling_ratio, sampling_logps = (None if t is None else t.detach()
+                                                 for t in (importance_sampling_ratio, sampling_logps))
     span = BatchSpan.create(process_group, batch, length, device)
     group_size, group_ids = span.groups(group_size, group_ids, cfg.frpo_jackknife)
     if group_ids is None:
@@ -161,9 +183,11 @@ def group_stats(completion_mask, *, advantages=None, rewards=None, group_size=No
         advantages = span.gather(advantages.double())
     size = BatchSize(span.total, mask.sum().clamp_min(1), span.length)
     stats = dict(n=torch.zeros(groups.num, dtype=torch.float64, device=device))
-    if cfg.loss_type == "frpo":
-        lams = solve_group_lams(advantages, mask.sum(-1) > 0, groups, cfg.kl_radius) if cfg.auto_lam else None
-        stats = dict(_frpo_statistics(cfg, mask, advantages, groups, span, logps, old_logps, lams), lams=lams)
+    if cfg.kind.group_coupled:
+        lams = resolve_group_lams(cfg, advantages, mask.sum(-1) > 0, groups)
+        tokens = dict(logps=logps, old_logps=old_logps, importance_sampling_ratio=importance_sampling_ratio,
+                      sampling_logps=sampling_logps)
+        stats = dict(_frpo_statistics(cfg, mask, advantages, groups, span, lams, **tokens), lams=lams)
     else:
         stats.update({name: stats["n"] for name in ("terms", "mean_o", "log_u", "top", "top_split", "log_sum",
                                                      "log_rest", "inv_loo", "inv_loo_rest")}, num_nonempty=0)
@@ -182,13 +206,20 @@ def _group_divisor(rewards, groups: Groups, scale_rewards):
 
 
 @torch.no_grad()
-def _frpo_statistics(cfg, mask, advantages, groups, span, logps, old_logps, lams):
+def _frpo_statistics(cfg, mask, advantages, groups, span, lams, logps, old_logps, importance_sampling_ratio,
+                     sampling_logps):
+    unmasked = lambda t: torch.where(mask != 0, span.gather(t.double()), torch.zeros_like(mask))  # noqa: E731
     logp = old = torch.zeros_like(mask)  # on-policy: log-ratios 0
-    if logps is not None:
-        logp, old = (torch.where(mask != 0, span.gather(t.double()), torch.zeros_like(mask)) for t in (logps, old_logps))
+    if logps is not None:  # old_logps None: on-policy, logps only for the off-policy mask
+        logp = unmasked(logps)
+        old = logp if old_logps is None else unmasked(old_logps)
+    row_keep = None
+    if cfg.off_policy_mask_threshold is not None:  # as the loss: the sampler's, else the old, log-probs
+        sampling = old if sampling_logps is None else unmasked(sampling_logps)
+        row_keep = off_policy_mask(advantages, logp, sampling, mask, cfg.off_policy_mask_threshold)
+    q = token_scale(cfg, gather_token_factor(span, importance_sampling_ratio, mask), row_keep)
     log_ratio = log_ratios(logp, old, mask, cfg, torch.ones_like(mask[:, :1], dtype=torch.bool))
-    log_s, log_o, valid = frpo_log_terms(log_ratio, mask, advantages, cfg,
-                                         None if lams is None else groups.broadcast(lams))
+    log_s, log_o, valid = frpo_log_terms(log_ratio, mask, advantages, cfg, groups.broadcast(lams), q)
     n = groups.sum(valid.double())
     terms, log_u, log_loo, top_row = group_log_terms(log_s, valid, groups, cfg.jackknife)
     top = groups.max(torch.where(valid, log_s, float("-inf")))

@@ -72,3 +72,20 @@ def solve_group_lams(advantages, valid, groups: Groups, kl_radius: float):
             break
     lams = x.exp()
     return torch.where(at_min, LAM_MIN, torch.where(at_max, LAM_MAX, lams))
+
+
+def resolve_group_lams(cfg, advantages, valid, groups: Groups):
+    """FRPO's lam of each group [num] (float64), resolved once per batch and then only read: solved from
+    kl_radius (lam="auto") over the rows with valid True, or cfg.lam for every group. None for a loss type
+    without group terms. The objective uses lam_g in w_i = exp(-A_i / lam_g) and scales the group's term by
+    lam_scale(lams)."""
+    if not cfg.kind.group_coupled:
+        return None
+    if cfg.auto_lam:
+        return solve_group_lams(advantages, valid, groups, cfg.kl_radius)
+    return torch.full((groups.num,), cfg.lam, dtype=torch.float64, device=advantages.device)
+
+
+def lam_scale(lams):
+    """max(lam_g, 1) [num]: the factor of each group's term inside FRPO's mean over groups."""
+    return lams.clamp_min(1.0)

@@ -4,7 +4,8 @@ loss() and linear_loss() differ only in where the per-token log-probs come from 
 the logits, or hidden states and the LM head); everything else is _loss(): checks, the backend
 choice, the batch's O(B*T) tensors (gathered over ranks by a BatchSpan), and the objective. The
 fused one-pass path runs on-policy (old_logps None) and for token-local losses (objective.is_token_local)
-off-policy; otherwise two passes.
+off-policy, unless an option needs the log-probs or entropies first (objective.one_pass_serves);
+otherwise two passes.
 """
 from __future__ import annotations
 
@@ -16,13 +17,14 @@ import torch
 from frpo_kernels import checks
 from frpo_kernels.backends import resolve
 from frpo_kernels.config import LossConfig
-from frpo_kernels.distributed import BatchSpan, LocalSpan, sum_over_ranks
+from frpo_kernels.distributed import BatchSpan, LocalSpan, gather_token_factor, sum_over_ranks
 from frpo_kernels.group_stats import GroupStats
 from frpo_kernels.groups import Groups, advantages_from_rewards, make_groups
-from frpo_kernels.lam_auto import solve_group_lams
+from frpo_kernels.lam_auto import resolve_group_lams
 from frpo_kernels.logprob_sources import HiddenSource, LogitsSource
-from frpo_kernels.objective import (clipped_ratio_gate, is_token_local, k3_kl, kl_weights, policy_loss,
-                                    positive_clip_cap)
+from frpo_kernels.loss_types import Metric
+from frpo_kernels.objective import (clipped_ratio_gate, high_entropy_mask, k3_kl, kl_weights, mean_bonus_entropy,
+                                    off_policy_mask, one_pass_serves, per_token_kl, policy_loss, token_scale)
 from frpo_kernels.ops.token_logprobs import token_logprobs as _token_logprobs
 
 
@@ -76,19 +78,43 @@ class _Batch:
     groups: Groups
     old: torch.Tensor | None  # [B, T], 0 where mask == 0
     ref: torch.Tensor | None
-    kl_coef: torch.Tensor | None  # [B, T]: the loss adds sum(kl_coef * k3_kl)
+    kl_coef: torch.Tensor | None  # [B, T]: the loss adds sum(kl_coef * per_token_kl)
     stats: GroupStats | None = None  # a micro-batch of the batch these describe
-    lams: torch.Tensor | None = None  # [groups.num] each group's lam (lam="auto")
+    lams: torch.Tensor | None = None  # [groups.num] each group's lam (FRPO; lam_auto.resolve_group_lams)
+    is_ratio: torch.Tensor | None = None  # [B, T] or [B, 1] importance_sampling_ratio, 1 where mask == 0
+    sampling: torch.Tensor | None = None  # [B, T] sampling_logps, 0 where mask == 0
 
 
 def _loss(make_source, check_ids, like, completion_mask, *, advantages=None, rewards=None, group_size=None,
           group_ids=None, old_logps=None, ref_logps=None, loss_type="frpo", lam=1.0, beta=0.0,
           epsilon_low=0.2, epsilon_high=0.2, delta=None, jackknife=True, baseline=True,
           importance_sampling_level="token", scale_rewards=False, temperature=1.0,
-          max_completion_length=None, kl_radius=None, backend="auto", return_metrics=False, process_group=None,
-          group_stats=None):
+          max_completion_length=None, kl_radius=None, sapo_temperature_pos=1.0, sapo_temperature_neg=1.05,
+          vespo_k_pos=2.0, vespo_lambda_pos=3.0, vespo_k_neg=3.0, vespo_lambda_neg=2.0,
+          use_bias_correction_kl=False, importance_sampling_ratio=None, off_policy_mask_threshold=None,
+          sampling_logps=None, top_entropy_quantile=1.0, entropy_coef=0.0, num_items_in_batch=None,
+          backend="auto", return_metrics=False, process_group=None, group_stats=None):
     """The loss of loss() / linear_loss(); `like` (logits or hidden) gives [B, T], device and dtype;
     check_ids(completion_mask) checks the range of completion_ids where the mask reads them.
+
+    loss_type: one of loss_types.NAMES (frpo, grpo, bnpo, dr_grpo, dapo, cispo, sapo, luspo, vespo); the
+    GRPO family's formulas, options and defaults are TRL 1.16's GRPOTrainer's (README.md, "The loss"):
+    sapo_temperature_pos / _neg (sapo's gate), vespo_k_pos / vespo_lambda_pos / vespo_k_neg /
+    vespo_lambda_neg (vespo's gamma weights); cispo caps the ratio at epsilon_high itself.
+    use_bias_correction_kl: the KL term's k3 times the importance ratio (TRL's; its default there is True).
+    importance_sampling_ratio [B, T] or [B, 1] (constant; TRL's vLLM correction): multiplies each token's
+      policy loss (vespo: enters its gamma weights instead, [B, T] only).
+    off_policy_mask_threshold with sampling_logps [B, T] (default old_logps, else the current log-probs,
+      detached): drops the rows with A < 0 whose mean sampling_logps - logp exceeds the threshold (TRL's).
+    top_entropy_quantile < 1: only the tokens whose entropy is in the top quantile of the batch's completion
+      tokens (all ranks' with process_group) keep their policy loss (TRL's entropy mask).
+    entropy_coef: the loss minus entropy_coef times the mean entropy over the (entropy-masked) completion
+      tokens, with its gradient (TRL's bonus; with group_stats the rows' share: divided by the whole
+      batch's completion tokens).
+    num_items_in_batch (dapo, cispo, vespo): the token count their token sum is divided by; default the
+      completion tokens of the batch (all ranks' with process_group, the whole batch's with group_stats).
+      bnpo always divides by the batch's tokens, dr_grpo by rows x max_completion_length.
+    The masks and the ratio multiply each token's policy loss (FRPO: inside o_i), never the KL term.
 
     process_group (torch.distributed): groups may span the ranks of this group. Each rank passes its
     own rows; the global batch is the rank-major concatenation of all ranks' rows (batch sizes and T
@@ -114,7 +140,12 @@ def _loss(make_source, check_ids, like, completion_mask, *, advantages=None, rew
                      epsilon_high=epsilon_high, delta=delta, jackknife=jackknife, baseline=baseline,
                      importance_sampling_level=importance_sampling_level,
                      max_completion_length=max_completion_length, scale_rewards=scale_rewards,
-                     temperature=temperature, kl_radius=kl_radius)
+                     temperature=temperature, kl_radius=kl_radius, sapo_temperature_pos=sapo_temperature_pos,
+                     sapo_temperature_neg=sapo_temperature_neg, vespo_k_pos=vespo_k_pos,
+                     vespo_lambda_pos=vespo_lambda_pos, vespo_k_neg=vespo_k_neg, vespo_lambda_neg=vespo_lambda_neg,
+                     use_bias_correction_kl=use_bias_correction_kl, off_policy_mask_threshold=off_policy_mask_threshold,
+                     top_entropy_quantile=top_entropy_quantile, entropy_coef=entropy_coef,
+                     num_items_in_batch=num_items_in_batch)
     batch, length = like.shape[:2]
     device = like.device
     checks.check_token_tensor("completion_mask", completion_mask, (batch, length), device)
@@ -126,11 +157,17 @@ def _loss(make_source, check_ids, like, completion_mask, *, advantages=None, rew
                                      rewards if advantages is None else advantages, batch, device)
     checks.check_token_tensor("old_logps", old_logps, (batch, length), device)
     checks.check_token_tensor("ref_logps", ref_logps, (batch, length), device)
+    _check_trl_tensors(cfg, importance_sampling_ratio, sampling_logps, batch, length, device, completion_mask)
+    if group_stats is not None and cfg.top_entropy_quantile < 1:
+        raise NotImplementedError(f"top_entropy_quantile={cfg.top_entropy_quantile} with group_stats: the entropy "
+                                  "quantile would have to be the whole generation batch's; score the batch in "
+                                  "one call, or use top_entropy_quantile=1.0")
     group_size = checks.optional_positive_int("group_size", group_size)
     # Data, not parameters (as in TRL): detached here, every backend and path (fused, two-pass,
     # group_stats) gives them no gradient, where autograd alone would differ between paths.
-    advantages, rewards, old_logps, ref_logps = (None if t is None else t.detach()
-                                                 for t in (advantages, rewards, old_logps, ref_logps))
+    advantages, rewards, old_logps, ref_logps, importance_sampling_ratio, sampling_logps = (
+        None if t is None else t.detach()
+        for t in (advantages, rewards, old_logps, ref_logps, importance_sampling_ratio, sampling_logps))
     if cfg.beta != 0 and ref_logps is None:
         raise ValueError(f"beta={cfg.beta} needs ref_logps (the reference policy's per-token log-probs)")
     # The O(B*T) objective runs in float64 whatever the logits' dtype: it costs nothing next to the
@@ -138,18 +175,18 @@ def _loss(make_source, check_ids, like, completion_mask, *, advantages=None, rew
     # their digits. The result comes back in float32 (float64 for float64 inputs).
     mask = torch.ones(batch, length, dtype=torch.float64, device=device) if completion_mask is None \
         else completion_mask.to(torch.float64)
+    tokens = dict(old=old_logps, ref=ref_logps, is_ratio=importance_sampling_ratio, sampling=sampling_logps)
     if group_stats is None:
         span = BatchSpan.create(process_group, batch, length, device)
         group_size, group_ids = span.groups(group_size, group_ids, cfg.frpo_jackknife)
-        data = _global_batch(cfg, span, mask, advantages, rewards, group_size, group_ids, old_logps, ref_logps)
+        data = _global_batch(cfg, span, mask, advantages, rewards, group_size, group_ids, **tokens)
     else:
         span = LocalSpan(batch, length, device)
-        data = _micro_batch(cfg, group_stats, mask, advantages, rewards, group_size, group_ids, old_logps,
-                            ref_logps)
+        data = _micro_batch(cfg, group_stats, mask, advantages, rewards, group_size, group_ids, **tokens)
     source = make_source(backend, cfg.temperature)
     # The fused path takes autograd.grad of a probe inside forward, which torch.compile cannot trace:
     # compiled graphs use the two-pass kernels instead.
-    fused = source.backend != "torch" and (old_logps is None or is_token_local(cfg)) and source.requires_grad \
+    fused = source.backend != "torch" and one_pass_serves(cfg, old_logps is None) and source.requires_grad \
         and torch.is_grad_enabled() and not torch.compiler.is_compiling()
     result, logp, entropy, details = (_fused_path if fused else _two_pass_path)(
         source, data, cfg, span, return_metrics)
@@ -158,8 +195,16 @@ def _loss(make_source, check_ids, like, completion_mask, *, advantages=None, rew
     result = result.to(torch.float64 if like.dtype == torch.float64 else torch.float32)
     if not return_metrics:
         return result
-    entropy = None if entropy is None else span.gather(entropy.detach())
-    return result, _metrics(logp.detach(), entropy, data.mask, data.ref, details, data.groups, cfg)
+    return result, _metrics(logp.detach(), entropy, data, details, cfg)
+
+
+def _check_trl_tensors(cfg, importance_sampling_ratio, sampling_logps, batch, length, device, completion_mask):
+    checks.check_importance_sampling_ratio(importance_sampling_ratio, batch, length, device, completion_mask,
+                                           cfg.kind.ratio_inside, cfg.loss_type)
+    checks.check_token_tensor("sampling_logps", sampling_logps, (batch, length), device)
+    if sampling_logps is not None and cfg.off_policy_mask_threshold is None:
+        raise ValueError("sampling_logps is read only by the off-policy mask: pass off_policy_mask_threshold "
+                         "with it")
 
 
 def _with_options_signature(public):
@@ -173,7 +218,7 @@ _with_options_signature(loss)
 _with_options_signature(linear_loss)
 
 
-def _global_batch(cfg, span, mask, advantages, rewards, group_size, group_ids, old_logps, ref_logps):
+def _global_batch(cfg, span, mask, advantages, rewards, group_size, group_ids, old, ref, is_ratio, sampling):
     dtype, device = mask.dtype, mask.device
     row_mask = mask != 0
     mask = span.gather(mask)
@@ -183,13 +228,13 @@ def _global_batch(cfg, span, mask, advantages, rewards, group_size, group_ids, o
         advantages = advantages_from_rewards(span.gather(rewards.to(dtype)), groups, cfg.scale_rewards)
     else:
         advantages = span.gather(advantages.to(dtype))
-    lams = solve_group_lams(advantages, mask.sum(-1) > 0, groups, cfg.kl_radius) if cfg.auto_lam else None
-    return _Batch(mask, row_mask, advantages, groups, _unmasked_only(span, old_logps, mask),
-                  _unmasked_only(span, ref_logps, mask), kl_weights(mask, cfg) if cfg.beta != 0 else None,
-                  lams=lams)
+    return _Batch(mask, row_mask, advantages, groups, _unmasked_only(span, old, mask),
+                  _unmasked_only(span, ref, mask), kl_weights(mask, cfg) if cfg.beta != 0 else None,
+                  lams=resolve_group_lams(cfg, advantages, mask.sum(-1) > 0, groups),
+                  is_ratio=gather_token_factor(span, is_ratio, mask), sampling=_unmasked_only(span, sampling, mask))
 
 
-def _micro_batch(cfg, stats, mask, advantages, rewards, group_size, group_ids, old_logps, ref_logps):
+def _micro_batch(cfg, stats, mask, advantages, rewards, group_size, group_ids, old, ref, is_ratio, sampling):
     """A micro-batch of the batch `stats` describe: its rows' groups are positions in the statistics,
     and the loss types normalise by the whole batch's size."""
     if not isinstance(stats, GroupStats):
@@ -203,9 +248,10 @@ def _micro_batch(cfg, stats, mask, advantages, rewards, group_size, group_ids, o
     groups = Groups(index, stats.n.long(), stats.n.numel())
     local = LocalSpan(*mask.shape, mask.device)
     advantages = stats.advantages(rewards, index) if advantages is None else advantages
-    return _Batch(mask, mask != 0, advantages.to(mask.dtype), groups, _unmasked_only(local, old_logps, mask),
-                  _unmasked_only(local, ref_logps, mask),
-                  kl_weights(mask, cfg, stats.size) if cfg.beta != 0 else None, stats, stats.lams)
+    return _Batch(mask, mask != 0, advantages.to(mask.dtype), groups, _unmasked_only(local, old, mask),
+                  _unmasked_only(local, ref, mask),
+                  kl_weights(mask, cfg, stats.size) if cfg.beta != 0 else None, stats, stats.lams,
+                  is_ratio=gather_token_factor(local, is_ratio, mask), sampling=_unmasked_only(local, sampling, mask))
 
 
 def _unmasked_only(span, token_values, mask):
@@ -220,18 +266,21 @@ def _unmasked_only(span, token_values, mask):
 def _fused_path(source, data, cfg, span, with_entropy):
     """One pass over V: each token's dloss/dlogp is known once its row is read. On-policy the ratios are
     exactly 1, so it does not depend on logp but through the row-local KL term: take it from the
-    objective at any logp. Off-policy, for a token-local loss, it is the clipped-ratio gate."""
+    objective at any logp. Off-policy, for a token-local loss, it is the clipped-ratio gate. A constant
+    importance-sampling ratio multiplies either coefficient."""
     dtype = data.mask.dtype
+    q = token_scale(cfg, data.is_ratio)  # one_pass_serves: no masks here
+    objective = dict(stats=data.stats, lams=data.lams, q=q, importance_sampling_ratio=data.is_ratio)
     gate = None
     if data.old is None:
         with torch.enable_grad():
             probe = torch.zeros(data.mask.shape, dtype=dtype, device=data.mask.device, requires_grad=True)
             policy_value, details = policy_loss(probe, probe.detach(), data.mask, data.advantages, data.groups,
-                                                cfg, data.stats, data.lams)
+                                                cfg, **objective)
             (coef,) = torch.autograd.grad(policy_value, probe)
     else:
         coef, lo, hi = clipped_ratio_gate(data.mask, data.advantages, cfg,
-                                          None if data.stats is None else data.stats.size)
+                                          None if data.stats is None else data.stats.size, q)
         gate = tuple(span.local(t) for t in (data.old, lo, hi))
         details = {}
     # this rank's rows; their gradient carries the world_size factor (see _loss)
@@ -240,76 +289,93 @@ def _fused_path(source, data, cfg, span, with_entropy):
     kl_coef = None if data.kl_coef is None else span.local(data.kl_coef)
 
     def value_from_logp(logp):
-        # the on-policy value does not read logp but for the KL term; `logp * 0` still makes a NaN
-        # log-prob (a NaN logit) turn the value NaN, as it does on the two-pass path
+        # the on-policy value does not read logp but for the KL term (and the loss types whose value is
+        # linear in logp itself); `logp * 0` still makes a NaN log-prob (a NaN logit) turn the value NaN,
+        # as it does on the two-pass path
         local = (logp.to(dtype) * 0).sum()
         if kl_coef is not None:
             local = local + (kl_coef * k3_kl(logp.to(dtype), ref)).sum()
-        if gate is None:
+        if gate is None and not cfg.kind.value_reads_logp:
             return policy_value.detach() + span.all_sum(local)
-        value, at_logp = policy_loss(span.gather(logp.to(dtype)), data.old, data.mask, data.advantages, data.groups,
-                                     cfg, data.stats, data.lams)
+        full = span.gather(logp.to(dtype))
+        value, at_logp = policy_loss(full, full if data.old is None else data.old, data.mask, data.advantages,
+                                     data.groups, cfg, **objective)
         details.update(at_logp)  # the metrics' clip counts need the ratios at this logp
         return value + span.all_sum(local)
 
+    entropy_coef = None
+    if cfg.entropy_coef != 0:  # the bonus -coef * sum(H m) / sum(m): dloss/dH = -coef m / sum(m) per token
+        tokens = data.mask.sum().clamp(min=1.0) if data.stats is None else data.stats.size.tokens
+        entropy_coef = span.local(-cfg.entropy_coef * data.mask / tokens) * span.world
     result, logp, entropy = source.fused(data.row_mask, coef, None if kl_coef is None else kl_coef * span.world,
-                                         ref, with_entropy, value_from_logp, gate)
+                                         ref, with_entropy, value_from_logp, gate, entropy_coef=entropy_coef)
     logp = logp.to(dtype)
-    if with_entropy:
-        logp = span.gather(logp.detach())
-    return result, logp, entropy, details
+    if with_entropy or entropy_coef is not None:
+        logp, entropy = span.gather(logp.detach()), span.gather(entropy.detach())
+    if entropy_coef is not None:  # the bonus's value; its gradient is already in the sweep
+        tokens = None if data.stats is None else data.stats.size.tokens
+        result = result - cfg.entropy_coef * mean_bonus_entropy(entropy.to(dtype), data.mask, None, tokens)
+    return result, logp, entropy if with_entropy else None, details
 
 
 def _two_pass_path(source, data, cfg, span, with_entropy):
-    """Differentiable per-token log-probs (kernel forward now, kernel backward in backward), then
-    the objective with autograd."""
-    logp, entropy = source.two_pass(data.row_mask, with_entropy)
+    """Differentiable per-token log-probs (and entropies, when the loss or the metrics read them): kernel
+    forward now, kernel backward in backward; then the masks, the objective, the KL term and the entropy
+    bonus with autograd."""
+    logp, entropy = source.two_pass(data.row_mask, with_entropy or cfg.needs_entropy)
     logp = span.gather(logp.to(data.mask.dtype))  # this rank's rows keep their gradient
+    if entropy is not None:
+        entropy = span.gather(entropy)  # in the kernels' dtype: TRL's entropy quantile is float32's
     old = logp.detach() if data.old is None else data.old
-    result, details = policy_loss(logp, old, data.mask, data.advantages, data.groups, cfg, data.stats, data.lams)
+    row_keep = entropy_mask = None
+    if cfg.off_policy_mask_threshold is not None:
+        row_keep = off_policy_mask(data.advantages, logp, old if data.sampling is None else data.sampling,
+                                   data.mask, cfg.off_policy_mask_threshold)
+    if cfg.top_entropy_quantile < 1:
+        entropy_mask = high_entropy_mask(entropy, data.mask, cfg.top_entropy_quantile)
+    q = token_scale(cfg, data.is_ratio, row_keep, entropy_mask)
+    result, details = policy_loss(logp, old, data.mask, data.advantages, data.groups, cfg, data.stats, data.lams, q,
+                                  data.is_ratio)
     if data.kl_coef is not None:
-        result = result + (data.kl_coef * k3_kl(logp, data.ref)).sum()
-    return span.scale_gradient(result), logp, entropy, details
+        result = result + (data.kl_coef * per_token_kl(logp, old, data.ref, data.mask, cfg)).sum()
+    if cfg.entropy_coef != 0:
+        tokens = None if data.stats is None else data.stats.size.tokens  # a share of the whole batch's bonus
+        result = result - cfg.entropy_coef * mean_bonus_entropy(entropy.to(data.mask.dtype), data.mask, entropy_mask,
+                                                                tokens)
+    details["entropy_mask"] = entropy_mask
+    return span.scale_gradient(result), logp, None if entropy is None else entropy.detach(), details
 
 
-def _metrics(logp, entropy, mask, ref, details, groups, cfg):
+def _metrics(logp, entropy, data, details, cfg):
+    """TRL's metrics (the loss type's own from its registry entry), over the batch's rows (all ranks' with
+    process_group)."""
+    mask = data.mask
     tokens = mask.sum().clamp_min(1)
 
     def masked_mean(x):
         return x.float().mean() if x.shape[-1] == 1 and mask.shape[-1] != 1 else (x * mask).sum() / tokens
 
-    low, high = _clipped_tokens(details, cfg)
-    metrics = {
-        "entropy": masked_mean(entropy) if entropy is not None else None,
-        "clip_ratio/low_mean": masked_mean(low.to(mask.dtype)),
-        "clip_ratio/high_mean": masked_mean(high.to(mask.dtype)),
-        "clip_ratio/region_mean": masked_mean((low | high).to(mask.dtype)),
-        "num_groups": groups.num,
-    }
-    if ref is not None:
-        metrics["kl"] = masked_mean(k3_kl(logp, ref))
-    if cfg.loss_type == "frpo":  # exp of log-domain values: inf where lam is small enough to overflow
-        w, log_u = details["log_w"].detach().exp(), details["log_u"].detach()
-        nonempty = log_u > float("-inf")  # groups with at least one completion token
-        u = log_u.exp()
-        metrics.update({"frpo/w_mean": w.mean(), "frpo/w_max": w.max(),
-                        "frpo/u_mean": torch.where(nonempty, u, 0).sum() / nonempty.sum().clamp_min(1),
-                        "frpo/u_min": torch.where(nonempty, u, float("inf")).min(),
-                        "frpo/u_max": u.max()})
-        if details["lams"] is not None:
-            metrics["frpo/lam_groups"] = details["lams"]
+    def row_means(x):  # NaN for a row without completion tokens, as TRL's
+        return x.float().squeeze(-1) if x.shape[-1] == 1 and mask.shape[-1] != 1 else (x * mask).sum(-1) / mask.sum(-1)
+
+    def row_extreme(x, pick):  # TRL's nanmin / nanmax
+        rows = row_means(x)
+        rows = rows[~torch.isnan(rows)]
+        return pick(rows) if rows.numel() else torch.tensor(float("nan"), dtype=rows.dtype, device=rows.device)
+
+    reduce = {"mean": masked_mean, "row_min": lambda x: row_extreme(x, torch.min),
+              "row_max": lambda x: row_extreme(x, torch.max)}
+    metrics = {"entropy": masked_mean(entropy) if entropy is not None else None, "num_groups": data.groups.num}
+    for name, value in cfg.kind.metrics(details, cfg).items():
+        metrics[name] = reduce[value.how](value.values.to(mask.dtype)) if isinstance(value, Metric) else value
+    if data.ref is not None:
+        metrics["kl"] = masked_mean(per_token_kl(logp, logp if data.old is None else data.old, data.ref, mask, cfg))
+    if entropy is not None:  # the entropy bonus's tokens (the trainer's adaptive coefficient reads them)
+        entropy_mask = details.get("entropy_mask")
+        effective = mask if entropy_mask is None else mask * entropy_mask
+        metrics["entropy_bonus/sum"] = (entropy * effective).sum()
+        metrics["entropy_bonus/count"] = effective.sum()
     return metrics
-
-
-def _clipped_tokens(details, cfg):
-    """(low, high) bool: the tokens each clip counts. The GRPO family: TRL's definitions. FRPO's term
-    min(c1, c2) never takes the low clip (there c1 < c2) and is clipped, its gradient 0, exactly where
-    the log-ratio passes log(1 + epsilon_high) or log(delta) (objective.log_min_ratio)."""
-    if cfg.loss_type == "frpo":
-        log_ratio = details["log_ratio"].detach()
-        return torch.zeros_like(log_ratio, dtype=torch.bool), log_ratio > positive_clip_cap(cfg)
-    c1, adv = details["c1"].detach(), details["adv"]
-    return (c1 < 1 - cfg.epsilon_low) & (adv < 0), (c1 > 1 + cfg.epsilon_high) & (adv > 0)
 
 
 def token_logprobs(logits, ids, temperature=1.0, return_entropy=False, backend="auto", mask=None):

@@ -1,6 +1,7 @@
 """The O(B*T) part of the loss: from per-token log-probs to the scalar FRPO / GRPO-family loss.
 
-Readable torch; every formula of the issue lives here once. Shapes: [B, T] tokens, [B] sequences.
+Readable torch; every formula of the issue lives here once, but the loss types' own per-token surrogates,
+normalisers and metrics, which are loss_types.py's table. Shapes: [B, T] tokens, [B] sequences.
 """
 from __future__ import annotations
 
@@ -11,41 +12,9 @@ import torch
 
 from frpo_kernels.config import LossConfig
 from frpo_kernels.groups import Groups, group_log_terms
-
-
-def sequence_lengths(mask: torch.Tensor) -> torch.Tensor:
-    """T_i = max(sum_t m_it, 1), [B, 1]."""
-    return mask.sum(-1, keepdim=True).clamp_min(1)
-
-
-def log_ratios(logp, old, mask, cfg: LossConfig, positive):
-    """log(pi/pi_old) per token [B, T] (per sequence [B, 1] for sequence-level IS), capped only where
-    the cap cannot change the loss: past the point where both c1 and c2 are constant, the token's value
-    is fixed and its gradient 0. For a positive factor (A >= 0, or FRPO's w) that is the clip at
-    1 + epsilon_high; for a negative one, max(delta, 1 + epsilon_high) (no point without delta).
-    So a ratio that would overflow (old_logps far below logp) never reaches exp, whose inf would turn
-    that zero gradient into NaN. positive: [B, 1] bool."""
-    log_ratio = logp - old
-    if cfg.importance_sampling_level == "sequence":
-        log_ratio = (log_ratio * mask).sum(-1, keepdim=True) / sequence_lengths(mask)
-    clip_high = math.log1p(cfg.epsilon_high)
-    negative_cap = math.inf if cfg.delta is None else max(math.log(cfg.delta), clip_high) + 1.0
-    return torch.where(positive, log_ratio.clamp(max=clip_high + 1.0), log_ratio.clamp(max=negative_cap))
-
-
-def clipped_ratios(log_ratio, cfg: LossConfig):
-    """(c1, c2): the ratio (delta-capped) and its clip to [1 - epsilon_low, 1 + epsilon_high]."""
-    ratio = torch.exp(log_ratio)
-    c2 = torch.clamp(ratio, 1 - cfg.epsilon_low, 1 + cfg.epsilon_high)
-    c1 = ratio if cfg.delta is None else torch.clamp(ratio, max=cfg.delta)
-    return c1, c2
-
-
-def log_min_ratio(log_ratio, cfg: LossConfig):
-    """log(min(c1, c2)), formed from the log-ratio (no exp, so no overflow or underflow)."""
-    log_c1 = log_ratio if cfg.delta is None else log_ratio.clamp(max=math.log(cfg.delta))
-    low = math.log(1 - cfg.epsilon_low) if cfg.epsilon_low < 1 else None
-    return torch.minimum(log_c1, log_ratio.clamp(min=low, max=math.log1p(cfg.epsilon_high)))
+from frpo_kernels.lam_auto import lam_scale
+from frpo_kernels.loss_types import TokenTerms
+from frpo_kernels.ratios import level_log_ratio, log_min_ratio, log_ratios, positive_clip_cap, sequence_lengths
 
 
 @dataclass(frozen=True)
@@ -63,12 +32,7 @@ class BatchSize:
 
 def token_weights(mask, cfg: LossConfig, size: BatchSize | None = None) -> torch.Tensor:
     """w [B, T] with loss = sum(w * per-token term): the loss type's normalisation of token sums."""
-    size = size or BatchSize.of(mask)
-    if cfg.loss_type in ("grpo", "frpo"):
-        return mask / (sequence_lengths(mask) * size.rows)
-    if cfg.loss_type in ("bnpo", "dapo"):
-        return mask / size.tokens
-    return mask / (size.rows * (cfg.max_completion_length or size.length))
+    return cfg.kind.normaliser.weights(mask, size or BatchSize.of(mask), cfg)
 
 
 def k3_kl(logp, ref_logps):
@@ -77,60 +41,135 @@ def k3_kl(logp, ref_logps):
     return torch.exp(diff) - diff - 1
 
 
+def per_token_kl(logp, old, ref_logps, mask, cfg: LossConfig):
+    """The KL term's per-token value: k3, times the importance ratio pi / pi_old at the importance-sampling
+    level with use_bias_correction_kl (TRL's, after DeepSeek-V3.2: neither clipped nor delta-capped, and
+    differentiable, so it changes the gradient on-policy too, where its value is 1)."""
+    kl = k3_kl(logp, ref_logps)
+    if cfg.use_bias_correction_kl:
+        kl = kl * torch.exp(level_log_ratio(logp, old, mask, cfg))
+    return kl
+
+
 def kl_weights(mask, cfg: LossConfig, size: BatchSize | None = None):
-    """The loss is policy_loss + sum(kl_weights * k3_kl): beta times the loss type's token weights."""
+    """The loss is policy_loss + sum(kl_weights * per_token_kl): beta times the loss type's token weights
+    (the KL term is not multiplied by the masks and ratios q)."""
     return cfg.beta * token_weights(mask, cfg, size)
 
 
-def policy_loss(logp, old, mask, advantages, groups: Groups, cfg: LossConfig, stats=None, lams=None):
-    """The loss without its KL term. Returns (scalar, details) with details for the metrics.
+def off_policy_mask(advantages, logp, sampling_logps, mask, threshold):
+    """TRL's off-policy sequence mask (DeepSeek-V3.2) [B, 1]: 0 for a row with A < 0 whose mean over its
+    tokens of sampling_logps - logp (detached; NaN counts 0) exceeds threshold, else 1."""
+    kl = torch.nan_to_num(sampling_logps - logp.detach(), nan=0.0)
+    mean_kl = (kl * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1.0)
+    return ((advantages.unsqueeze(-1) >= 0) | (mean_kl <= threshold)).to(mask.dtype)
+
+
+def high_entropy_mask(entropy, mask, top_entropy_quantile):
+    """TRL's get_high_entropy_mask [B, T] bool: the completion tokens whose entropy is at least the
+    (1 - top_entropy_quantile) quantile (linear interpolation) of all completion tokens' entropies (pass
+    every rank's: the quantile is over the global batch). In the entropies' own dtype, as TRL (float32)."""
+    entropy = entropy.detach()
+    chosen = entropy[mask != 0]
+    if chosen.numel() == 0:
+        return torch.zeros_like(mask, dtype=torch.bool)
+    return (entropy >= torch.quantile(chosen, 1 - top_entropy_quantile)) & (mask != 0)
+
+
+def token_scale(cfg: LossConfig, importance_sampling_ratio=None, row_mask=None, entropy_mask=None):
+    """q [B, T] (or [B, 1]) = off-policy row mask * entropy mask * importance-sampling ratio, the factor of
+    each token's policy loss (None when there is none). A loss type that reads the ratio itself (vespo)
+    does not take it here."""
+    ratio = None if cfg.kind.ratio_inside else importance_sampling_ratio
+    factors = [f for f in (row_mask, None if entropy_mask is None else entropy_mask.to(torch.float64), ratio)
+               if f is not None]
+    if not factors:
+        return None
+    q = factors[0]
+    for factor in factors[1:]:
+        q = q * factor
+    return q.detach()
+
+
+def mean_bonus_entropy(entropy, mask, entropy_mask=None, tokens=None):
+    """The entropy bonus's mean entropy sum(H * m_eff) / sum(m_eff), m_eff = mask * entropy_mask (TRL's
+    effective mask); the loss subtracts entropy_coef times it. tokens: the denominator of a micro-batch's
+    share (group_stats: the whole batch's completion tokens)."""
+    effective = mask if entropy_mask is None else mask * entropy_mask
+    denominator = effective.sum().clamp(min=1.0) if tokens is None else tokens
+    return (entropy * effective).sum() / denominator
+
+
+def policy_loss(logp, old, mask, advantages, groups: Groups, cfg: LossConfig, stats=None, lams=None, q=None,
+                importance_sampling_ratio=None):
+    """The loss without its KL term and entropy bonus. Returns (scalar, details) with details for the metrics.
 
     old must be finite wherever mask != 0 (masked positions are never read). With stats (a
     GroupStats of the whole generation batch; groups then index into its groups) the rows are a
     micro-batch and the result is their share: the shares of any partition of the batch add up to
-    the whole batch's loss, in value and gradient. lams [groups.num]: each group's lam (lam="auto")."""
-    adv = advantages.unsqueeze(-1)
-    positive = torch.ones_like(adv, dtype=torch.bool) if cfg.loss_type == "frpo" else adv >= 0
-    log_ratio = log_ratios(logp, old, mask, cfg, positive)
-    c1, c2 = clipped_ratios(log_ratio, cfg)
-    details = {"c1": c1, "adv": adv, "log_ratio": log_ratio}
-    if cfg.loss_type != "frpo":
-        per_token = -torch.minimum(c1 * adv, c2 * adv)
-        return (token_weights(mask, cfg, None if stats is None else stats.size) * per_token).sum(), details
-    lam = cfg.lam if lams is None else groups.broadcast(lams)
-    scale = None if lams is None else lams.clamp_min(1.0)  # max(lam_g, 1) inside the mean over groups
-    log_s, log_o, valid = frpo_log_terms(log_ratio, mask, advantages, cfg, lam)
+    the whole batch's loss, in value and gradient. lams [groups.num]: each group's lam (FRPO,
+    lam_auto.resolve_group_lams). q: token_scale's factor; importance_sampling_ratio: read by a loss
+    type that takes it inside its surrogate (q has it for the others)."""
+    kind = cfg.kind
+    if kind.group_coupled:
+        return frpo_policy_loss(logp, old, mask, advantages, groups, cfg, stats, lams, q)
+    terms = TokenTerms(logp, level_log_ratio(logp, old, mask, cfg), logp - old, advantages.unsqueeze(-1), mask,
+                       importance_sampling_ratio)
+    per_token, details = kind.surrogate(terms, cfg)
+    if q is not None:
+        per_token = per_token * q
+    return (token_weights(mask, cfg, None if stats is None else stats.size) * per_token).sum(), details
+
+
+def frpo_policy_loss(logp, old, mask, advantages, groups: Groups, cfg: LossConfig, stats, lams, q=None):
+    """FRPO's term max(lam, 1) * [mean_g J_g(s) - baseline mean_g mean_i o_i] (each group's own lam_g),
+    s_i = w_i o_i, o_i = sum_t m_t q_t min(c1, c2) / T_i (frpo_log_terms)."""
+    log_ratio = log_ratios(logp, old, mask, cfg, torch.ones_like(advantages.unsqueeze(-1), dtype=torch.bool))
+    lam_rows = groups.broadcast(lams)
+    log_s, log_o, valid = frpo_log_terms(log_ratio, mask, advantages, cfg, lam_rows, q)
     if stats is None:
-        robust, log_u = frpo_group_term(log_s, log_o, valid, groups, cfg, scale)
+        robust, log_u = frpo_group_term(log_s, log_o, valid, groups, cfg, lam_scale(lams))
     else:
         robust, log_u = stats.frpo_share(log_s, log_o, valid, groups.index), stats.log_u
-    details.update(log_w=-advantages / lam, log_u=log_u, lams=lams)
-    return (1.0 if lams is not None else max(cfg.lam, 1.0)) * robust, details
+    return robust, dict(log_ratio=log_ratio, log_w=-advantages / lam_rows, log_u=log_u,
+                        lams=lams if cfg.auto_lam else None)
+
+
+def _needs_two_passes(cfg: LossConfig) -> bool:
+    """A mask decided during the loss (off-policy rows need the log-probs, low-entropy tokens the
+    entropies) or the bias-corrected KL (k3 * r is not the kernels' KL term): the objective needs a
+    forward pass first. The entropy bonus alone does not: its token coefficient -coef * m / sum(m) is
+    known up front, and the kernels add its gradient in the same sweep."""
+    return cfg.masks_tokens or (cfg.beta != 0 and cfg.use_bias_correction_kl)
 
 
 def is_token_local(cfg: LossConfig) -> bool:
     """Whether a token's gradient coefficient needs only that token (its logp, old and ref log-probs,
-    its row's advantage and the batch's normaliser): then one fused sweep serves off-policy too. FRPO
-    (group log-means) and sequence-level IS (a row's mean log-ratio) need statistics first."""
-    return cfg.loss_type != "frpo" and cfg.importance_sampling_level == "token"
+    its row's advantage, its constant importance-sampling ratio and the batch's normaliser): then one
+    fused sweep serves off-policy too (the loss type's clipped-ratio gate). FRPO (group log-means),
+    sequence-level IS (a row's mean log-ratio), cispo / sapo / vespo (not the gate's form) and the
+    options of _needs_two_passes need statistics first."""
+    return cfg.kind.token_local and cfg.importance_sampling_level == "token" and not _needs_two_passes(cfg)
 
 
-def positive_clip_cap(cfg: LossConfig) -> float:
-    """The log-ratio above which min(c1, c2) (times a factor >= 0) is constant: the clip at
-    1 + epsilon_high, or delta where that is lower."""
-    clip_high = math.log1p(cfg.epsilon_high)
-    return clip_high if cfg.delta is None else min(clip_high, math.log(cfg.delta))
+def one_pass_serves(cfg: LossConfig, on_policy: bool) -> bool:
+    """Whether the fused sweep serves this loss: on-policy (ratios 1: each token's coefficient follows
+    from the advantages, groups and constant ratios) or token-local, unless _needs_two_passes."""
+    return (on_policy and not _needs_two_passes(cfg)) or is_token_local(cfg)
 
 
-def clipped_ratio_gate(mask, advantages, cfg: LossConfig, size: BatchSize | None = None):
+def clipped_ratio_gate(mask, advantages, cfg: LossConfig, size: BatchSize | None = None, q=None):
     """The token-local losses' gradient off-policy as the kernels' gate: (coef, lo, hi) [B, T] with
     d policy_loss / d logp = coef * r where lo <= log r <= hi, else 0 (r = exp(logp - old)).
 
-    -min(c1 A, c2 A) moves with r only where the min's active branch does: for A > 0 up to the
-    clip at 1 + epsilon_high (and delta, if lower); for A < 0 from 1 - epsilon_low on, up to delta
-    if given (past max(delta, 1 + epsilon_high) both branches are constant)."""
+    -min(c1 A, c2 A) (times q, a constant importance-sampling ratio) moves with r only where the min's
+    active branch does: for A > 0 up to the clip at 1 + epsilon_high (and delta, if lower); for A < 0
+    from 1 - epsilon_low on, up to delta if given (past max(delta, 1 + epsilon_high) both branches are
+    constant)."""
     adv = advantages.unsqueeze(-1).expand_as(mask)
     coef = -token_weights(mask, cfg, size) * adv
+    if q is not None:
+        coef = coef * q
     clip_high = math.log1p(cfg.epsilon_high)
     log_delta = math.inf if cfg.delta is None else math.log(cfg.delta)
     clip_low = math.log(1 - cfg.epsilon_low) if cfg.epsilon_low < 1 else -math.inf
@@ -139,35 +178,41 @@ def clipped_ratio_gate(mask, advantages, cfg: LossConfig, size: BatchSize | None
     return coef, lo.to(mask.dtype), hi.to(mask.dtype)
 
 
-def frpo_log_terms(log_ratio, mask, advantages, cfg: LossConfig, lam=None):
-    """(log s_i, log o_i, valid_i) [B]: s_i = w_i * o_i, w_i = exp(-A_i / lam), o_i = mean_t min(c1, c2)
-    over the row's tokens; valid: the row has a completion token. In the log domain, so exp(-A/lam)
-    never overflows, whatever lam. lam: cfg.lam, or each row's [B] (lam="auto")."""
+def frpo_log_terms(log_ratio, mask, advantages, cfg: LossConfig, lam=None, q=None):
+    """(log s_i, log o_i, valid_i) [B]: s_i = w_i * o_i, w_i = exp(-A_i / lam), o_i = sum_t m_t q_t min(c1, c2)
+    / T_i over the row's tokens (T_i = sum_t m_t; q: token_scale's masks and ratios, 1 if None); valid: the
+    row has a token with m_t q_t > 0 (a row that the masks leave empty is no sample, like a row without
+    completion tokens). In the log domain, so exp(-A/lam) never overflows, whatever lam. lam: cfg.lam, or
+    each row's [B]."""
     lam = cfg.lam if lam is None else lam
-    valid = mask.sum(-1) > 0
+    weight = mask if q is None else mask * q.detach()
+    valid = weight.sum(-1) > 0
     log_min = log_min_ratio(log_ratio, cfg)
     if cfg.importance_sampling_level == "sequence":
         log_o = log_min.squeeze(-1)
+        if q is not None:  # min(c1, c2) is the row's: o_i = min(c1, c2) * sum_t m_t q_t / T_i
+            log_o = log_o + torch.log(weight.sum(-1)) - torch.log(sequence_lengths(mask).squeeze(-1))
     else:
-        weighted = torch.where(mask > 0, log_min + torch.log(torch.where(mask > 0, mask, torch.ones_like(mask))),
+        positive = weight > 0
+        weighted = torch.where(positive, log_min + torch.log(torch.where(positive, weight, torch.ones_like(weight))),
                                torch.full_like(log_min, float("-inf")))
         weighted = torch.where(valid.unsqueeze(-1), weighted, torch.zeros_like(weighted))
         log_o = torch.logsumexp(weighted, -1) - torch.log(sequence_lengths(mask).squeeze(-1))
     return -advantages / lam + log_o, log_o, valid
 
 
-def frpo_group_term(log_s, log_o, valid, groups: Groups, cfg: LossConfig, scale=None):
-    """J = mean_g [jackknifed] log mean_i s_i  (- mean_g mean_i o_i with the baseline), each group's
-    term times scale_g when scale [num] is given.
+def frpo_group_term(log_s, log_o, valid, groups: Groups, cfg: LossConfig, scale):
+    """J = mean_g scale_g [jackknifed] log mean_i s_i  (- mean_g scale_g mean_i o_i with the baseline), scale
+    [num]: lam_scale of each group's lam.
 
-    Rows with no completion token are not samples: they are left out of every group statistic
-    (n_g counts rows with a token; a group left with none drops out). Returns (J, log_u [num])."""
+    Rows that are not samples (valid False) are left out of every group statistic (n_g counts the valid
+    rows; a group left with none drops out). Returns (J, log_u [num])."""
     terms, log_u, _, _ = group_log_terms(log_s, valid, groups, cfg.jackknife)
     n = groups.sum(valid.to(terms.dtype))
     count = (n > 0).sum().clamp_min(1)
-    robust = (terms if scale is None else terms * scale).sum() / count
+    robust = (terms * scale).sum() / count
     if cfg.baseline:
         o = torch.where(valid, torch.exp(log_o), torch.zeros_like(log_o))
         offsets = groups.sum(o) / n.clamp_min(1)
-        robust = robust - (offsets if scale is None else offsets * scale).sum() / count
+        robust = robust - (offsets * scale).sum() / count
     return robust, log_u

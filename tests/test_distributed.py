@@ -46,6 +46,20 @@ CASES = {
     "fused_grpo_offpolicy_kl": ((4, 4), 2, dict(loss_type="grpo", beta=0.1, delta=1.5), {"fused": True, "old": True}),
     "fused_dapo_offpolicy_uneven": ((5, 3), 4, dict(loss_type="dapo"), {"fused": True, "old": True,
                                                                         "short_rank0": True}),
+    # TRL's options: masks decided over the global batch (the entropy quantile over every rank's tokens),
+    # per-token and per-row importance-sampling ratios, the entropy bonus, the bias-corrected KL
+    "cispo_entropy_mask_bonus_ratio": ((4, 4), 4, dict(loss_type="cispo", epsilon_high=1.5, top_entropy_quantile=0.5,
+                                                       entropy_coef=0.1), {"old": True, "is_ratio": True,
+                                                                           "short_rank0": True}),
+    "frpo_off_policy_row_ratio_bonus": ((4, 4), [0, 1, 2, 0, 1, 2, 3, 3],
+                                        dict(loss_type="frpo", off_policy_mask_threshold=0.3, entropy_coef=0.05,
+                                             beta=0.1, use_bias_correction_kl=True),
+                                        {"old": True, "is_row": True, "sampling": True}),
+    "sapo_sequence_entropy_mask": ((3, 5), 2, dict(loss_type="sapo", importance_sampling_level="sequence",
+                                                   top_entropy_quantile=0.3), {"old": True, "short_rank0": True}),
+    "fused_dapo_ratio_num_items": ((4, 4), 4, dict(loss_type="dapo", num_items_in_batch=17.0),
+                                   {"fused": True, "old": True, "is_ratio": True}),
+    "fused_vespo_on_policy_ratio": ((4, 4), 4, dict(loss_type="vespo"), {"fused": True, "is_ratio": True}),
     # the compiled CPU kernels (float32): fused on-policy path, and the two-pass path with old_logps
     "cpu_fused_frpo_kl": ((3, 5), [0, 1, 2, 0, 1, 2, 3, 3], dict(loss_type="frpo", beta=0.1, backend="cpu"),
                           {"float32": True, "short_rank0": True}),
@@ -82,6 +96,11 @@ def make_case(name):
         data["old_logps"] = -torch.rand(batch, length, generator=gen, dtype=torch.float64) * 3
     if kwargs.get("beta"):
         data["ref_logps"] = -torch.rand(batch, length, generator=gen, dtype=torch.float64) * 3
+    if opts.get("is_ratio") or opts.get("is_row"):
+        shape = (batch, length if opts.get("is_ratio") else 1)
+        data["importance_sampling_ratio"] = torch.exp(0.3 * torch.randn(shape, generator=gen, dtype=torch.float64))
+    if opts.get("sampling"):
+        data["sampling_logps"] = -torch.rand(batch, length, generator=gen, dtype=torch.float64) * 3
     if isinstance(groups, int):
         data["group_size"] = groups
     else:
@@ -116,7 +135,7 @@ def run_case(name, rows=None, process_group=None, rank=0):
     logits = data["x"][start:stop, :length].to(dtype) @ weight
     logits.retain_grad()
     args = {k: v for k, v in data.items() if k not in ("x", "weight", "ids", "mask")}
-    for key in ("old_logps", "ref_logps"):
+    for key in ("old_logps", "ref_logps", "importance_sampling_ratio", "sampling_logps"):
         if key in args:
             args[key] = args[key][start:stop, :length]
     for key in ("rewards", "advantages", "group_ids"):

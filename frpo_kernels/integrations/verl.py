@@ -85,6 +85,7 @@ import verl
 from verl.trainer.ppo.core_algos import agg_loss, register_adv_est, register_policy_loss
 
 import frpo_kernels
+from frpo_kernels.lam_auto import lam_scale
 
 NAME = "frpo"
 TESTED_VERL_VERSIONS = ("0.9.1",)
@@ -142,10 +143,11 @@ def frpo_row_coefficients(response_mask, rewards, group_ids, *, lam=1.0, jackkni
                                      baseline=baseline, scale_rewards=scale_rewards)
     index = stats.index_of(group_ids)
     valid = mask.sum(-1) > 0
-    log_s = -stats.advantages(rewards, index) / lam  # on-policy: o_j = 1, so s_j = w_j
+    lams = stats.lams[index]  # each row's group's lam, resolved once by group_stats
+    log_s = -stats.advantages(rewards, index) / lams  # on-policy: o_j = 1, so s_j = w_j
     kappa_w = stats.kappa_times_s(log_s, index)      # kappa_j * s_j = kappa_j * w_j
     coefficient = kappa_w - (1 / stats.n[index].clamp_min(1) if baseline else 0)
-    scale = max(lam, 1.0) / max(stats.num_nonempty, 1)
+    scale = lam_scale(stats.lams)[index] / max(stats.num_nonempty, 1)
     return torch.where(valid, coefficient * scale, torch.zeros_like(coefficient))
 
 
