@@ -118,25 +118,33 @@ def independent_loss(trainer, model, inputs):
         # FRPO: a micro-batch's loss is its share of the generation batch (TRL shuffles rows, so groups
         # are split); the trainer reports share * steps_per_generation
         stats, scale, group_ids = trainer._group_stats, cfg.steps_per_generation, inputs["group_ids"]
-    else:
+    elif cfg.steps_per_generation == 1:
         # one process, steps_per_generation 1: micro-batches hold whole groups, and TRL's advantages
         # (scale_rewards="none") are centred within them
         sums = torch.zeros(int(group_ids.max()) + 1).index_add_(0, group_ids, inputs["advantages"].float())
         torch.testing.assert_close(sums, torch.zeros_like(sums), atol=1e-5, rtol=0)
+    # the options TRL reads: GRPOConfig's KL is importance-weighted by default (use_bias_correction_kl=True)
+    options = dict(use_bias_correction_kl=cfg.use_bias_correction_kl) if cfg.beta != 0 else {}
+    if cfg.entropy_coef != 0:  # FRPO's share of the bonus (the trainer applies TRL's coefficient)
+        options["entropy_coef"] = cfg.entropy_coef
+    if cfg.loss_type == "dapo":  # TRL: the generation batch's tokens over its micro-batches (one process)
+        options["num_items_in_batch"] = inputs["num_items_in_batch"] / cfg.steps_per_generation
     return scale * frpo_kernels.loss(
         logits, completion_ids, inputs["completion_mask"], advantages=inputs["advantages"], group_stats=stats,
         group_ids=group_ids, old_logps=inputs.get("old_per_token_logps"),
         ref_logps=inputs.get("ref_per_token_logps"), loss_type=cfg.loss_type, lam=cfg.lam, beta=cfg.beta,
         epsilon_low=cfg.epsilon, epsilon_high=cfg.epsilon_high or cfg.epsilon, delta=cfg.delta,
         jackknife=cfg.jackknife, baseline=cfg.baseline, temperature=cfg.temperature,
-        max_completion_length=cfg.max_completion_length if cfg.loss_type == "dr_grpo" else None)
+        max_completion_length=cfg.max_completion_length if cfg.loss_type == "dr_grpo" else None, **options)
 
 
 @pytest.mark.parametrize("loss_type, overrides", [
     ("frpo", dict(beta=0.05, lam=0.5)),
     ("frpo", dict(gradient_accumulation_steps=2, num_iterations=2, jackknife=False)),  # group_stats shares
+    ("frpo", dict(gradient_accumulation_steps=2, entropy_coef=0.01, beta=0.05)),  # the bonus's share
     ("grpo", dict()),
     ("bnpo", dict(beta=0.05)),
+    ("dapo", dict(gradient_accumulation_steps=2)),  # TRL's num_items_in_batch over the accumulation window
 ])
 def test_trainer_loss_is_frpo_kernels_loss(tiny_model_dir, tmp_path, loss_type, overrides):
     trainer, calls = train(tiny_model_dir, str(tmp_path), loss_type=loss_type, **overrides)
@@ -146,9 +154,11 @@ def test_trainer_loss_is_frpo_kernels_loss(tiny_model_dir, tmp_path, loss_type, 
         assert torch.isfinite(value)
         torch.testing.assert_close(value, expected.to(value.dtype), rtol=1e-5, atol=1e-6)
     logged = trainer.state.log_history[0]
-    assert "policy_loss" in logged and "entropy" in logged
+    assert "entropy" in logged and "clip_ratio/region_mean" in logged
     if loss_type == "frpo":
-        assert "frpo/u_mean" in logged
+        assert "frpo/u_mean" in logged and "policy_loss" in logged
+    else:  # as GRPOTrainer: policy_loss is logged only with an entropy bonus
+        assert "policy_loss" not in logged
 
 
 def test_truncated_completions_are_not_samples(tiny_model_dir, tmp_path):

@@ -1,5 +1,5 @@
 """TRL integration: FRPOTrainer is trl.GRPOTrainer with its loss computed by frpo_kernels.linear_loss()
-from the model's final hidden states and LM head, so FRPO (and the GRPO family) run through this
+from the model's final hidden states and LM head, so FRPO and every GRPOConfig loss run through this
 package's kernels without ever building the [B, T, V] logits.
 
 Tested with trl 1.16.0, transformers 5.24.0, accelerate 1.15.0, torch 2.13.0 (CPU). It overrides
@@ -15,19 +15,29 @@ two GRPOTrainer internals, which TRL may rename between releases:
       big batch (exact on the first pass over it; with num_iterations > 1 later passes reuse the
       statistics of the sampling policy, a first-order approximation).
   _compute_loss  runs the model for its final hidden states of the completion positions and calls
-      frpo_kernels.linear_loss() with the LM head (the logits exist only as tiles of rows), TRL's
-      advantages, the carried group ids, old/ref log-probs, the group statistics (FRPO, training)
-      and, with several processes, process_group=WORLD (groups may span processes; see
-      frpo_kernels.loss for the gradient convention, which matches DDP).
+      frpo_kernels.linear_loss() with the LM head (the logits exist only as tiles of rows).
 
-Differences from GRPOTrainer's own loss: dapo is normalised by the global token count of the
-micro-batch (TRL: of the accumulation window); bnpo by the global token count (TRL: per process);
-the k3-KL is not weighted by TRL's use_bias_correction_kl ratio. Options with no counterpart here
-(entropy masks/bonus, off-policy masks, vLLM importance-sampling correction, MoE aux loss,
-multimodal inputs, the cispo/sapo/vespo/luspo losses) are rejected with an error.
+For every loss type of GRPOTrainer (grpo, bnpo, dr_grpo, dapo, cispo, sapo, luspo, vespo) the value,
+gradients and logged metrics are those of GRPOTrainer._compute_loss (tests/test_trl_parity.py): the
+same options (importance-sampling level, delta, bias-corrected KL, entropy mask and bonus with the
+adaptive controller, off-policy mask, vLLM importance-sampling correction, MoE router aux loss) and
+the same normalisation: each process's own micro-batch (linear_loss without process_group, as TRL's
+loss is per process), divided by the gradient-accumulation steps in training, and for dapo/cispo/vespo
+by TRL's token count num_items_in_batch / num_processes * accumulation steps / steps_per_generation.
+With top_entropy_quantile < 1 on several processes the loss runs over process_group=WORLD, because
+TRL's entropy quantile is over all processes; every process then gets the loss of all processes' rows
+(the same gradient after DDP's average, the same logged mean loss; per-process values differ). That is
+exact for every normaliser but two per-process token means, bnpo's and the entropy bonus's: that
+combination is refused at construction, as is FRPO with top_entropy_quantile < 1 (its micro-batches
+are scored against the generation batch's group_stats, which cannot hold an entropy quantile).
+loss_type="frpo" computes its groups over all processes (process_group=WORLD; see frpo_kernels.loss
+for the gradient convention, which matches DDP) and over the generation batch (group_stats); its
+entropy bonus is then the micro-batch's share of the generation batch's mean entropy.
+Multimodal inputs are refused (the hidden-state path is text-only).
 """
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from dataclasses import dataclass, field
 
@@ -40,15 +50,19 @@ import frpo_kernels
 from frpo_kernels.backends import BACKENDS
 from frpo_kernels.config import LOSS_TYPES, LossConfig
 from frpo_kernels.group_stats import SHARED_OPTIONS
-from frpo_kernels.integrations.hf import completion_hidden_states, logit_scale
+from frpo_kernels.integrations.hf import _unwrapped, completion_hidden_states, logit_scale
 
 TESTED_TRL_VERSIONS = ("1.16.0",)
+# loss types whose sum over tokens TRL divides by a token count of the accumulation window
+TOKEN_SUM_LOSSES = ("dapo", "cispo", "vespo")
+# loss types whose clipped-ratio metrics TRL logs (FRPO logs them too)
+CLIPPED_LOSSES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo", "frpo")
 
 
 @dataclass
 class FRPOConfig(GRPOConfig):
     """GRPOConfig plus FRPO's options. loss_type is one of frpo_kernels' loss types (default "frpo");
-    delta (the two-sided ratio cap) is GRPOConfig's own field."""
+    delta (the two-sided ratio cap) and every other loss option are GRPOConfig's own fields."""
 
     loss_type: str = field(default="frpo", metadata={"help": f"One of {LOSS_TYPES}."})
     # typed str so that HF's argument parser lets --lam auto through; numbers become floats in __post_init__
@@ -58,7 +72,6 @@ class FRPOConfig(GRPOConfig):
     jackknife: bool = field(default=True, metadata={"help": "Jackknife bias correction of log(mean)."})
     baseline: bool = field(default=True, metadata={"help": "Subtract FRPO's baseline offset."})
     kernel_backend: str = field(default="auto", metadata={"help": "frpo_kernels backend."})
-    use_bias_correction_kl: bool = field(default=False, metadata={"help": "Not supported by FRPOTrainer."})
 
     def __post_init__(self):
         super().__post_init__()
@@ -75,14 +88,23 @@ class FRPOConfig(GRPOConfig):
 
     def _check_loss_options(self):
         """The loss options as FRPOTrainer passes them to the loss, checked now rather than after the
-        first generation."""
-        try:
-            LossConfig(loss_type=self.loss_type, lam=self.lam, kl_radius=self.kl_radius, jackknife=self.jackknife,
+        first generation (those LossConfig knows; the loss itself checks the rest on its first call)."""
+        options = dict(loss_type=self.loss_type, lam=self.lam, kl_radius=self.kl_radius, jackknife=self.jackknife,
                        baseline=self.baseline, beta=self.beta, epsilon_low=self.epsilon,
                        epsilon_high=self.epsilon if self.epsilon_high is None else self.epsilon_high,
                        delta=self.delta, importance_sampling_level=self.importance_sampling_level,
                        temperature=self.temperature,
-                       max_completion_length=self.max_completion_length if self.loss_type == "dr_grpo" else None)
+                       max_completion_length=self.max_completion_length if self.loss_type == "dr_grpo" else None,
+                       use_bias_correction_kl=self.use_bias_correction_kl,
+                       sapo_temperature_pos=self.sapo_temperature_pos,
+                       sapo_temperature_neg=self.sapo_temperature_neg, vespo_k_pos=self.vespo_k_pos,
+                       vespo_lambda_pos=self.vespo_lambda_pos, vespo_k_neg=self.vespo_k_neg,
+                       vespo_lambda_neg=self.vespo_lambda_neg, top_entropy_quantile=self.top_entropy_quantile,
+                       off_policy_mask_threshold=self.off_policy_mask_threshold,
+                       entropy_coef=self.entropy_coef)
+        known = {f.name for f in dataclasses.fields(LossConfig)}
+        try:
+            LossConfig(**{k: v for k, v in options.items() if k in known})
         except (ValueError, TypeError) as exc:
             message = str(exc)
             if message.startswith("epsilon_low"):  # GRPOConfig's name for it
@@ -91,7 +113,7 @@ class FRPOConfig(GRPOConfig):
 
 
 class FRPOTrainer(GRPOTrainer):
-    """GRPOTrainer whose loss is frpo_kernels.loss(); use with FRPOConfig (a plain GRPOConfig works
+    """GRPOTrainer whose loss is frpo_kernels.linear_loss(); use with FRPOConfig (a plain GRPOConfig works
     for the GRPO family, with FRPO options at their defaults)."""
 
     _tag_names = ["trl", "frpo", "frpo-kernels"]
@@ -110,21 +132,35 @@ class FRPOTrainer(GRPOTrainer):
                                  backend=getattr(a, "kernel_backend", "auto"))
         if self.loss_type not in LOSS_TYPES:
             raise ValueError(f"FRPOTrainer supports loss_type in {LOSS_TYPES}, got {self.loss_type!r}")
-        unsupported = {
-            "top_entropy_quantile < 1": self.top_entropy_quantile < 1.0,
-            "entropy_coef / use_adaptive_entropy": self._entropy_bonus_enabled,
-            "off_policy_mask_threshold": self.off_policy_mask_threshold is not None,
-            "vllm_importance_sampling_correction": self.use_vllm and self.vllm_importance_sampling_correction,
-            "an MoE router aux loss": self.aux_loss_enabled,
-        }
-        for what, used in unsupported.items():
-            if used:
-                raise ValueError(f"FRPOTrainer does not support {what}")
-        if self.beta != 0 and getattr(a, "use_bias_correction_kl", False):
-            warnings.warn("FRPOTrainer ignores use_bias_correction_kl: its KL term is the plain k3 "
-                          "estimator of frpo_kernels.loss()", stacklevel=2)
+        self._check_entropy_mask_support()
         logit_scale(self.model.config)  # a soft-capped head cannot be scored from hidden states: fail now
         self._group_stats = None
+
+    def _check_entropy_mask_support(self):
+        """The two combinations with no exact counterpart, refused now rather than at the first step."""
+        if self.top_entropy_quantile >= 1.0:
+            return
+        if self.loss_type == "frpo":
+            # FRPO scores micro-batches against the generation batch's group_stats, and the quantile would
+            # have to be the whole generation batch's (frpo_kernels.loss refuses it with group_stats)
+            raise ValueError(f"FRPOTrainer: loss_type='frpo' with top_entropy_quantile={self.top_entropy_quantile} "
+                             "is not supported (the entropy quantile of a generation batch split into "
+                             "micro-batches); use top_entropy_quantile=1.0")
+        if self.accelerator.num_processes > 1 and (self.loss_type == "bnpo" or self._entropy_bonus_enabled):
+            # TRL's entropy quantile is over all processes while this loss is normalised per process: the loss
+            # takes the quantile over process_group, which also makes these two normalisers global
+            what = "loss_type='bnpo' (per-process token mean)" if self.loss_type == "bnpo" else \
+                "the entropy bonus (entropy_coef / use_adaptive_entropy: a per-process token mean)"
+            raise ValueError(f"FRPOTrainer: top_entropy_quantile={self.top_entropy_quantile} on "
+                             f"{self.accelerator.num_processes} processes with {what} is not supported: TRL takes "
+                             "the entropy quantile over all processes and this normaliser per process")
+
+    def _loss_spans_processes(self):
+        """Whether linear_loss gets process_group=WORLD: FRPO's groups span processes; TRL's entropy quantile
+        is over all processes. Otherwise each process computes its own loss, as TRL's does."""
+        return self.accelerator.num_processes > 1 and (self.loss_type == "frpo" or self.top_entropy_quantile < 1.0)
+
+    # ------------------------------------------------------------------ generation: group ids, FRPO's stats
 
     def _generate_and_score_completions(self, inputs):
         output = super()._generate_and_score_completions(inputs)
@@ -146,16 +182,33 @@ class FRPOTrainer(GRPOTrainer):
         return frpo_kernels.group_stats(
             kwargs["completion_mask"], advantages=kwargs["advantages"], group_ids=kwargs["group_ids"],
             logps=old, old_logps=old, process_group=kwargs["process_group"],
-            **{k: kwargs[k] for k in SHARED_OPTIONS if k in kwargs})
+            **{k: kwargs[k] for k in SHARED_OPTIONS + ("importance_sampling_ratio", "sampling_logps") if k in kwargs})
 
-    def completion_hidden_states(self, model, inputs):
+    # ------------------------------------------------------------------ the model: hidden states, not logits
+
+    def completion_hidden_states(self, model, inputs, **forward_kwargs):
         """(hidden [B, T, H], head weight, head bias): hidden[b, t] through the head gives the logits
         predicting inputs["completion_ids"][b, t]; no [B, T, V] logits are built."""
         self._check_text_only(inputs)
         input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
         attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
         with self.accelerator.autocast():
-            return completion_hidden_states(model, input_ids, attention_mask, inputs["completion_ids"].size(1))
+            return completion_hidden_states(model, input_ids, attention_mask, inputs["completion_ids"].size(1),
+                                            **forward_kwargs)
+
+    def _hidden_states_and_aux_loss(self, model, inputs):
+        """completion_hidden_states plus, for an MoE model with the aux loss on, the router load-balancing
+        loss of the same forward (the model's own aux_loss output: load_balancing_loss_func of its router
+        logits under the attention mask, as TRL's fused head computes it)."""
+        if not self.aux_loss_enabled:
+            return (*self.completion_hidden_states(model, inputs), None)
+        outputs = []
+        handle = _unwrapped(model).register_forward_hook(lambda module, args, output: outputs.append(output))
+        try:
+            hidden = self.completion_hidden_states(model, inputs, output_router_logits=True)
+        finally:
+            handle.remove()
+        return (*hidden, outputs[-1].aux_loss)
 
     @staticmethod
     def _check_text_only(inputs):
@@ -175,43 +228,164 @@ class FRPOTrainer(GRPOTrainer):
                            use_cache=False).logits
         return logits[:, -length - 1:-1]
 
+    # ------------------------------------------------------------------ the loss
+
     def frpo_loss_kwargs(self, inputs):
-        """Everything frpo_kernels.loss() gets besides the logits (also used by the tests)."""
+        """Everything frpo_kernels.linear_loss() gets besides the hidden states and head (also used by
+        the tests): TRL's options as GRPOTrainer._compute_loss reads them, only those in use."""
         mask = inputs["completion_mask"]
         if inputs.get("tool_mask") is not None:
             mask = mask * inputs["tool_mask"]
-        process_group = dist.group.WORLD if self.accelerator.num_processes > 1 else None
-        return dict(
+        process_group = dist.group.WORLD if self._loss_spans_processes() else None
+        old = inputs.get("old_per_token_logps")
+        kwargs = dict(
             completion_ids=inputs["completion_ids"], completion_mask=mask, advantages=inputs["advantages"],
-            group_ids=inputs["group_ids"], old_logps=inputs.get("old_per_token_logps"),
+            group_ids=inputs["group_ids"], old_logps=old,
             ref_logps=inputs.get("ref_per_token_logps") if self.beta != 0 else None,
             loss_type=self.loss_type, beta=self.beta, epsilon_low=self.epsilon_low,
             epsilon_high=self.epsilon_high, delta=self.args.delta,
             importance_sampling_level=self.importance_sampling_level, temperature=self.temperature,
             max_completion_length=self.max_completion_length if self.loss_type == "dr_grpo" else None,
             process_group=process_group, **self.frpo_options)
+        a = self.args
+        if self.beta != 0:
+            kwargs["use_bias_correction_kl"] = a.use_bias_correction_kl
+        if self.loss_type == "sapo":
+            kwargs.update(sapo_temperature_pos=a.sapo_temperature_pos, sapo_temperature_neg=a.sapo_temperature_neg)
+        if self.loss_type == "vespo":
+            kwargs.update(vespo_k_pos=a.vespo_k_pos, vespo_lambda_pos=a.vespo_lambda_pos,
+                          vespo_k_neg=a.vespo_k_neg, vespo_lambda_neg=a.vespo_lambda_neg)
+            # TRL's gamma weights read the sampler's ratio whenever the batch has one
+            if inputs.get("importance_sampling_ratio") is not None:
+                kwargs["importance_sampling_ratio"] = inputs["importance_sampling_ratio"]
+        elif self.use_vllm and self.vllm_importance_sampling_correction:
+            kwargs["importance_sampling_ratio"] = inputs["importance_sampling_ratio"]
+        if self.off_policy_mask_threshold is not None:
+            # TRL: the sampler's log-probs, else the old policy's, else (None) the current one's, detached
+            kwargs.update(off_policy_mask_threshold=self.off_policy_mask_threshold,
+                          sampling_logps=inputs.get("sampling_per_token_logps", old))
+        if self.top_entropy_quantile < 1.0:
+            kwargs["top_entropy_quantile"] = self.top_entropy_quantile
+        return kwargs
+
+    def _applied_entropy_coef(self):
+        """The entropy bonus's coefficient of this micro-batch: fixed at the last optimizer step, and with
+        the adaptive controller 0 until the entropy has fallen to entropy_target (TRL's gating)."""
+        if self.use_adaptive_entropy:
+            return self.entropy_coef if self._last_world_entropy <= self.args.entropy_target else 0.0
+        return self.entropy_coef
 
     def _compute_loss(self, model, inputs):
-        hidden, weight, bias = self.completion_hidden_states(model, inputs)
-        kwargs = self.frpo_loss_kwargs(inputs)
         mode = "train" if self.model.training else "eval"
+        # TRL's loss is scaled for gradient accumulation (it sets loss_is_scaled_for_ga)
+        accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1
+        hidden, weight, bias, aux_loss = self._hidden_states_and_aux_loss(model, inputs)
+        kwargs = self.frpo_loss_kwargs(inputs)
+        completion_ids, mask = kwargs.pop("completion_ids"), kwargs.pop("completion_mask")
         stats = self._group_stats if mode == "train" and self.loss_type == "frpo" else None
-        loss, metrics = frpo_kernels.linear_loss(hidden, weight, kwargs.pop("completion_ids"),
-                                                 kwargs.pop("completion_mask"), bias=bias, return_metrics=True,
-                                                 group_stats=stats, **kwargs)
-        # metrics already describe the global batch (process_group gathers them): no further gather
-        for key, value in metrics.items():
-            if key == "frpo/lam_groups":  # one lam per group: log their mean
-                self._metrics[mode]["frpo/lam_mean"].append(float(value.mean()))
-            elif value is not None and key != "num_groups":
-                self._metrics[mode][key].append(float(value))
-        if stats is not None:
-            # a share of the generation batch's loss; the generation batch feeds
-            # steps_per_generation / gradient_accumulation_steps optimizer steps
-            share_to_step = self.args.steps_per_generation / self.current_gradient_accumulation_steps
-            self._metrics[mode]["policy_loss"].append(float(loss.detach()) * self.args.steps_per_generation)
-            return loss * share_to_step
-        self._metrics[mode]["policy_loss"].append(float(loss.detach()))
-        # GRPOTrainer sets loss_is_scaled_for_ga: the trainer scales for gradient accumulation itself
-        return loss / self.current_gradient_accumulation_steps if mode == "train" else loss
+        # FRPO in training: a share of the generation batch's loss, which feeds steps_per_generation /
+        # accumulation optimizer steps. The others: the micro-batch's loss over the accumulation steps.
+        scale = self.args.steps_per_generation / accumulation if stats is not None else 1.0 / accumulation
+        if self.loss_type in TOKEN_SUM_LOSSES:
+            # TRL divides each process's token sum by num_items_in_batch (the generation batch's tokens, all
+            # processes) / num_processes * accumulation / steps_per_generation; the 1 / accumulation is in
+            # `scale`. Over process_group the loss divides the sum over all processes: num_processes times that.
+            count = inputs["num_items_in_batch"].clamp(min=1.0)
+            if kwargs["process_group"] is None:
+                count = count / self.accelerator.num_processes
+            kwargs["num_items_in_batch"] = count / self.args.steps_per_generation if mode == "train" else count
+        coef = self._applied_entropy_coef() if self._entropy_bonus_enabled else None
+        if coef is not None:
+            # TRL subtracts coef * (mean entropy over the bonus's tokens) / accumulation from any loss type.
+            # FRPO's share (group_stats) takes the micro-batch's entropy sum over the generation batch's tokens.
+            kwargs["entropy_coef"] = coef
+        loss, metrics = frpo_kernels.linear_loss(hidden, weight, completion_ids, mask, bias=bias,
+                                                 return_metrics=True, group_stats=stats, **kwargs)
+        if coef is not None or self.loss_type == "frpo":
+            # the policy term alone, as TRL logs it (with the bonus on): before the accumulation scaling, but
+            # for dapo / cispo / vespo, whose token count holds it; FRPO: the generation batch's loss
+            policy = float(loss.detach())
+            if coef is not None:
+                entropy_sum, entropy_count = self._bonus_entropy(metrics)
+                tokens = float(entropy_count) if stats is None else float(stats.size.tokens)
+                policy += coef * float(entropy_sum) / max(tokens, 1.0)
+            if stats is not None:
+                policy *= self.args.steps_per_generation
+            elif self.loss_type in TOKEN_SUM_LOSSES:
+                policy /= accumulation
+            policy = torch.tensor(policy, device=self.accelerator.device)
+            self._metrics[mode]["policy_loss"].append(self.accelerator.gather(policy).nanmean().item())
+        self._log_loss_metrics(mode, metrics, mask, global_metrics=kwargs["process_group"] is not None)
+        if coef is not None and self.use_adaptive_entropy and mode == "train":
+            self._update_entropy_controller(metrics)
+        if coef is not None and mode == "train" and self.accelerator.sync_gradients:
+            self._metrics[mode]["entropy_coef"].append(self.entropy_coef)
+        loss = loss * scale
+        if aux_loss is not None:
+            loss = loss + self.router_aux_loss_coef * aux_loss / accumulation
+            self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss).mean().item())
+        return loss
 
+    # ------------------------------------------------------------------ TRL's metrics and entropy controller
+
+    def _bonus_entropy(self, metrics):
+        """(sum, count) of the entropy over the bonus's tokens (the mask, times the entropy mask)."""
+        return metrics["entropy_bonus/sum"], metrics["entropy_bonus/count"]
+
+    def _update_entropy_controller(self, metrics):
+        """TRL's adaptive entropy coefficient: the window's token-weighted entropy over all processes,
+        compared with entropy_target at each optimizer step, moves entropy_coef by entropy_coef_delta."""
+        stats = torch.stack([torch.as_tensor(x, dtype=torch.float32) for x in self._bonus_entropy(metrics)])
+        stats = stats.to(self.accelerator.device)
+        self._entropy_window_stats = stats if self._entropy_window_stats is None else self._entropy_window_stats + stats
+        if self.accelerator.sync_gradients:
+            window = self.accelerator.reduce(self._entropy_window_stats, reduction="sum")
+            world_entropy = (window[0] / window[1].clamp(min=1.0)).item()
+            a = self.args
+            if world_entropy <= a.entropy_target:
+                self.entropy_coef = min(self.entropy_coef + a.entropy_coef_delta, a.entropy_coef_max)
+            else:
+                self.entropy_coef = max(self.entropy_coef - a.entropy_coef_delta, a.entropy_coef_min)
+            self._last_world_entropy = world_entropy
+            self._entropy_window_stats = None
+
+    def _log_loss_metrics(self, mode, metrics, mask, global_metrics):
+        """The metrics GRPOTrainer logs (FRPO adds its own). The loss's metrics describe this process's
+        rows (global_metrics: all processes' rows, process_group gathered them); TRL's are token- (or, for
+        per-sequence values, row-) weighted means over all processes."""
+        logged = self._metrics[mode]
+        frpo = self.loss_type == "frpo"
+        device = mask.device
+        tokens = mask.sum().float()
+        rows = torch.tensor(float(mask.shape[0]), device=device)
+        per_token = tokens if self.importance_sampling_level == "token" else rows
+
+        def global_mean(value, count):
+            if global_metrics or self.accelerator.num_processes == 1:
+                return float(value)
+            local = torch.as_tensor(value, dtype=torch.float32, device=device)
+            totals = self.accelerator.reduce(torch.stack([local * count, count]), reduction="sum")
+            return (totals[0] / totals[1].clamp(min=1.0)).item()
+
+        if self.beta != 0:
+            logged["kl"].append(global_mean(metrics["kl"], tokens))
+        logged["entropy"].append(global_mean(metrics["entropy"], tokens))
+        if self.loss_type in CLIPPED_LOSSES:
+            for key in ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean"):
+                logged[key].append(global_mean(metrics[key], per_token))
+            for key, pick in (("clip_ratio/low_min", min), ("clip_ratio/high_max", max)):
+                if metrics.get(key) is not None:  # TRL's nanmin / nanmax over every process's rows
+                    local = torch.as_tensor(metrics[key], dtype=torch.float32, device=device).reshape(1)
+                    gathered = local if global_metrics else self.accelerator.gather(local)
+                    values = [v for v in gathered.tolist() if v == v]
+                    logged[key].append(pick(values) if values else float("nan"))
+        elif self.loss_type == "cispo":
+            logged["cispo_clip_ratio"].append(global_mean(metrics["cispo_clip_ratio"], per_token))
+        elif self.loss_type == "vespo":
+            logged["vespo/phi_seq_mean"].append(global_mean(metrics["vespo/phi_seq_mean"], rows))
+        if frpo:
+            for key, value in metrics.items():
+                if key == "frpo/lam_groups":  # one lam per group: log their mean
+                    logged["frpo/lam_mean"].append(float(value.mean()))
+                elif key.startswith("frpo/") and value is not None:
+                    logged[key].append(float(value))
