@@ -1,7 +1,7 @@
 """Builds frpo_kernels._C, the CPU kernels of csrc/ (metadata lives in pyproject.toml).
 
 pip install --no-build-isolation -e .   compiles it against the torch already installed.
-Sources and flags: frpo_kernels/_build.py (shared with CMakeLists.txt and the JIT fallback in cpu.py).
+Sources and flags: frpo_kernels/_build.py (shared with CMakeLists.txt and the JIT fallback in backends/cpu.py).
 """
 import importlib.util
 import os

@@ -38,7 +38,7 @@ def cpu_description():
         pass
     simd = [name for name in ("avx512f", "avx512bw", "avx512_bf16", "avx2", "fma", "neon", "asimd") if name in flags]
     try:
-        from frpo_kernels import cpu
+        from frpo_kernels.backends import cpu
         path = cpu.isa()
     except Exception as exc:  # the backend is unavailable: say so instead of a path
         path = f"unavailable ({exc})"

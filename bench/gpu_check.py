@@ -1,7 +1,7 @@
 """One GPU check of the Triton backend, sized for about 8 minutes on one H100 (bench/gpu_check.sh).
 
 1. numerics: the Triton kernels (forward / backward / fused, in place too) on CUDA tensors against
-   the torch reference (frpo_kernels/reference.py); loss(backend="triton") against
+   the torch reference (frpo_kernels/backends/torch_reference.py); loss(backend="triton") against
    backend="torch"; the hidden-states path (ops/linear_logprobs.py, both autograd paths) against
    the float64 torch truth, with tile boundaries, masks, temperature and entropy.
 2. timings (bf16, V = 151936, N in {8192, 32768}; CUDA events, min of a few runs after a warm-up):
@@ -118,8 +118,8 @@ def timer(torch, device):
 
 # -- numerics ---------------------------------------------------------------------------------------
 def numerics(torch, device, report, smoke):
-    from frpo_kernels import reference
-    from frpo_kernels.triton import ops
+    from frpo_kernels.backends import torch_reference
+    from frpo_kernels.backends.triton import launch
     import frpo_kernels
     from frpo_kernels.ops import linear_logprobs as lin
     from frpo_kernels.ops import tile_policy
@@ -153,21 +153,21 @@ def numerics(torch, device, report, smoke):
             logits = logits.masked_fill(drop, float("-inf")).to(dtype)
             mask = torch.rand(2, 5, generator=gen, device=device) > 0.3
             mask[0, 0] = True
-            for got, want in zip(ops.forward(logits, ids, mask, 0.7, True),
-                                 reference.forward(logits, ids, mask, 0.7, True)):
+            for got, want in zip(launch.forward(logits, ids, mask, 0.7, True),
+                                 torch_reference.forward(logits, ids, mask, 0.7, True)):
                 close(got, want, torch.float32, "forward")
-            _, lse, ent = reference.forward(logits, ids, mask, 0.7, True)
+            _, lse, ent = torch_reference.forward(logits, ids, mask, 0.7, True)
             dlogp, dent = torch.randn(2, 5, device=device), torch.randn(2, 5, device=device)
-            want = reference.backward(logits, ids, mask, lse, dlogp, ent, dent, 0.7)
-            close(ops.backward(logits, ids, mask, lse, dlogp, ent, dent, 0.7), want, dtype, "backward")
+            want = torch_reference.backward(logits, ids, mask, lse, dlogp, ent, dent, 0.7)
+            close(launch.backward(logits, ids, mask, lse, dlogp, ent, dent, 0.7), want, dtype, "backward")
             work = logits.clone()
-            close(ops.backward(work, ids, mask, lse, dlogp, ent, dent, 0.7, inplace=True), want, dtype,
+            close(launch.backward(work, ids, mask, lse, dlogp, ent, dent, 0.7, inplace=True), want, dtype,
                   "backward inplace")
             coef, kl = torch.randn(2, 5, device=device), torch.rand(2, 5, device=device)
-            ref = reference.forward(logits, ids, None, 0.7, False)[0] + 0.2
-            want = reference.fused(logits, ids, mask, 0.7, coef, kl, ref, True)
+            ref = torch_reference.forward(logits, ids, None, 0.7, False)[0] + 0.2
+            want = torch_reference.fused(logits, ids, mask, 0.7, coef, kl, ref, True)
             work = logits.clone()
-            got = ops.fused(work, ids, mask, 0.7, coef, kl, ref, True, inplace=True)
+            got = launch.fused(work, ids, mask, 0.7, coef, kl, ref, True, inplace=True)
             for g, w in zip(got[:3], want[:3]):
                 close(g, w, torch.float32, "fused")
             close(got[3], want[3], dtype, "fused grad")

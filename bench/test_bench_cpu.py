@@ -41,7 +41,7 @@ _compiled = {}
 
 def _auto_isa():
     try:
-        from frpo_kernels import cpu
+        from frpo_kernels.backends import cpu
         return cpu.isa()
     except Exception:
         return None
@@ -121,7 +121,7 @@ def _cases():
 @pytest.mark.parametrize("n,v,dtype,mode,impl", list(_cases()))
 def test_bench(benchmark, request, n, v, dtype, mode, impl):
     if impl in FORCED_ISA:  # process-wide: forward and backward kernels both run the chosen loops
-        from frpo_kernels import cpu
+        from frpo_kernels.backends import cpu
         previous = cpu.isa()
         cpu.set_isa(FORCED_ISA[impl])
         request.addfinalizer(lambda: cpu.set_isa(previous))

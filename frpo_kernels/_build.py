@@ -1,4 +1,4 @@
-"""How csrc/ is compiled, in one place: read by setup.py, the JIT fallback in cpu.py, CMakeLists.txt
+"""How csrc/ is compiled, in one place: read by setup.py, the JIT fallback in backends/cpu.py, CMakeLists.txt
 (which runs this file: `python frpo_kernels/_build.py cmake`), tests/csrc_build.py (the aarch64 cross
 build and the AVX-512-on-SIMDe build) and csrc/bench/mca_loops.py.
 

@@ -43,6 +43,8 @@ class Normaliser:
     divides_by: str
     weights: Callable
     takes_num_items: bool = False  # divides by num_items_in_batch when it is given
+    reads_max_completion_length: bool = False
+    batch_token_mean: bool = False  # divides by the token count of the batch passed (TRL: of each process's)
 
 
 SEQUENCE_MEAN = Normaliser(
@@ -51,10 +53,11 @@ SEQUENCE_MEAN = Normaliser(
 BATCH_TOKENS = Normaliser(
     "the completion tokens of the batch passed (all ranks' with process_group, the whole batch's with "
     "group_stats; TRL: each process's micro-batch)",
-    lambda mask, size, cfg: mask / size.tokens)
+    lambda mask, size, cfg: mask / size.tokens, batch_token_mean=True)
 ROWS_TIMES_LENGTH = Normaliser(
     "rows x max_completion_length (default: T)",
-    lambda mask, size, cfg: mask / (size.rows * (cfg.max_completion_length or size.length)))
+    lambda mask, size, cfg: mask / (size.rows * (cfg.max_completion_length or size.length)),
+    reads_max_completion_length=True)
 SEQUENCE_SUM = Normaliser(
     "the mean over rows of each row's token sum",
     lambda mask, size, cfg: mask / size.rows)
@@ -170,6 +173,10 @@ def frpo_metrics(details, cfg):
     return metrics
 
 
+# metrics of one value per row (the rest are per token at token-level IS): trainers weight them by rows
+PER_ROW_METRICS = ("vespo/phi_seq_mean",)
+
+
 def cispo_metrics(details, cfg):
     """TRL's cispo_clip_ratio: the ratio above epsilon_high where A > 0."""
     return {"cispo_clip_ratio": Metric((details["ratio"] > cfg.epsilon_high) & (details["adv"] > 0))}
@@ -197,6 +204,7 @@ class LossType:
     levels: tuple = IS_LEVELS
     advised_level: str | None = None
     level_advice: str = ""
+    options: tuple = ()            # the keywords only this type reads (TRL's GRPOConfig names)
 
     @property
     def group_coupled(self) -> bool:
@@ -219,14 +227,16 @@ TYPES = {entry.name: entry for entry in (
              advised_level="token", level_advice=_TOKEN_SUM_ADVICE),
     LossType("cispo", ITEMS_IN_BATCH, cispo_surrogate, cispo_metrics, value_reads_logp=True,
              advised_level="token", level_advice=_TOKEN_SUM_ADVICE),
-    LossType("sapo", SEQUENCE_MEAN, sapo_surrogate, no_metrics),
+    LossType("sapo", SEQUENCE_MEAN, sapo_surrogate, no_metrics,
+             options=("sapo_temperature_pos", "sapo_temperature_neg")),
     LossType("luspo", SEQUENCE_SUM, clipped_surrogate, clipped_metrics, token_local=True,
              advised_level="sequence",
              level_advice="LUSPO (a length-scaled GSPO) is defined with importance_sampling_level='sequence'"),
     LossType("vespo", ITEMS_IN_BATCH, vespo_surrogate, vespo_metrics, value_reads_logp=True, ratio_inside=True,
              advised_level="token",
              level_advice="VESPO forms its sequence-level weights itself from the per-token ratios; the level "
-                          "only changes the bias-corrected KL's ratio"),
+                          "only changes the bias-corrected KL's ratio",
+             options=("vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg")),
 )}
 NAMES = tuple(TYPES)
 

@@ -35,6 +35,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import frpo_kernels
+from frpo_kernels.config import LOSS_TYPES
 from python import checkpoint as ckpt
 from python import adapters, evaluation, model_loading, report, tasks
 from python.ranks import Dist, check_in_sync, setup_distributed
@@ -88,7 +89,7 @@ def parse_args(argv=None):
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                    help="where the model runs; under torchrun cuda means cuda:LOCAL_RANK and NCCL")
     g = p.add_argument_group("arms")
-    g.add_argument("--loss", choices=["frpo", "grpo", "bnpo", "dr_grpo", "dapo"],
+    g.add_argument("--loss", choices=LOSS_TYPES,
                    help="run one arm with this loss (default: a GRPO arm and an FRPO arm)")
     g.add_argument("--lam", default="2", help="FRPO lambda: a number > 0, or auto (needs --kl-radius)")
     g.add_argument("--lams", help="comma-separated FRPO lambdas (numbers or auto): one FRPO arm each (plus GRPO "

@@ -2,12 +2,12 @@
 # Creates, once, the virtual environment in which tests/test_triton36.py checks the Triton kernels
 # under triton 3.6, the version the lent GPU machine carries (with torch 2.11, no network): it runs
 # `python bench/gpu_check.py --smoke` (the kernels in triton 3.6's interpreter) and
-# `python -m frpo_kernels.triton.report` (triton 3.6's compiler: sm_80/sm_90 cubins, registers, spills).
+# `python -m frpo_kernels.backends.triton.report` (triton 3.6's compiler: sm_80/sm_90 cubins, registers, spills).
 # What matters is triton's version, not torch's: torch is the same 2.13.0 CPU build as the main
 # environment (installs in seconds). Do not pin torch 2.11 here: its wheel pulls several GB of CUDA
 # libraries (and triton 3.6 itself as a dependency) for nothing a CPU machine can run.
 # frpo_kernels comes from this checkout through PYTHONPATH, unbuilt (the C++ extension is not needed:
-# the triton and torch backends do not use it, and cpu.py falls back when it cannot be loaded).
+# the triton and torch backends do not use it, and backends/cpu.py falls back when it cannot be loaded).
 # Reruns are a no-op while the stamp (Python, pins) matches. FRPO_TRITON36_VENV: where (default
 # .venv-triton36).
 set -euo pipefail

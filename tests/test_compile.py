@@ -1,5 +1,5 @@
 """torch.compile of a function that calls frpo_kernels.loss(): same value and logits gradient as eager,
-on the torch backend now and on the cpu (csrc/) backend once frpo_kernels.cpu registers its ops."""
+on the torch backend now and on the cpu (csrc/) backend once frpo_kernels.backends.cpu registers its ops."""
 from __future__ import annotations
 
 import os
@@ -83,7 +83,7 @@ def _cpu_backend_or_skip():
         if os.environ.get("CI"):
             pytest.fail(f"cpu kernel backend must be built in CI: {exc}")
         pytest.skip(f"cpu kernel backend not available yet ({exc}); this case runs once "
-                    "frpo_kernels.cpu exists and registers its ops with fake kernels")
+                    "frpo_kernels.backends.cpu exists and registers its ops with fake kernels")
 
 
 @pytest.mark.parametrize("name", ["frpo_kl", "grpo_offpolicy"])

@@ -1,6 +1,6 @@
 """Choosing the CPU kernels' instruction set: FRPO_CPU_ISA / cpu.set_isa (auto, avx512, avx2, portable),
 the errors for a name that is unknown or cannot run here, cpu.isa(), every path this CPU runs against
-reference.py (fp32 parity: within 2x torch's own fp32 error), and auto's fallback to torch when the
+torch_reference.py (fp32 parity: within 2x torch's own fp32 error), and auto's fallback to torch when the
 only kernels would be slower than torch eager.
 """
 import os
@@ -11,10 +11,11 @@ import warnings
 import pytest
 import torch
 
-from frpo_kernels import backends, reference
+from frpo_kernels import backends
+from frpo_kernels.backends import torch_reference
 from helpers import expected_isa, runnable_isas
 
-cpu = pytest.importorskip("frpo_kernels.cpu")
+cpu = pytest.importorskip("frpo_kernels.backends.cpu")
 AVAILABLE, WHY = cpu.availability()
 pytestmark = pytest.mark.skipif(not AVAILABLE, reason=f"cpu backend unavailable: {WHY}")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -65,7 +66,7 @@ def _python(code, isa):
 
 
 def test_env_var_chooses_the_path_and_a_typo_is_an_error():
-    code = ("import torch, frpo_kernels; from frpo_kernels import cpu\n"
+    code = ("import torch, frpo_kernels; from frpo_kernels.backends import cpu\n"
             "frpo_kernels.token_logprobs(torch.randn(1, 2, 9), torch.zeros(1, 2, dtype=torch.long))\n"
             "print('isa', cpu.isa())")
     ok = _python(code, "portable")
@@ -104,7 +105,7 @@ def test_every_path_matches_the_reference(isa, dtype, restore_isa):
     z = logits.double()
     dlogp, dent, coef, kl = (torch.randn(2, 3, generator=gen) for _ in range(4))
     logp, lse, ent = cpu.forward(logits, ids, mask, 0.8, True)
-    want = reference.forward(z, ids, mask, 0.8, True)
+    want = torch_reference.forward(z, ids, mask, 0.8, True)
     for got, w in zip((logp, lse, ent), want):
         assert torch.allclose(got.double(), w, rtol=1e-5, atol=1e-5)
     grad_rtol = {torch.float32: 1e-5, torch.bfloat16: 8e-3, torch.float16: 1e-3}[dtype]
@@ -115,10 +116,10 @@ def test_every_path_matches_the_reference(isa, dtype, restore_isa):
             f"max err {(got.double() - want).abs().max().item():.3e}")
 
     close(cpu.backward(logits, ids, mask, lse, dlogp, ent, dent, 0.8),
-          reference.backward(z, ids, mask, want[1], dlogp.double(), want[2], dent.double(), 0.8))
+          torch_reference.backward(z, ids, mask, want[1], dlogp.double(), want[2], dent.double(), 0.8))
     ref = (logp + 0.1).double()
     fused = cpu.fused(logits, ids, mask, 0.8, coef, kl.abs(), ref.float(), False)
-    close(fused[3], reference.fused(z, ids, mask, 0.8, coef.double(), kl.abs().double(), ref, False)[3])
+    close(fused[3], torch_reference.fused(z, ids, mask, 0.8, coef.double(), kl.abs().double(), ref, False)[3])
 
 
 @pytest.mark.parametrize("isa", runnable_isas())
@@ -128,8 +129,8 @@ def test_fp32_parity_within_twice_torch_error(isa, scale, vocab, restore_isa):
     gen = torch.Generator().manual_seed(vocab)
     logits = torch.randn(2, 8, vocab, generator=gen) * scale
     ids = torch.randint(0, vocab, (2, 8), generator=gen)
-    exact = reference.forward(logits.double(), ids, None, 1.0, False)
-    torch_fp32 = reference.forward(logits, ids, None, 1.0, False)
+    exact = torch_reference.forward(logits.double(), ids, None, 1.0, False)
+    torch_fp32 = torch_reference.forward(logits, ids, None, 1.0, False)
     ours = cpu.forward(logits, ids, None, 1.0, False)
     for name, k in (("logp", 0), ("lse", 1)):
         err = (ours[k].double() - exact[k]).abs().max().item()

@@ -1,5 +1,5 @@
-"""The C++ CPU backend (frpo_kernels.cpu, csrc/) against reference.py: forward, backward (with and
-without the entropy term), fused (with and without k3-KL), in place; dtypes, strides, -inf, masks,
+"""The C++ CPU backend (frpo_kernels.backends.cpu, csrc/) against torch_reference.py: forward, backward
+(with and without the entropy term), fused (with and without k3-KL), in place; dtypes, strides, -inf, masks,
 temperature; a hypothesis sweep; bad inputs; opcheck; and loss(backend="cpu") end to end.
 
 Tolerances: fp32 outputs within 1e-5 relative of the float64 reference (plus 1e-5 nats absolute for
@@ -15,10 +15,11 @@ import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import frpo_kernels
-from frpo_kernels import backends, reference
+from frpo_kernels import backends
+from frpo_kernels.backends import torch_reference
 from helpers import expected_isa, make_batch, require_cpu_kernels, rerun_under_isa, runnable_isas
 
-cpu = pytest.importorskip("frpo_kernels.cpu")
+cpu = pytest.importorskip("frpo_kernels.backends.cpu")
 AVAILABLE, WHY = cpu.availability()
 needs_cpu = pytest.mark.skipif(not AVAILABLE, reason=f"cpu backend unavailable: {WHY}")
 OPS = torch.ops.frpo_kernels if AVAILABLE else None
@@ -115,24 +116,24 @@ def test_forward_backward_fused_match_reference(dtype, vocab, pad, ninf, tempera
 
     for with_entropy in (False, True):
         got = cpu.forward(logits, ids, mask, temperature, with_entropy)
-        want = reference.forward(z, ids, mask, temperature, with_entropy)
+        want = torch_reference.forward(z, ids, mask, temperature, with_entropy)
         _check_tokens(got, want)
 
     logp, lse, ent = cpu.forward(logits, ids, mask, temperature, True)
-    _, lse64, ent64 = reference.forward(z, ids, mask, temperature, True)
+    _, lse64, ent64 = torch_reference.forward(z, ids, mask, temperature, True)
     for entropy_term in (False, True):
         e, de = (ent, dent) if entropy_term else (None, None)
         e64, de64 = (ent64, dent.double()) if entropy_term else (None, None)
         got = cpu.backward(logits, ids, mask, lse, dlogp, e, de, temperature)
-        want = reference.backward(z, ids, mask, lse64, dlogp.double(), e64, de64, temperature)
+        want = torch_reference.backward(z, ids, mask, lse64, dlogp.double(), e64, de64, temperature)
         _check_grad(got, want, dtype)
 
     ref_logps = (logp + 0.2 * torch.randn(2, 3, generator=gen)).double()
     for with_kl in (False, True):
         klc, ref = (kl, ref_logps.float()) if with_kl else (None, None)
         got = cpu.fused(logits, ids, mask, temperature, coef, klc, ref, True)
-        want = reference.fused(z, ids, mask, temperature, coef.double(), None if klc is None else kl.double(),
-                               None if ref is None else ref.double(), True)
+        want = torch_reference.fused(z, ids, mask, temperature, coef.double(),
+                                     None if klc is None else kl.double(), None if ref is None else ref.double(), True)
         _check_tokens(got[:3], want[:3])
         _check_grad(got[3], want[3], dtype)
 
@@ -172,7 +173,7 @@ def test_masked_rows_all_inf_and_zero_gradient():
         assert torch.isfinite(t).all()
     assert logp[1, 2] == 0 and lse[1, 2] == 0 and ent[1, 2] == 0 and (grad[1, 2] == 0).all()
     assert (grad[0, 1, :40] == 0).all()
-    want = reference.fused(logits.double(), ids, mask, 1.0, torch.ones(2, 3).double(), None, None, True)
+    want = torch_reference.fused(logits.double(), ids, mask, 1.0, torch.ones(2, 3).double(), None, None, True)
     _check_tokens((logp, lse, ent), want[:3])
     _check_grad(grad, want[3], torch.float32)
 
@@ -190,7 +191,7 @@ def test_masked_rows_may_hold_out_of_range_ids():
 def test_large_vocab_multi_chunk_and_many_rows_parallel():
     logits = _logits(4, 33, 20011, torch.float32, seed=11, scale=8.0)
     ids = _ids(logits, 11)
-    want = reference.forward(_ref64(logits), ids, None, 1.0, True)
+    want = torch_reference.forward(_ref64(logits), ids, None, 1.0, True)
     _check_tokens(cpu.forward(logits, ids, None, 1.0, True), want)
 
 
@@ -221,20 +222,21 @@ def test_hypothesis_against_reference(problem):
     gen = torch.Generator().manual_seed(seed)
     d1, d2 = torch.randn(batch, length, generator=gen), torch.randn(batch, length, generator=gen)
     if mode == "forward":
-        _check_tokens(cpu.forward(logits, ids, mask, temperature, True), reference.forward(z, ids, mask, temperature, True))
+        _check_tokens(cpu.forward(logits, ids, mask, temperature, True),
+                      torch_reference.forward(z, ids, mask, temperature, True))
     elif mode.startswith("backward"):
         _, lse, ent = cpu.forward(logits, ids, mask, temperature, True)
-        _, lse64, ent64 = reference.forward(z, ids, mask, temperature, True)
+        _, lse64, ent64 = torch_reference.forward(z, ids, mask, temperature, True)
         e = mode == "backward_entropy"
         got = cpu.backward(logits, ids, mask, lse, d1, ent if e else None, d2 if e else None, temperature)
-        want = reference.backward(z, ids, mask, lse64, d1.double(), ent64 if e else None,
-                                  d2.double() if e else None, temperature)
+        want = torch_reference.backward(z, ids, mask, lse64, d1.double(), ent64 if e else None,
+                                        d2.double() if e else None, temperature)
         _check_grad(got, want, dtype, (d1.abs().max() + d2.abs().max()).item() / temperature)
     else:
         kl = mode == "fused_kl"
-        ref = reference.forward(z, ids, mask, temperature, False)[0] + 0.1 * d2.double()
-        want = reference.fused(z, ids, mask, temperature, d1.double(), d2.abs().double() if kl else None,
-                               ref if kl else None, False)
+        ref = torch_reference.forward(z, ids, mask, temperature, False)[0] + 0.1 * d2.double()
+        want = torch_reference.fused(z, ids, mask, temperature, d1.double(), d2.abs().double() if kl else None,
+                                     ref if kl else None, False)
         target = logits.clone() if mode == "fused_inplace" else logits
         got = cpu.fused(target, ids, mask, temperature, d1, d2.abs() if kl else None, ref.float() if kl else None,
                         False, inplace=mode == "fused_inplace")

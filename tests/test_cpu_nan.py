@@ -1,4 +1,4 @@
-"""Non-finite logits through the C++ CPU kernels (frpo_kernels.cpu) against reference.py: NaN and +-inf
+"""Non-finite logits through the C++ CPU kernels (backends/cpu.py) against torch_reference.py: NaN and +-inf
 at the target, elsewhere, first, last, in the tail past the last full vector, in a chunk of -inf; for
 forward, backward (with and without the entropy term), fused (with and without k3-KL), in place; every
 dtype and every ISA this CPU runs. The NaN / inf pattern of every output must equal the reference's
@@ -8,10 +8,10 @@ exactly (a NaN anywhere in a row makes the row's logp, lse, entropy and gradient
 import pytest
 import torch
 
-from frpo_kernels import reference
+from frpo_kernels.backends import torch_reference
 from helpers import runnable_isas
 
-cpu = pytest.importorskip("frpo_kernels.cpu")
+cpu = pytest.importorskip("frpo_kernels.backends.cpu")
 AVAILABLE, WHY = cpu.availability()
 pytestmark = pytest.mark.skipif(not AVAILABLE, reason=f"cpu backend unavailable: {WHY}")
 
@@ -134,7 +134,7 @@ def test_forward_nonfinite_matches_reference(isa, dtype, vocab):
     z = logits.double()
     for with_entropy in (False, True):
         got = cpu.forward(logits, ids, mask, TEMPERATURE, with_entropy)
-        want = reference.forward(z, ids, mask, TEMPERATURE, with_entropy)
+        want = torch_reference.forward(z, ids, mask, TEMPERATURE, with_entropy)
         _check_tokens(got, want, names)
 
 
@@ -145,9 +145,10 @@ def test_forward_nonfinite_matches_reference(isa, dtype, vocab):
 def test_backward_nonfinite_matches_reference(isa, dtype, vocab, entropy_term, inplace):
     logits, ids, mask, names, (dlogp, dent, _, _) = _problem(vocab, dtype, seed=1)
     z = logits.double()
-    _, lse, ent = reference.forward(z, ids, mask, TEMPERATURE, True)  # lse = inf / NaN where the reference has it
+    _, lse, ent = torch_reference.forward(z, ids, mask, TEMPERATURE, True)  # lse = inf / NaN where the spec has it
     e, de = (ent, dent) if entropy_term else (None, None)
-    want = reference.backward(z, ids, mask, lse, dlogp.double(), e, None if de is None else de.double(), TEMPERATURE)
+    want = torch_reference.backward(z, ids, mask, lse, dlogp.double(), e, None if de is None else de.double(),
+                                    TEMPERATURE)
     target = logits.clone() if inplace else logits
     got = cpu.backward(target, ids, mask, lse.float(), dlogp, None if e is None else e.float(), de, TEMPERATURE,
                        inplace=inplace)
@@ -163,8 +164,8 @@ def test_fused_nonfinite_matches_reference(isa, dtype, vocab, with_kl, inplace):
     z = logits.double()
     kl = kl.abs() if with_kl else None
     ref = -3.0 + 0.1 * ref_shift if with_kl else None
-    want = reference.fused(z, ids, mask, TEMPERATURE, coef.double(), None if kl is None else kl.double(),
-                           None if ref is None else ref.double(), True)
+    want = torch_reference.fused(z, ids, mask, TEMPERATURE, coef.double(), None if kl is None else kl.double(),
+                                 None if ref is None else ref.double(), True)
     target = logits.clone() if inplace else logits
     got = cpu.fused(target, ids, mask, TEMPERATURE, coef, kl, ref, True, inplace=inplace)
     _check_tokens(got[:3], want[:3], names)

@@ -13,7 +13,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import frpo_kernels
-from frpo_kernels import backends, reference
+from frpo_kernels import backends
+from frpo_kernels.backends import torch_reference
 
 loss_module = importlib.import_module("frpo_kernels.loss")  # the module, not the loss() function
 
@@ -115,7 +116,7 @@ def fused_reference(enabled):
         yield
         return
     saved = loss_module.resolve, backends._module
-    loss_module.resolve, backends._module = (lambda backend, logits: "cpu"), (lambda name: reference)
+    loss_module.resolve, backends._module = (lambda backend, logits: "cpu"), (lambda name: torch_reference)
     try:
         yield
     finally:

@@ -1,10 +1,10 @@
-"""The entropy gradient in the kernels: the fused contract's entropy_coef (reference.fused), which adds
+"""The entropy gradient in the kernels: the fused contract's entropy_coef (torch_reference.fused), which adds
 -entropy_coef * p * (log p + H) / T to the gradient in the same pass, and the two-pass path's entropy
 output, whose gradient is the same term.
 
-- float64: reference.fused against autograd of the plain formula loss = sum(coef * logp) + sum(ecoef * H);
+- float64: torch_reference.fused against autograd of the plain formula loss = sum(coef * logp) + sum(ecoef * H);
 - every kernel backend (cpu on each ISA this CPU runs, triton in its interpreter), fp32 and bf16, against
-  reference.fused in float64 on the same rounded logits: masked rows, temperature != 1, -inf logits (p = 0:
+  torch_reference.fused in float64 on the same rounded logits: masked rows, temperature != 1, -inf logits (p = 0:
   no NaN), KL and the ratio gate alongside, in place, rows longer than one CPU chunk;
 - the entry points: LogitsSource.fused / HiddenSource.fused (hidden, weight and bias gradients, tiles of a
   few rows) and two_pass(with_entropy=True) of both sources, against autograd of the plain formula.
@@ -14,7 +14,8 @@ import os
 import pytest
 import torch
 
-from frpo_kernels import backends, reference
+from frpo_kernels import backends
+from frpo_kernels.backends import torch_reference
 from frpo_kernels.logprob_sources import HiddenSource, LogitsSource
 from frpo_kernels.ops import tile_policy
 from helpers import INTERPRETED, rerun_under_interpreter, rerun_under_isa, runnable_isas, use_backend
@@ -64,8 +65,8 @@ def plain_grad(logits, ids, mask, temperature, coef, ecoef):
 def test_reference_fused_is_the_gradient_of_the_plain_formula(temperature, ninf, masked):
     logits, ids, mask, coef, ecoef = make_logits(3, 4, 29, seed=1, ninf=ninf)
     mask = mask if masked else None
-    logp, _, entropy, grad = reference.fused(logits, ids, mask, temperature, coef, None, None, False,
-                                             entropy_coef=ecoef)
+    logp, _, entropy, grad = torch_reference.fused(logits, ids, mask, temperature, coef, None, None, False,
+                                                   entropy_coef=ecoef)
     want_logp, want_entropy, want_grad = plain_grad(logits, ids, mask, temperature, coef, ecoef)
     live = mask if mask is not None else torch.ones_like(ids, dtype=torch.bool)
     assert entropy is not None  # computed for the entropy term even though with_entropy=False
@@ -83,17 +84,17 @@ def test_reference_fused_entropy_term_is_backwards_dentropy_term():
     gen = torch.Generator().manual_seed(3)
     kl, ref, old = (torch.randn(3, 4, generator=gen, dtype=torch.float64) for _ in range(3))
     lo, hi = torch.full((3, 4), -0.5, dtype=torch.float64), torch.full((3, 4), 0.5, dtype=torch.float64)
-    logp, lse, entropy, grad = reference.fused(logits, ids, mask, 0.8, coef, kl, ref - 3, True, False, old - 3,
-                                               lo, hi, entropy_coef=ecoef)
-    dlogp = reference.token_loss_gradient(logp, coef, kl, ref - 3, old - 3, lo, hi)
-    want = reference.backward(logits, ids, mask, lse, dlogp, entropy, ecoef, 0.8)
+    logp, lse, entropy, grad = torch_reference.fused(logits, ids, mask, 0.8, coef, kl, ref - 3, True, False,
+                                                     old - 3, lo, hi, entropy_coef=ecoef)
+    dlogp = torch_reference.token_loss_gradient(logp, coef, kl, ref - 3, old - 3, lo, hi)
+    want = torch_reference.backward(logits, ids, mask, lse, dlogp, entropy, ecoef, 0.8)
     assert torch.equal(grad, want)
-    without = reference.fused(logits, ids, mask, 0.8, coef, kl, ref - 3, True, False, old - 3, lo, hi)[3]
+    without = torch_reference.fused(logits, ids, mask, 0.8, coef, kl, ref - 3, True, False, old - 3, lo, hi)[3]
     assert not torch.allclose(grad, without)
 
 
 # ---------------------------------------------------------------------------------------------
-# every kernel backend against reference.fused
+# every kernel backend against torch_reference.fused
 def assert_close(got, want, rtol, atol, what):
     got, want = got.double(), want.double()
     assert torch.equal(torch.isnan(got), torch.isnan(want)), f"{what}: NaN pattern"
@@ -137,8 +138,8 @@ def test_kernel_fused_with_entropy_coef_matches_reference(backend, dtype, batch,
 
     def as64(t):
         return None if t is None else t.double()
-    want = reference.fused(logits.double(), ids, mask, temperature, as64(coef), as64(kl), as64(ref), False, False,
-                           *map(as64, gate), entropy_coef=as64(ecoef))
+    want = torch_reference.fused(logits.double(), ids, mask, temperature, as64(coef), as64(kl), as64(ref), False,
+                                 False, *map(as64, gate), entropy_coef=as64(ecoef))
     work = logits.clone()
     logp, lse, entropy, grad = backends.kernels(backend).fused(work, ids, mask, temperature, coef, kl, ref, False,
                                                                inplace, *gate, entropy_coef=ecoef)
@@ -183,8 +184,8 @@ def test_cpu_nonfinite_rows_with_entropy_coef_as_reference(dtype):
     logits[0, 2, 3000] = float("inf")
     logits[1, 3, 5] = float("nan")  # masked: never read
     coef, ecoef = coef.float(), ecoef.float()
-    want = reference.fused(logits.double(), ids, mask, 0.9, coef.double(), None, None, True,
-                           entropy_coef=ecoef.double())
+    want = torch_reference.fused(logits.double(), ids, mask, 0.9, coef.double(), None, None, True,
+                                 entropy_coef=ecoef.double())
     got = backends.kernels("cpu").fused(logits, ids, mask, 0.9, coef, None, None, True, entropy_coef=ecoef)
     for name, g, w in zip(("logp", "lse", "entropy"), got[:3], want[:3]):
         assert_close(g, w, 1e-5, 1e-5, name)

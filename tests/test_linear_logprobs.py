@@ -418,8 +418,8 @@ triton_interpreted_only = pytest.mark.skipif(
 @triton_interpreted_only
 @pytest.mark.parametrize("dtype,bf16_mode", BF16_MODES)
 def test_triton_interp_matches_float64_truth(monkeypatch, dtype, bf16_mode):
-    from frpo_kernels.triton import ops
-    assert ops.triton_interpreted()
+    from frpo_kernels.backends.triton import launch
+    assert launch.triton_interpreted()
     compare_kernels_to_truth("triton", dtype, bf16_mode, "n_2tile_plus_1", shapes=(3, 3, 8, 45),
                              monkeypatch=monkeypatch)
 

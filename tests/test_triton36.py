@@ -3,7 +3,7 @@ network), as well as under the main environment's triton: in triton 3.6's own vi
 (scripts/triton36_env.sh, which scripts/setup.sh --tests runs; frpo_kernels from this checkout,
 unbuilt extension not needed), `python bench/gpu_check.py --smoke` passes (the kernels, loss() and
 the hidden-states path in triton 3.6's interpreter, and the whole script's flow), and
-`python -m frpo_kernels.triton.report` compiles every specialisation with triton 3.6's compiler for
+`python -m frpo_kernels.backends.triton.report` compiles every specialisation with triton 3.6's compiler for
 sm_80/sm_90 with no register spill.
 
 The two runs start together (they take about 2 minutes each on one core; the report's compiles
@@ -80,7 +80,7 @@ def runs():
         f"{venv_dir()} has triton {version.stdout.strip()}, not {TRITON_VERSION}: rerun scripts/triton36_env.sh"
     started = {
         "smoke": Run(["bench/gpu_check.py", "--smoke"], TRITON_INTERPRET="1"),
-        "report": Run(["-m", "frpo_kernels.triton.report", "--json"], TRITON_INTERPRET="0"),
+        "report": Run(["-m", "frpo_kernels.backends.triton.report", "--json"], TRITON_INTERPRET="0"),
     }
     yield started
     for run in started.values():
@@ -99,7 +99,7 @@ def test_report_under_triton36_has_no_spills(runs):
     code, out, err, seconds = runs["report"].wait()
     assert code == 0, err[-6000:]
     table = json.loads(out)
-    from frpo_kernels.triton import aot
+    from frpo_kernels.backends.triton import aot
     assert len(table) == len(aot.specialisations())
     spilled = [f"{r['kernel']}/{r['dtype']}/{r['config']}/{r['target']}"
                f"{'' if r['aligned'] else ',unaligned'}{',i64' if r['int64_strides'] else ''}: "

@@ -10,8 +10,8 @@ import torch
 
 pytest.importorskip("triton")
 
-from frpo_kernels.triton import aot  # noqa: E402
-from frpo_kernels.triton.configs import CONFIGS, select_config  # noqa: E402
+from frpo_kernels.backends.triton import aot  # noqa: E402
+from frpo_kernels.backends.triton.configs import CONFIGS, select_config  # noqa: E402
 
 
 @pytest.fixture(scope="module")

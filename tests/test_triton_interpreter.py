@@ -1,4 +1,4 @@
-"""The Triton kernels run by Triton's interpreter on CPU tensors, against frpo_kernels/reference.py:
+"""The Triton kernels run by Triton's interpreter on CPU tensors, against frpo_kernels/backends/torch_reference.py:
 values and gradients for fp32/bf16, masks, -inf, odd V, strides, temperature, entropy, in-place;
 and frpo_kernels.loss(backend="triton") against backend="torch" on the fused and two-phase paths.
 
@@ -14,12 +14,12 @@ pytest.importorskip("triton")
 pytest.importorskip("hypothesis")
 
 import frpo_kernels  # noqa: E402
-from frpo_kernels import reference  # noqa: E402
-from frpo_kernels.triton import ops  # noqa: E402
+from frpo_kernels.backends import torch_reference  # noqa: E402
+from frpo_kernels.backends.triton import launch  # noqa: E402
 from helpers import make_batch, rerun_under_interpreter  # noqa: E402
 from hypothesis import given, settings, strategies as st  # noqa: E402
 
-INTERPRETED = ops.triton_interpreted()
+INTERPRETED = launch.triton_interpreted()
 interpreted_only = pytest.mark.skipif(
     not INTERPRETED, reason="runs in test_interpreter_suite's subprocess (TRITON_INTERPRET=1)")
 
@@ -75,14 +75,14 @@ DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, i
 @pytest.mark.parametrize("vocab", CASES)
 def test_forward(vocab, dtype):
     logits, ids, mask = make_inputs(2, 5, vocab, dtype, seed=vocab, strided=vocab != 300)
-    got = ops.forward(logits, ids, mask, 0.7, True)
-    want = reference.forward(logits, ids, mask, 0.7, True)
+    got = launch.forward(logits, ids, mask, 0.7, True)
+    want = torch_reference.forward(logits, ids, mask, 0.7, True)
     for g, w in zip(got, want):
         assert_close(g, w)
     assert (got[0][~mask] == 0).all() and (got[2][~mask] == 0).all()
-    logp, lse, entropy = ops.forward(logits, ids, None, 1.0, False)
+    logp, lse, entropy = launch.forward(logits, ids, None, 1.0, False)
     assert entropy is None
-    assert_close(logp, reference.forward(logits, ids, None, 1.0, False)[0])
+    assert_close(logp, torch_reference.forward(logits, ids, None, 1.0, False)[0])
 
 
 @interpreted_only
@@ -92,13 +92,13 @@ def test_forward(vocab, dtype):
 def test_backward(vocab, dtype, with_entropy):
     logits, ids, mask = make_inputs(2, 4, vocab, dtype, seed=vocab + 1, strided=vocab == 37)
     temperature = 1.3
-    _, lse, entropy = reference.forward(logits, ids, mask, temperature, True)
+    _, lse, entropy = torch_reference.forward(logits, ids, mask, temperature, True)
     gen = torch.Generator().manual_seed(5)
     dlogp = torch.randn(2, 4, generator=gen)
     dentropy = torch.randn(2, 4, generator=gen) if with_entropy else None
     entropy = entropy if with_entropy else None
-    want = reference.backward(logits, ids, mask, lse, dlogp, entropy, dentropy, temperature)
-    got = ops.backward(logits, ids, mask, lse, dlogp, entropy, dentropy, temperature)
+    want = torch_reference.backward(logits, ids, mask, lse, dlogp, entropy, dentropy, temperature)
+    got = launch.backward(logits, ids, mask, lse, dlogp, entropy, dentropy, temperature)
     assert got.is_contiguous()
     assert_close(got, want, dtype)
     assert (got[~mask] == 0).all()
@@ -112,11 +112,11 @@ def test_fused(vocab, dtype, with_kl):
     logits, ids, mask = make_inputs(3, 3, vocab, dtype, seed=vocab + 2, strided=vocab == 2500)
     gen = torch.Generator().manual_seed(6)
     coef = torch.randn(3, 3, generator=gen)
-    logp_true = reference.forward(logits, ids, None, 0.8, False)[0]
+    logp_true = torch_reference.forward(logits, ids, None, 0.8, False)[0]
     kl_coef = torch.rand(3, 3, generator=gen) if with_kl else None
     ref = logp_true + 0.3 * torch.randn(3, 3, generator=gen) if with_kl else None
-    want = reference.fused(logits, ids, mask, 0.8, coef, kl_coef, ref, True)
-    got = ops.fused(logits, ids, mask, 0.8, coef, kl_coef, ref, True)
+    want = torch_reference.fused(logits, ids, mask, 0.8, coef, kl_coef, ref, True)
+    got = launch.fused(logits, ids, mask, 0.8, coef, kl_coef, ref, True)
     for g, w in zip(got[:3], want[:3]):
         assert_close(g, w)
     assert_close(got[3], want[3], dtype)
@@ -127,19 +127,19 @@ def test_fused(vocab, dtype, with_kl):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_inplace_writes_into_the_logits_storage(dtype):
     logits, ids, mask = make_inputs(2, 3, 300, dtype, seed=9, strided=True)
-    _, lse, entropy = reference.forward(logits, ids, mask, 1.0, True)
+    _, lse, entropy = torch_reference.forward(logits, ids, mask, 1.0, True)
     dlogp, dentropy = torch.randn(2, 3), torch.randn(2, 3)
-    want = reference.backward(logits, ids, mask, lse, dlogp, entropy, dentropy, 1.0)
+    want = torch_reference.backward(logits, ids, mask, lse, dlogp, entropy, dentropy, 1.0)
     # A non-contiguous [B, T, V] (time-major storage): the gradient keeps the logits' strides.
     work = torch.empty_like(logits.transpose(0, 1)).transpose(0, 1).copy_(logits)
-    got = ops.backward(work, ids, mask, lse, dlogp, entropy, dentropy, 1.0, inplace=True)
+    got = launch.backward(work, ids, mask, lse, dlogp, entropy, dentropy, 1.0, inplace=True)
     assert got.data_ptr() == work.data_ptr() and got.stride() == work.stride()
     assert_close(got, want, dtype)
 
     coef = torch.randn(2, 3)
-    want_fused = reference.fused(logits, ids, mask, 1.0, coef, None, None, False)
+    want_fused = torch_reference.fused(logits, ids, mask, 1.0, coef, None, None, False)
     work = logits.clone()
-    got_fused = ops.fused(work, ids, mask, 1.0, coef, None, None, False, inplace=True)
+    got_fused = launch.fused(work, ids, mask, 1.0, coef, None, None, False, inplace=True)
     assert got_fused[3].data_ptr() == work.data_ptr()
     assert_close(got_fused[0], want_fused[0])
     assert_close(got_fused[3], want_fused[3], dtype)
@@ -151,13 +151,13 @@ def test_large_vocab_many_tiles_bf16():
     vocab = 262_147
     logits, ids, mask = make_inputs(1, 2, vocab, torch.bfloat16, seed=1, neg_inf=False, mask=False)
     logits[0, 1, -1] = 40.0  # the max sits in the tail tile
-    got = ops.forward(logits, ids, None, 1.0, True)
-    want = reference.forward(logits, ids, None, 1.0, True)
+    got = launch.forward(logits, ids, None, 1.0, True)
+    want = torch_reference.forward(logits, ids, None, 1.0, True)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=5e-5)
     coef = torch.tensor([[0.5, -1.0]])
-    got_grad = ops.fused(logits, ids, None, 1.0, coef, None, None, False)[3]
-    assert_close(got_grad, reference.fused(logits, ids, None, 1.0, coef, None, None, False)[3],
+    got_grad = launch.fused(logits, ids, None, 1.0, coef, None, None, False)[3]
+    assert_close(got_grad, torch_reference.fused(logits, ids, None, 1.0, coef, None, None, False)[3],
                  torch.bfloat16)
 
 
@@ -167,10 +167,10 @@ def test_all_masked_and_all_but_target_neg_inf():
     logits[0, 1] = float("-inf")
     logits[0, 1, ids[0, 1]] = 2.0  # softmax is one-hot: logp = 0, entropy = 0, grad = 0
     mask = torch.tensor([[True, True], [False, False]])
-    logp, lse, entropy = ops.forward(logits, ids, mask, 1.0, True)
+    logp, lse, entropy = launch.forward(logits, ids, mask, 1.0, True)
     assert logp[0, 1] == 0 and entropy[0, 1] == 0 and lse[0, 1] == 2.0
     assert (logp[1] == 0).all() and (lse[1] == 0).all() and (entropy[1] == 0).all()
-    grad = ops.backward(logits, ids, mask, lse, torch.ones(2, 2), entropy, torch.ones(2, 2), 1.0)
+    grad = launch.backward(logits, ids, mask, lse, torch.ones(2, 2), entropy, torch.ones(2, 2), 1.0)
     assert not torch.isnan(grad).any() and (grad[1] == 0).all() and (grad[0, 1] == 0).all()
 
 
@@ -181,14 +181,14 @@ def test_all_masked_and_all_but_target_neg_inf():
 def test_forward_backward_random_shapes(batch, length, vocab, temperature, bf16, seed):
     dtype = torch.bfloat16 if bf16 else torch.float32
     logits, ids, mask = make_inputs(batch, length, vocab, dtype, seed=seed, strided=seed % 2 == 0)
-    got = ops.forward(logits, ids, mask, temperature, True)
-    want = reference.forward(logits, ids, mask, temperature, True)
+    got = launch.forward(logits, ids, mask, temperature, True)
+    want = torch_reference.forward(logits, ids, mask, temperature, True)
     for g, w in zip(got, want):
         assert_close(g, w)
     dlogp = torch.randn(batch, length)
-    got_grad = ops.backward(logits, ids, mask, want[1], dlogp, want[2], dlogp.flip(0), temperature)
-    want_grad = reference.backward(logits, ids, mask, want[1], dlogp, want[2], dlogp.flip(0),
-                                   temperature)
+    got_grad = launch.backward(logits, ids, mask, want[1], dlogp, want[2], dlogp.flip(0), temperature)
+    want_grad = torch_reference.backward(logits, ids, mask, want[1], dlogp, want[2], dlogp.flip(0),
+                                         temperature)
     assert_close(got_grad, want_grad, dtype)
 
 
@@ -222,4 +222,4 @@ def test_without_gpu_or_interpreter_triton_is_a_clear_error(monkeypatch):
         frpo_kernels.loss(data["logits"], data["ids"], data["mask"], rewards=data["rewards"],
                           group_size=3, backend="triton")
     with pytest.raises(ValueError, match="need CUDA tensors"):
-        ops.forward(data["logits"], data["ids"], None, 1.0, False)
+        launch.forward(data["logits"], data["ids"], None, 1.0, False)

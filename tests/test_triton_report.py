@@ -1,4 +1,4 @@
-"""python -m frpo_kernels.triton.report runs, and the DRAM bytes it gives per token are the floor
+"""python -m frpo_kernels.backends.triton.report runs, and the DRAM bytes it gives per token are the floor
 of each kernel's design: forward reads the row once; backward and fused read it once (fused's
 second sweep is an L2 re-read) and write the gradient once; plus the per-token arrays."""
 import json
@@ -10,8 +10,8 @@ import pytest
 
 pytest.importorskip("triton")
 
-from frpo_kernels.triton import aot, report  # noqa: E402
-from frpo_kernels.triton import kernels  # noqa: E402
+from frpo_kernels.backends.triton import aot, report  # noqa: E402
+from frpo_kernels.backends.triton import kernels  # noqa: E402
 
 ROW_PASSES_FLOOR = {"forward": 1, "backward": 2, "fused": 2}  # DRAM passes over V per token
 SWEEPS = {"forward": (1, 0), "backward": (1, 1), "fused": (2, 1)}  # (row loads, row stores)
@@ -23,7 +23,7 @@ def table():
         pytest.skip("this triton ships no cuobjdump")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, TRITON_INTERPRET="0")
-    proc = subprocess.run([sys.executable, "-m", "frpo_kernels.triton.report", "--json"], cwd=root,
+    proc = subprocess.run([sys.executable, "-m", "frpo_kernels.backends.triton.report", "--json"], cwd=root,
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout)
@@ -58,7 +58,7 @@ def test_per_token_arrays_are_the_kernel_arguments():
 
 def test_report_text_states_the_l2_assumption():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = subprocess.run([sys.executable, "-m", "frpo_kernels.triton.report"], cwd=root,
+    out = subprocess.run([sys.executable, "-m", "frpo_kernels.backends.triton.report"], cwd=root,
                          env=dict(os.environ, TRITON_INTERPRET="0"), capture_output=True,
                          text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-4000:]

@@ -1,5 +1,5 @@
 // Torch-free per-token log-prob kernels: log-softmax at the target id, log-sum-exp, entropy and the
-// logits gradient, one row of V logits at a time, on raw pointers (see frpo_kernels/reference.py).
+// logits gradient, one row of V logits at a time, on raw pointers (see frpo_kernels/backends/torch_reference.py).
 #pragma once
 
 #include <cstdint>
@@ -83,7 +83,7 @@ const char* active_isa();
 // choice is then unchanged.
 std::string set_isa(const char* name);
 // Why the path "auto" picks may be slower than torch eager ("" when it is not): the portable path in a
-// build that did not vectorise it, on a CPU without AVX2. Callers then prefer torch (frpo_kernels.cpu).
+// build that did not vectorise it, on a CPU without AVX2. Callers then prefer torch (frpo_kernels.backends.cpu).
 std::string auto_slow_reason();
 
 }  // namespace frpo

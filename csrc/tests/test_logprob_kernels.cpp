@@ -305,7 +305,7 @@ static void run_conversion_checks() {
   CHECK(detail::exp_poly(detail::clamp_exp_arg(-kInf)) == 0.f, "exp(-inf) must be 0");
 }
 
-// NaN / +inf as torch gives them (tests/test_cpu_nan.py checks every pattern against reference.py): a NaN
+// NaN / +inf as torch gives them (tests/test_cpu_nan.py checks every pattern against torch_reference.py): a NaN
 // anywhere makes logp, lse, entropy and the whole gradient row NaN; a +inf gives lse = +inf, logp = NaN.
 static void run_nonfinite_checks() {
   const float nan = std::numeric_limits<float>::quiet_NaN();

@@ -47,16 +47,13 @@ import trl
 from trl import GRPOConfig, GRPOTrainer
 
 import frpo_kernels
+from frpo_kernels import loss_types
 from frpo_kernels.backends import BACKENDS
 from frpo_kernels.config import LOSS_TYPES, LossConfig
 from frpo_kernels.group_stats import SHARED_OPTIONS
 from frpo_kernels.integrations.hf import _unwrapped, completion_hidden_states, logit_scale
 
 TESTED_TRL_VERSIONS = ("1.16.0",)
-# loss types whose sum over tokens TRL divides by a token count of the accumulation window
-TOKEN_SUM_LOSSES = ("dapo", "cispo", "vespo")
-# loss types whose clipped-ratio metrics TRL logs (FRPO logs them too)
-CLIPPED_LOSSES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo", "frpo")
 
 
 @dataclass
@@ -94,7 +91,8 @@ class FRPOConfig(GRPOConfig):
                        epsilon_high=self.epsilon if self.epsilon_high is None else self.epsilon_high,
                        delta=self.delta, importance_sampling_level=self.importance_sampling_level,
                        temperature=self.temperature,
-                       max_completion_length=self.max_completion_length if self.loss_type == "dr_grpo" else None,
+                       max_completion_length=self.max_completion_length
+                       if loss_types.get(self.loss_type).normaliser.reads_max_completion_length else None,
                        use_bias_correction_kl=self.use_bias_correction_kl,
                        sapo_temperature_pos=self.sapo_temperature_pos,
                        sapo_temperature_neg=self.sapo_temperature_neg, vespo_k_pos=self.vespo_k_pos,
@@ -132,6 +130,7 @@ class FRPOTrainer(GRPOTrainer):
                                  backend=getattr(a, "kernel_backend", "auto"))
         if self.loss_type not in LOSS_TYPES:
             raise ValueError(f"FRPOTrainer supports loss_type in {LOSS_TYPES}, got {self.loss_type!r}")
+        self.kind = loss_types.get(self.loss_type)  # what differs between loss types, from the one registry
         self._check_entropy_mask_support()
         logit_scale(self.model.config)  # a soft-capped head cannot be scored from hidden states: fail now
         self._group_stats = None
@@ -140,16 +139,17 @@ class FRPOTrainer(GRPOTrainer):
         """The two combinations with no exact counterpart, refused now rather than at the first step."""
         if self.top_entropy_quantile >= 1.0:
             return
-        if self.loss_type == "frpo":
+        if self.kind.group_coupled:
             # FRPO scores micro-batches against the generation batch's group_stats, and the quantile would
             # have to be the whole generation batch's (frpo_kernels.loss refuses it with group_stats)
-            raise ValueError(f"FRPOTrainer: loss_type='frpo' with top_entropy_quantile={self.top_entropy_quantile} "
+            raise ValueError(f"FRPOTrainer: loss_type={self.loss_type!r} with top_entropy_quantile={self.top_entropy_quantile} "
                              "is not supported (the entropy quantile of a generation batch split into "
                              "micro-batches); use top_entropy_quantile=1.0")
-        if self.accelerator.num_processes > 1 and (self.loss_type == "bnpo" or self._entropy_bonus_enabled):
+        per_process_tokens = self.kind.normaliser.batch_token_mean
+        if self.accelerator.num_processes > 1 and (per_process_tokens or self._entropy_bonus_enabled):
             # TRL's entropy quantile is over all processes while this loss is normalised per process: the loss
             # takes the quantile over process_group, which also makes these two normalisers global
-            what = "loss_type='bnpo' (per-process token mean)" if self.loss_type == "bnpo" else \
+            what = f"loss_type={self.loss_type!r} (per-process token mean)" if per_process_tokens else \
                 "the entropy bonus (entropy_coef / use_adaptive_entropy: a per-process token mean)"
             raise ValueError(f"FRPOTrainer: top_entropy_quantile={self.top_entropy_quantile} on "
                              f"{self.accelerator.num_processes} processes with {what} is not supported: TRL takes "
@@ -158,7 +158,7 @@ class FRPOTrainer(GRPOTrainer):
     def _loss_spans_processes(self):
         """Whether linear_loss gets process_group=WORLD: FRPO's groups span processes; TRL's entropy quantile
         is over all processes. Otherwise each process computes its own loss, as TRL's does."""
-        return self.accelerator.num_processes > 1 and (self.loss_type == "frpo" or self.top_entropy_quantile < 1.0)
+        return self.accelerator.num_processes > 1 and (self.kind.group_coupled or self.top_entropy_quantile < 1.0)
 
     # ------------------------------------------------------------------ generation: group ids, FRPO's stats
 
@@ -168,7 +168,7 @@ class FRPOTrainer(GRPOTrainer):
         rows = output["completion_ids"].size(0)
         first = self.accelerator.process_index * rows
         output["group_ids"] = torch.arange(first, first + rows, device=output["completion_ids"].device) // size
-        if self.model.training and self.loss_type == "frpo":
+        if self.model.training and self.kind.group_coupled:
             self._group_stats = self._frpo_group_stats(output)
         return output
 
@@ -245,17 +245,14 @@ class FRPOTrainer(GRPOTrainer):
             loss_type=self.loss_type, beta=self.beta, epsilon_low=self.epsilon_low,
             epsilon_high=self.epsilon_high, delta=self.args.delta,
             importance_sampling_level=self.importance_sampling_level, temperature=self.temperature,
-            max_completion_length=self.max_completion_length if self.loss_type == "dr_grpo" else None,
-            process_group=process_group, **self.frpo_options)
+            max_completion_length=self.max_completion_length if self.kind.normaliser.reads_max_completion_length
+            else None, process_group=process_group, **self.frpo_options)
         a = self.args
         if self.beta != 0:
             kwargs["use_bias_correction_kl"] = a.use_bias_correction_kl
-        if self.loss_type == "sapo":
-            kwargs.update(sapo_temperature_pos=a.sapo_temperature_pos, sapo_temperature_neg=a.sapo_temperature_neg)
-        if self.loss_type == "vespo":
-            kwargs.update(vespo_k_pos=a.vespo_k_pos, vespo_lambda_pos=a.vespo_lambda_pos,
-                          vespo_k_neg=a.vespo_k_neg, vespo_lambda_neg=a.vespo_lambda_neg)
-            # TRL's gamma weights read the sampler's ratio whenever the batch has one
+        kwargs.update({name: getattr(a, name) for name in self.kind.options})  # e.g. sapo's temperatures
+        if self.kind.ratio_inside:
+            # TRL's gamma weights (vespo) read the sampler's ratio whenever the batch has one
             if inputs.get("importance_sampling_ratio") is not None:
                 kwargs["importance_sampling_ratio"] = inputs["importance_sampling_ratio"]
         elif self.use_vllm and self.vllm_importance_sampling_correction:
@@ -282,11 +279,11 @@ class FRPOTrainer(GRPOTrainer):
         hidden, weight, bias, aux_loss = self._hidden_states_and_aux_loss(model, inputs)
         kwargs = self.frpo_loss_kwargs(inputs)
         completion_ids, mask = kwargs.pop("completion_ids"), kwargs.pop("completion_mask")
-        stats = self._group_stats if mode == "train" and self.loss_type == "frpo" else None
+        stats = self._group_stats if mode == "train" and self.kind.group_coupled else None
         # FRPO in training: a share of the generation batch's loss, which feeds steps_per_generation /
         # accumulation optimizer steps. The others: the micro-batch's loss over the accumulation steps.
         scale = self.args.steps_per_generation / accumulation if stats is not None else 1.0 / accumulation
-        if self.loss_type in TOKEN_SUM_LOSSES:
+        if self.kind.normaliser.takes_num_items:
             # TRL divides each process's token sum by num_items_in_batch (the generation batch's tokens, all
             # processes) / num_processes * accumulation / steps_per_generation; the 1 / accumulation is in
             # `scale`. Over process_group the loss divides the sum over all processes: num_processes times that.
@@ -301,7 +298,7 @@ class FRPOTrainer(GRPOTrainer):
             kwargs["entropy_coef"] = coef
         loss, metrics = frpo_kernels.linear_loss(hidden, weight, completion_ids, mask, bias=bias,
                                                  return_metrics=True, group_stats=stats, **kwargs)
-        if coef is not None or self.loss_type == "frpo":
+        if coef is not None or self.kind.group_coupled:
             # the policy term alone, as TRL logs it (with the bonus on): before the accumulation scaling, but
             # for dapo / cispo / vespo, whose token count holds it; FRPO: the generation batch's loss
             policy = float(loss.detach())
@@ -311,7 +308,7 @@ class FRPOTrainer(GRPOTrainer):
                 policy += coef * float(entropy_sum) / max(tokens, 1.0)
             if stats is not None:
                 policy *= self.args.steps_per_generation
-            elif self.loss_type in TOKEN_SUM_LOSSES:
+            elif self.kind.normaliser.takes_num_items:
                 policy /= accumulation
             policy = torch.tensor(policy, device=self.accelerator.device)
             self._metrics[mode]["policy_loss"].append(self.accelerator.gather(policy).nanmean().item())
@@ -354,7 +351,7 @@ class FRPOTrainer(GRPOTrainer):
         rows (global_metrics: all processes' rows, process_group gathered them); TRL's are token- (or, for
         per-sequence values, row-) weighted means over all processes."""
         logged = self._metrics[mode]
-        frpo = self.loss_type == "frpo"
+        frpo = self.kind.group_coupled
         device = mask.device
         tokens = mask.sum().float()
         rows = torch.tensor(float(mask.shape[0]), device=device)
@@ -370,19 +367,18 @@ class FRPOTrainer(GRPOTrainer):
         if self.beta != 0:
             logged["kl"].append(global_mean(metrics["kl"], tokens))
         logged["entropy"].append(global_mean(metrics["entropy"], tokens))
-        if self.loss_type in CLIPPED_LOSSES:
-            for key in ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean"):
-                logged[key].append(global_mean(metrics[key], per_token))
-            for key, pick in (("clip_ratio/low_min", min), ("clip_ratio/high_max", max)):
-                if metrics.get(key) is not None:  # TRL's nanmin / nanmax over every process's rows
-                    local = torch.as_tensor(metrics[key], dtype=torch.float32, device=device).reshape(1)
-                    gathered = local if global_metrics else self.accelerator.gather(local)
-                    values = [v for v in gathered.tolist() if v == v]
-                    logged[key].append(pick(values) if values else float("nan"))
-        elif self.loss_type == "cispo":
-            logged["cispo_clip_ratio"].append(global_mean(metrics["cispo_clip_ratio"], per_token))
-        elif self.loss_type == "vespo":
-            logged["vespo/phi_seq_mean"].append(global_mean(metrics["vespo/phi_seq_mean"], rows))
+        for key, value in metrics.items():  # the loss type's own metrics (loss_types.py), as TRL logs them
+            if key in ("kl", "entropy", "num_groups") or key.startswith(("entropy_bonus/", "frpo/")) or value is None:
+                continue
+            if key.startswith("clip_ratio/") and key.endswith(("_min", "_max")):
+                # a min / max over rows of their token means: TRL's nanmin / nanmax over every process's rows
+                local = torch.as_tensor(value, dtype=torch.float32, device=device).reshape(1)
+                gathered = local if global_metrics else self.accelerator.gather(local)
+                values = [v for v in gathered.tolist() if v == v]
+                pick = min if key.endswith("_min") else max
+                logged[key].append(pick(values) if values else float("nan"))
+            else:
+                logged[key].append(global_mean(value, rows if key in loss_types.PER_ROW_METRICS else per_token))
         if frpo:
             for key, value in metrics.items():
                 if key == "frpo/lam_groups":  # one lam per group: log their mean

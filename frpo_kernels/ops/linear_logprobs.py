@@ -2,7 +2,7 @@
 
 The logits `hidden @ weight.T (+ bias)` are never held as [N, V]: rows go through in tiles. Each
 tile's logits are written by one GEMM into a single reused workspace [rows, V], the backend's
-per-row kernel (forward / backward / fused of the contract in reference.py) runs in place on it,
+per-row kernel (forward / backward / fused of the contract in torch_reference.py) runs in place on it,
 and the gradient it leaves there feeds two more GEMMs:
 
     grad_hidden[rows]  = dtile @ weight
@@ -33,8 +33,8 @@ from __future__ import annotations
 
 import torch
 
-from frpo_kernels import checks, reference
-from frpo_kernels.backends import kernels, resolve
+from frpo_kernels import checks
+from frpo_kernels.backends import kernels, resolve, torch_reference
 from frpo_kernels.ops import tile_policy
 from frpo_kernels.ops.token_logprobs import _refuse_double_backward
 
@@ -268,8 +268,8 @@ def _differentiable_gradients(hidden, weight, bias, ids, mask, temperature, dlog
     rows = hidden if mask is None else hidden[mask]
     ids = ids if mask is None else ids[mask]
     with_entropy = dentropy is not None
-    logp, _, entropy = reference.forward(torch.nn.functional.linear(rows, weight, bias).unsqueeze(0),
-                                         ids.unsqueeze(0), None, temperature, with_entropy)
+    logp, _, entropy = torch_reference.forward(torch.nn.functional.linear(rows, weight, bias).unsqueeze(0),
+                                               ids.unsqueeze(0), None, temperature, with_entropy)
     outputs, upstream = [logp[0]], [_unmasked(dlogp, mask).to(logp.dtype)]
     if with_entropy:
         outputs.append(entropy[0])
@@ -307,7 +307,7 @@ def linear_fused_loss(hidden, weight, bias, ids, mask, temperature, coef, kl_coe
     from hidden [..., H] and the head weight [V, H] (+ bias [V]), in one sweep over the tiles.
 
     ids, mask (bool or None), coef, kl_coef and ref_logps (both or neither None) have hidden's
-    leading shape; gate: None, or (old_logps, ratio_lo, ratio_hi) of that shape (reference.py's
+    leading shape; gate: None, or (old_logps, ratio_lo, ratio_hi) of that shape (torch_reference.py's
     importance-ratio gate); entropy_coef: None, or dloss/dH of each token's entropy, of that shape (the
     entropy term's gradient joins each tile's, so it reaches hidden, weight and bias; the entropy is
     then computed and returned, as with with_entropy=True, and the value of that term is the caller's to

@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from frpo_kernels import reference
-from frpo_kernels.backends import kernels
+from frpo_kernels.backends import kernels, torch_reference
 
 
 class TokenLogprobs(torch.autograd.Function):
@@ -63,7 +62,7 @@ def token_logprobs(logits, ids, mask, temperature, with_entropy, backend, overwr
     """(logp, entropy or None) [B, T]; differentiable w.r.t. logits on every backend.
     overwrite_logits: the backward kernel writes the gradient into the logits' own storage."""
     if backend == "torch":
-        logp, _, entropy = reference.forward(logits, ids, mask, temperature, with_entropy)
+        logp, _, entropy = torch_reference.forward(logits, ids, mask, temperature, with_entropy)
         return logp, entropy
     logp, _, entropy = TokenLogprobs.apply(_unit_stride_rows(logits), ids.long(), mask, temperature,
                                             with_entropy, backend, overwrite_logits)
@@ -98,7 +97,7 @@ def fused_loss(logits, ids, mask, temperature, coef, kl_coef, ref_logps, with_en
 
     value_from_logp(logp) -> scalar loss value (no gradient needed); returns (loss, logp, entropy).
     overwrite_logits: the gradient is written into the logits' own storage (no [B, T, V] buffer).
-    gate: None, or (old_logps, ratio_lo, ratio_hi) [B, T] (reference.py's importance-ratio gate).
+    gate: None, or (old_logps, ratio_lo, ratio_hi) [B, T] (torch_reference.py's importance-ratio gate).
     entropy_coef: None, or dloss/dH [B, T] of each token's entropy: its gradient is added in the same
     pass, and the entropy is computed and returned (as with with_entropy=True). The loss value stays
     value_from_logp(logp): the caller adds the entropy part's value from the returned entropy (detached:

@@ -14,7 +14,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 import multiprocessing
 
-from frpo_kernels.triton.configs import CONFIGS
+from frpo_kernels.backends.triton.configs import CONFIGS
 
 DTYPES = ("fp32", "bf16", "fp16")
 ELEMENT_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -101,7 +101,7 @@ def compile_spec(spec: Spec) -> dict:
     from triton.compiler import ASTSource
     from triton.runtime.jit import JITFunction
 
-    from frpo_kernels.triton import kernels
+    from frpo_kernels.backends.triton import kernels
 
     cfg = {c.name: c for c in CONFIGS}[spec.config]
     fn = getattr(kernels, f"{spec.kernel}_kernel")

@@ -1,6 +1,5 @@
-"""Pure-torch specification of the per-token kernels: what every backend must compute.
-
-The O(B*T*V) contract shared by the C++ (csrc/) and Triton backends; tests compare them with this.
+"""The "torch" backend and the pure-torch specification of the per-token kernels: what every backend
+must compute. The O(B*T*V) contract shared by cpu.py (csrc/) and triton/; tests compare them with this.
 """
 from __future__ import annotations
 

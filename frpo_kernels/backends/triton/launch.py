@@ -1,4 +1,4 @@
-"""Triton backend of the kernel contract in frpo_kernels/reference.py: forward, backward, fused.
+"""Triton backend of the kernel contract in frpo_kernels/backends/torch_reference.py: forward, backward, fused.
 
 Launchers only: allocate outputs, pick the configuration, launch. CUDA tensors run compiled
 kernels; CPU tensors run in Triton's interpreter, when TRITON_INTERPRET=1 was set before import.
@@ -19,13 +19,13 @@ except ImportError as exc:  # availability() reports it; nothing below runs with
     triton = tl = InterpretedFunction = None
     _IMPORT_ERROR = exc
 
-from frpo_kernels.triton.configs import select_config
+from frpo_kernels.backends.triton.configs import select_config
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def availability():
-    """(True, "") if triton imports; (False, reason) otherwise. backends.py checks the device."""
+    """(True, "") if triton imports; (False, reason) otherwise. backends/__init__.py checks the device."""
     if _IMPORT_ERROR is not None:
         return False, f"triton cannot be imported ({_IMPORT_ERROR}); pip install triton"
     return True, ""
@@ -44,7 +44,7 @@ def triton_interpreted():
 def _kernels_for(logits):
     if _IMPORT_ERROR is not None:
         raise RuntimeError(availability()[1])
-    from frpo_kernels.triton import kernels
+    from frpo_kernels.backends.triton import kernels
     if logits.device.type == "cuda":
         return kernels
     if logits.device.type == "cpu" and _interpret_env():

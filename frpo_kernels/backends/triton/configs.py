@@ -47,7 +47,7 @@ def select_config(V: int, dtype: torch.dtype) -> KernelConfig:
 
     Small V: several rows per program so a program still moves >= 4k elements per tile. Large V:
     one row per program, 16 KiB tiles for fp32 and bf16/fp16 alike (fewer loop trips for 2-byte
-    types); registers and spills: python -m frpo_kernels.triton.report.
+    types); registers and spills: python -m frpo_kernels.backends.triton.report.
     """
     if V <= 256:
         return _BY_NAME["rows8_v256"]

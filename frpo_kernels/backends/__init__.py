@@ -1,6 +1,6 @@
-"""The one place a kernel backend is chosen for a tensor: "torch", "cpu" (csrc/) or "triton".
-
-Each kernel backend module exposes forward / backward / fused with the contract in reference.py.
+"""The kernel backends, and the one place one is chosen for a tensor: "torch" (torch_reference.py,
+the spec), "cpu" (cpu.py, loader of csrc/) or "triton" (triton/). Each exposes forward / backward /
+fused with the contract written in torch_reference.py; ops/ holds the autograd wrappers that call them.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 
 BACKENDS = ("auto", "torch", "cpu", "triton")
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_MODULE_PATHS = {"cpu": "frpo_kernels.cpu", "triton": "frpo_kernels.triton.ops"}
+_MODULE_PATHS = {"cpu": "frpo_kernels.backends.cpu", "triton": "frpo_kernels.backends.triton.launch"}
 _loaded = {}  # a plain dict lookup once loaded, so torch.compile can trace resolve() without a break
 _available = {}  # backend name -> (ok, reason), probed once per process
 _warned_fallback = set()
@@ -83,6 +83,6 @@ def _module_availability(name):
 def kernels(name: str):
     """The kernel module (forward/backward/fused) of a resolved backend name."""
     if name == "torch":
-        from frpo_kernels import reference
-        return reference
+        from frpo_kernels.backends import torch_reference
+        return torch_reference
     return _module(name)

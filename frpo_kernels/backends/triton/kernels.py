@@ -1,12 +1,12 @@
 """Triton kernels for per-token log-probs over [B, T, V] logits: forward, backward and fused.
 
 Each program owns ROWS rows (ROWS > 1 only where V is small) and walks V in BLOCK_V tiles with an
-online max / sum-exp in fp32; the contract they implement is frpo_kernels/reference.py.
+online max / sum-exp in fp32; the contract they implement is frpo_kernels/backends/torch_reference.py.
 """
 import triton
 import triton.language as tl
 
-from frpo_kernels.triton.compat import fix_interpreter_index
+from frpo_kernels.backends.triton.compat import fix_interpreter_index
 
 fix_interpreter_index()  # triton <= 3.6's interpreter with numpy >= 2.4: see compat.py
 

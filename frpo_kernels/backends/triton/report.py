@@ -1,4 +1,4 @@
-"""python -m frpo_kernels.triton.report [--json]: registers, shared memory and spills of every
+"""python -m frpo_kernels.backends.triton.report [--json]: registers, shared memory and spills of every
 compiled kernel specialisation (sm_80, sm_90), and the DRAM bytes each kernel moves per token.
 
 Bytes per token come from the kernels' load/store design, counted in their TTIR: sweeps over the
@@ -16,7 +16,7 @@ N_TOKENS, VOCAB = 4096, 151_936
 L2_ASSUMPTION = (
     "The fused kernel sweeps each row twice (sum-exp, then gradient). The second read is counted "
     "as an L2 hit: it holds while L2 keeps every row in flight, (programs in flight) x (row bytes) "
-    "<= L2 share; ops.fused_programs bounds the programs started to make that so (at least one "
+    "<= L2 share; launch.fused_programs bounds the programs started to make that so (at least one "
     "per SM: for V=151,936 fp32, 132 SMs x 594 KiB exceeds H100's 50 MiB L2, so part of the "
     "re-read will come from DRAM - to be measured, bench/). Forward reads a row once; backward "
     "reads it once and writes the gradient once. The target logit is re-read from a row that is "
@@ -59,7 +59,7 @@ def bytes_per_token(kernel: str, element_bytes: int, ttir: str, vocab: int = VOC
 
 
 def rows(results):
-    from frpo_kernels.triton.aot import ELEMENT_BYTES
+    from frpo_kernels.backends.triton.aot import ELEMENT_BYTES
     out = []
     for r in results:
         spec = r["spec"]
@@ -80,7 +80,7 @@ def main(argv=None):
     parser.add_argument("--json", action="store_true", help="print a JSON list, one entry per kernel")
     parser.add_argument("--workers", type=int, default=None)
     args = parser.parse_args(argv)
-    from frpo_kernels.triton.aot import compile_all
+    from frpo_kernels.backends.triton.aot import compile_all
     table = rows(compile_all(workers=args.workers))
     if args.json:
         json.dump(table, sys.stdout, indent=1)

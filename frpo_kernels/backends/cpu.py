@@ -1,5 +1,5 @@
 """CPU kernel backend: loads the compiled csrc/ extension (frpo_kernels._C) and exposes
-forward / backward / fused with the contract of reference.py, plus fake kernels for torch.compile.
+forward / backward / fused with the contract of torch_reference.py, plus fake kernels for torch.compile.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ def _jit_compile():
 
     from frpo_kernels import _build
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))  # the checkout holding csrc/
     sources = [os.path.join(root, p) for p in _build.EXTENSION_SOURCES]
     missing = [s for s in sources if not os.path.exists(s)]
     if missing:
