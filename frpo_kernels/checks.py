@@ -249,3 +249,14 @@ def check_linear_inputs(hidden, weight, bias, ids, mask, ids_name="ids"):
             raise ValueError(f"mask must have shape {lead} (hidden's leading dimensions), got {tuple(mask.shape)}")
         if mask.device != hidden.device:
             raise ValueError(f"mask is on {mask.device} but hidden is on {hidden.device}")
+
+
+def check_ratio_and_sampling_logps(cfg, importance_sampling_ratio, sampling_logps, batch, length, device,
+                                   completion_mask):
+    """The per-token tensors of TRL's options, as loss() and group_stats() both take them."""
+    check_importance_sampling_ratio(importance_sampling_ratio, batch, length, device, completion_mask,
+                                    cfg.kind.ratio_inside, cfg.loss_type)
+    check_token_tensor("sampling_logps", sampling_logps, (batch, length), device)
+    if sampling_logps is not None and cfg.off_policy_mask_threshold is None:
+        raise ValueError("sampling_logps is read only by the off-policy mask: pass off_policy_mask_threshold "
+                         "with it")

@@ -155,12 +155,8 @@ def group_stats(completion_mask, *, advantages=None, rewards=None, group_size=No
                          "mask's sampling_logps)")
     checks.check_token_tensor("logps", logps, (batch, length), device)
     checks.check_token_tensor("old_logps", old_logps, (batch, length), device)
-    checks.check_importance_sampling_ratio(importance_sampling_ratio, batch, length, device, completion_mask,
-                                           cfg.kind.ratio_inside, cfg.loss_type)
-    checks.check_token_tensor("sampling_logps", sampling_logps, (batch, length), device)
-    if sampling_logps is not None and cfg.off_policy_mask_threshold is None:
-        raise ValueError("sampling_logps is read only by the off-policy mask: pass off_policy_mask_threshold "
-                         "with it")
+    checks.check_ratio_and_sampling_logps(cfg, importance_sampling_ratio, sampling_logps, batch, length, device,
+                                          completion_mask)
     if sampling_logps is not None and logps is None:
         raise ValueError("sampling_logps needs logps (the current policy's per-token log-probs), which the "
                          "off-policy mask compares them with")

@@ -157,7 +157,8 @@ def _loss(make_source, check_ids, like, completion_mask, *, advantages=None, rew
                                      rewards if advantages is None else advantages, batch, device)
     checks.check_token_tensor("old_logps", old_logps, (batch, length), device)
     checks.check_token_tensor("ref_logps", ref_logps, (batch, length), device)
-    _check_trl_tensors(cfg, importance_sampling_ratio, sampling_logps, batch, length, device, completion_mask)
+    checks.check_ratio_and_sampling_logps(cfg, importance_sampling_ratio, sampling_logps, batch, length, device,
+                                          completion_mask)
     if group_stats is not None and cfg.top_entropy_quantile < 1:
         raise NotImplementedError(f"top_entropy_quantile={cfg.top_entropy_quantile} with group_stats: the entropy "
                                   "quantile would have to be the whole generation batch's; score the batch in "
@@ -196,15 +197,6 @@ def _loss(make_source, check_ids, like, completion_mask, *, advantages=None, rew
     if not return_metrics:
         return result
     return result, _metrics(logp.detach(), entropy, data, details, cfg)
-
-
-def _check_trl_tensors(cfg, importance_sampling_ratio, sampling_logps, batch, length, device, completion_mask):
-    checks.check_importance_sampling_ratio(importance_sampling_ratio, batch, length, device, completion_mask,
-                                           cfg.kind.ratio_inside, cfg.loss_type)
-    checks.check_token_tensor("sampling_logps", sampling_logps, (batch, length), device)
-    if sampling_logps is not None and cfg.off_policy_mask_threshold is None:
-        raise ValueError("sampling_logps is read only by the off-policy mask: pass off_policy_mask_threshold "
-                         "with it")
 
 
 def _with_options_signature(public):

@@ -105,3 +105,17 @@ def use_backend(backend):
     if backend == "cpu":
         require_cpu_kernels()
     return backend
+
+
+def count_kernel_calls(monkeypatch, backend):
+    """{"fused": n, "backward": n}: how often the loss called the backend's one-pass and two-pass kernels."""
+    module = backends.kernels(backend)
+    calls = {"fused": 0, "backward": 0}
+    for name in calls:
+        original = getattr(module, name)
+
+        def counted(*args, _name=name, _original=original, **kwargs):
+            calls[_name] += 1
+            return _original(*args, **kwargs)
+        monkeypatch.setattr(module, name, counted)
+    return calls

@@ -16,9 +16,9 @@ import pytest
 import torch
 
 import frpo_kernels
-from frpo_kernels import backends, loss_types
+from frpo_kernels import loss_types
 from frpo_kernels.config import LOSS_TYPES, LossConfig
-from helpers import INTERPRETED, rerun_under_interpreter, use_backend
+from helpers import INTERPRETED, count_kernel_calls, rerun_under_interpreter, use_backend
 from spec_trl_losses import spec_trl_loss
 
 loss_module = importlib.import_module("frpo_kernels.loss")
@@ -274,19 +274,6 @@ def test_triton_kernels_match_float64(backend, loss_type, option_set, with_old, 
     check_against_float64(use_backend(backend), loss_type, option_set, with_old, entry, dtype)
 
 
-def _count_kernel_calls(monkeypatch, backend):
-    module = backends.kernels(backend)
-    calls = {"fused": 0, "backward": 0}
-    for name in calls:
-        original = getattr(module, name)
-
-        def counted(*args, _name=name, _original=original, **kwargs):
-            calls[_name] += 1
-            return _original(*args, **kwargs)
-        monkeypatch.setattr(module, name, counted)
-    return calls
-
-
 PATHS = [  # (loss_type, option_set, with_old, one pass?)
     ("dapo", "is_token", True, True),    # a constant IS ratio multiplies the gate's coefficient
     ("luspo", "is_row", True, True),
@@ -314,7 +301,7 @@ def test_which_options_keep_one_pass(monkeypatch, loss_type, option_set, with_ol
               for k, v in package_kwargs(loss_type, option_set, "token", with_old, d).items()}
     z = (d["hidden"] @ d["weight"].T).float()
     want = value_and_grad(lambda x: frpo_kernels.loss(x.double(), d["ids"], d["mask"], backend="torch", **kwargs), z)
-    calls = _count_kernel_calls(monkeypatch, backend)
+    calls = count_kernel_calls(monkeypatch, backend)
     got = value_and_grad(lambda x: frpo_kernels.loss(x, d["ids"], d["mask"], backend=backend, **kwargs), z)
     assert calls == ({"fused": 1, "backward": 0} if one_pass else {"fused": 0, "backward": 1}), calls
     assert abs(got[0].item() - want[0].item()) <= 2e-5 * max(1.0, abs(want[0].item()))

@@ -13,8 +13,7 @@ import pytest
 import torch
 
 import frpo_kernels
-from frpo_kernels import backends
-from helpers import INTERPRETED, rerun_under_interpreter, use_backend
+from helpers import INTERPRETED, count_kernel_calls, rerun_under_interpreter, use_backend
 
 loss_module = importlib.import_module("frpo_kernels.loss")  # the module (frpo_kernels.loss is the function)
 B, T, H, V = 6, 5, 8, 41
@@ -104,19 +103,6 @@ def test_micro_batches_with_group_stats_in_one_pass_each(monkeypatch):
     assert torch.allclose(grad, whole[1], rtol=1e-10, atol=1e-12)
 
 
-def _count_kernel_calls(monkeypatch, backend):
-    module = backends.kernels(backend)
-    calls = {"fused": 0, "backward": 0}
-    for name in calls:
-        original = getattr(module, name)
-
-        def counted(*args, _name=name, _original=original, **kwargs):
-            calls[_name] += 1
-            return _original(*args, **kwargs)
-        monkeypatch.setattr(module, name, counted)
-    return calls
-
-
 KERNEL_CASES = list(itertools.product(["cpu", "triton"], ["grpo", "dapo", "dr_grpo"], [torch.float32, torch.bfloat16],
                                       ["logits", "hidden"]))
 
@@ -140,7 +126,7 @@ def test_kernels_take_one_pass_and_match_float64(monkeypatch, backend, loss_type
     want_leaf = leaf.double().requires_grad_(True)
     want = call(want_leaf, "torch")
     want.backward()
-    calls = _count_kernel_calls(monkeypatch, backend)
+    calls = count_kernel_calls(monkeypatch, backend)
     got_leaf = leaf.clone().requires_grad_(True)
     got = call(got_leaf, backend)
     got.backward()
@@ -155,7 +141,7 @@ def test_kernels_take_one_pass_and_match_float64(monkeypatch, backend, loss_type
 def test_row_or_group_coupled_losses_keep_two_passes(monkeypatch, backend, loss_type, level):
     backend = use_backend(backend)
     hidden, weight, ids, mask, old, ref, rewards = batch(seed=2)
-    calls = _count_kernel_calls(monkeypatch, backend)
+    calls = count_kernel_calls(monkeypatch, backend)
     z = (hidden @ weight.T).float().requires_grad_(True)
     frpo_kernels.loss(z, ids, mask, rewards=rewards, group_size=3, old_logps=old.float(), loss_type=loss_type,
                       importance_sampling_level=level, backend=backend).backward()
