@@ -146,6 +146,10 @@ def gather_token_factor(span, factor, mask):
     if factor is None:
         return None
     factor = factor.to(mask.dtype)
-    if factor.shape[1] == 1 and mask.shape[1] != 1:  # one per row: not padded to T like token tensors
-        return span.gather(factor.squeeze(1)).unsqueeze(1)
+    if factor.shape[1] == 1 and mask.shape[1] != 1:
+        if span.world == 1:
+            return factor  # one per row
+        # On a rank with T_r = 1, [B_r, 1] is per-row and per-token alike, but every rank must run the
+        # same all_gather: each spreads its [B_r, 1] over its tokens and gathers [B_r, T_r].
+        factor = factor.expand(-1, span.local_length)
     return torch.where(mask != 0, span.gather(factor), torch.ones_like(mask))

@@ -82,6 +82,7 @@ class GroupStats:
         """This micro-batch's share of mean_g J_g (- the baseline): exact value share, exact gradient."""
         dtype = log_s.dtype
         kappa_s = self.kappa_times_s(log_s.detach().double(), index).to(dtype)
+        kappa_s = torch.where(valid, kappa_s, torch.zeros_like(kappa_s))  # a group with no sample: n = 0
         n = self.n[index].clamp_min(1)
         share = self.terms[index] / n
         term = torch.where(valid, share.to(dtype) + kappa_s * (log_s - log_s.detach()), torch.zeros_like(log_s))

@@ -211,31 +211,6 @@ def assert_same(value, grad, want_value, want_grad, what):
     assert err <= RTOL * gscale, f"{what}: gradient off by {err:.3e} (max |grad| {gscale:.3e})"
 
 
-def groups_the_masks_empty(c, mask, group_ids, kw, logp):
-    """[B] bool: the rows of the groups that have a completion token but no row left with m * q > 0 once the
-    off-policy mask and zero importance-sampling ratios are applied (README: such rows are no samples). FRPO
-    at sequence level through group_stats gives them a NaN gradient, a known bug (the xfail test below):
-    the sweeps compare the value everywhere and the gradient on the other rows."""
-    none = torch.zeros(mask.shape[0], dtype=torch.bool)
-    if c["loss_type"] != "frpo" or c["level"] != "sequence":
-        return none
-    q = torch.ones_like(mask)
-    if "importance_sampling_ratio" in kw:
-        q = q * kw["importance_sampling_ratio"]
-    if "off_policy_mask_threshold" in kw:
-        sampling = kw.get("sampling_logps", kw.get("old_logps", logp))
-        kl = torch.nan_to_num(sampling - logp, nan=0.0) * mask
-        mean = kl.sum(-1) / mask.sum(-1).clamp(min=1.0)
-        advantages = kw.get("advantages")
-        if advantages is None:
-            advantages = frpo_kernels.group_advantages(kw["rewards"], group_ids=group_ids,
-                                                       scale_rewards=kw["scale_rewards"])
-        q = q * ((advantages >= 0) | (mean <= kw["off_policy_mask_threshold"])).double().unsqueeze(1)
-    has_token, is_sample = mask.sum(-1) > 0, (mask * q).sum(-1) > 0
-    emptied = [g for g in group_ids.unique() if has_token[group_ids == g].any() and not is_sample[group_ids == g].any()]
-    return torch.isin(group_ids, torch.stack(emptied)) if emptied else none
-
-
 # ---------------------------------------------------------------------------------------------- group_stats
 
 @pytest.mark.parametrize("with_old", [False, True], ids=["on_policy", "off_policy"])
@@ -266,8 +241,7 @@ def test_micro_batches_with_group_stats_add_up_to_the_whole_batch(loss_type, wit
         with pytest.raises(NotImplementedError, match="top_entropy_quantile"):
             frpo_kernels.loss(logits[rows], ids[rows], mask[rows], group_ids=group_ids[rows], group_stats=stats,
                               backend="torch", top_entropy_quantile=c["quantile"], **rows_of(kw, rows))
-    keep = ~groups_the_masks_empty(c, mask, group_ids, kw, logp)
-    assert_same(total, grad[keep], want_value, want_grad[keep], f"{len(c['bounds']) - 1} micro-batches")
+    assert_same(total, grad, want_value, want_grad, f"{len(c['bounds']) - 1} micro-batches")
 
 
 # ---------------------------------------------------------------------------------------------- process_group
@@ -279,8 +253,6 @@ def _rank_rows(c, rank, mask):
     if c["trim"] and rank == 0:
         used = (mask[rows] != 0).any(0).nonzero()
         length = int(used.max()) + 1 if used.numel() else 1
-        # not to T_r = 1 beside a longer rank with a per-token ratio: the known bug (the last test)
-        length = max(length, min(c.get("min_trim", 2 if c["is_ratio"] == "token" else 1), c["length"]))
     return rows, length
 
 
@@ -394,18 +366,15 @@ def test_two_ranks_match_one_process(ranks, loss_type, data):
         warnings.simplefilter("ignore", UserWarning)
         want_value, want_grad = value_and_grad(logits, ids, mask, group_ids=group_ids,
                                                top_entropy_quantile=c["quantile"], **kw)
-    known = groups_the_masks_empty(c, mask, group_ids, kw, logp) if c["micro_batches"] else None
     for rank, (value, grad) in enumerate(ranks(c)):
         rows, length = _rank_rows(c, rank, mask)
         assert grad.shape == (len(rows), length, c["vocab"])
         assert (want_grad[rows, length:] == 0).all()  # the trimmed columns are padding
-        keep = slice(None) if known is None else ~known[rows]
-        assert_same(torch.tensor(value, dtype=torch.float64), grad[keep], want_value,
-                    WORLD * want_grad[rows, :length][keep],
+        assert_same(torch.tensor(value, dtype=torch.float64), grad, want_value, WORLD * want_grad[rows, :length],
                     f"rank {rank} ({'%d micro-batches' % c['micro_batches'] if c['micro_batches'] else 'loss'})")
 
 
-# ---------------------------------------------------------------------------------------------- known bugs
+# ---------------------------------------------------------------------------------------------- bugs once found
 
 def base_case(**overrides):
     """A case of cases() with the defaults (the smallest draws), for the examples below."""
@@ -419,12 +388,9 @@ def base_case(**overrides):
     return c
 
 
-@pytest.mark.xfail(strict=True, reason="known bug: with group_stats at importance_sampling_level='sequence', the "
-                   "rows of a group that the off-policy mask or a zero importance-sampling ratio empties (no row "
-                   "of it left with m*q > 0) get a NaN gradient; the whole-batch loss gives them 0 (once fixed, "
-                   "drop this mark and groups_the_masks_empty)")
 @pytest.mark.parametrize("how", ["off_policy_mask", "zero_ratio"])
 def test_a_group_the_masks_empty_under_group_stats_at_sequence_level(how):
+    """Once a NaN gradient (kappa of a group with no sample, n = 0); the whole-batch loss gives its rows 0."""
     logits = torch.randn(4, 1, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     ids, group_ids = torch.zeros(4, 1, dtype=torch.long), torch.tensor([0, 0, 1, 1])
     advantages = torch.tensor([1.0, -1.0, 0.5, -0.5], dtype=torch.float64)
@@ -440,12 +406,10 @@ def test_a_group_the_masks_empty_under_group_stats_at_sequence_level(how):
     assert_same(value, grad, want_value, want_grad, how)
 
 
-@pytest.mark.xfail(strict=True, raises=pytest.fail.Exception,
-                   reason="known bug: a rank whose completions are T_r = 1 token long, beside a rank with T > 1, "
-                   "takes its per-token importance_sampling_ratio [B_r, 1] for a per-row one "
-                   "(distributed.gather_token_factor) and runs a different all_gather: gloo aborts the process")
 def test_a_rank_of_one_token_completions_with_a_per_token_ratio(ranks):
-    c = base_case(loss_type="grpo", length=2, lengths=[1, 2], is_ratio="token", trim=True, min_trim=1)
+    """Once a gloo abort: [B_r, 1] on a rank with T_r = 1 was taken for a per-row ratio, and the ranks ran
+    different all_gathers."""
+    c = base_case(loss_type="grpo", length=2, lengths=[1, 2], is_ratio="token", trim=True)
     logits, ids, mask, group_ids, kw, logp = build(c)
     want_value, want_grad = value_and_grad(logits, ids, mask, group_ids=group_ids, **kw)
     for rank, (value, grad) in enumerate(ranks(c)):  # rank 0 holds row 0, trimmed to its one token
