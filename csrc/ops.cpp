@@ -243,7 +243,7 @@ std::tuple<Tensor, Tensor, Tensor> fused_into(const Tensor& grad, bool inplace, 
                                               const std::optional<Tensor>& old_logps,
                                               const std::optional<Tensor>& ratio_lo,
                                               const std::optional<Tensor>& ratio_hi,
-                                              const std::optional<Tensor>& entropy_coef) {
+                                              const std::optional<Tensor>& entropy_coef, int64_t gate_kind) {
   Prepared p = prepare(logits, ids, mask, temperature);
   Tensor coef_c = token_input("coef", coef, logits, true);
   Tensor kl_c = token_input("kl_coef", kl_coef, logits, false), ref_c = token_input("ref_logps", ref_logps, logits, false);
@@ -252,12 +252,14 @@ std::tuple<Tensor, Tensor, Tensor> fused_into(const Tensor& grad, bool inplace, 
   Tensor lo_c = token_input("ratio_lo", ratio_lo, logits, false), hi_c = token_input("ratio_hi", ratio_hi, logits, false);
   TORCH_CHECK(old_c.defined() == lo_c.defined() && old_c.defined() == hi_c.defined(),
               "frpo_kernels: pass old_logps, ratio_lo and ratio_hi together, or none of them");
+  TORCH_CHECK(gate_kind >= frpo::kGateWindow && gate_kind <= frpo::kGateSoft,
+              "frpo_kernels: gate_kind must be 0 (window), 1 (capped) or 2 (soft), got ", gate_kind);
   Tensor ent_coef_c = token_input("entropy_coef", entropy_coef, logits, false);
   with_entropy = with_entropy || ent_coef_c.defined();  // the entropy term needs H: it is returned too
   Tensor logp = token_output(logits), lse = token_output(logits);
   Tensor entropy = with_entropy ? token_output(logits) : at::empty({0}, logits.options().dtype(at::kFloat));
   frpo::FusedIn in{ptr(coef_c), ptr(kl_c), kl_c.defined() ? ptr(ref_c) : nullptr, ptr(old_c), ptr(lo_c), ptr(hi_c),
-                   ptr(ent_coef_c)};
+                   ptr(ent_coef_c), static_cast<frpo::GateKind>(gate_kind)};
   frpo::ForwardOut out{logp.data_ptr<float>(), lse.data_ptr<float>(), with_entropy ? entropy.data_ptr<float>() : nullptr};
   const frpo::GradView g = grad_view(grad, inplace);
   at::parallel_for(0, p.rows, grain_rows(p.view.vocab), [&](int64_t r0, int64_t r1) {
@@ -273,10 +275,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> fused(const Tensor& logits, const Ten
                                                  const std::optional<Tensor>& old_logps,
                                                  const std::optional<Tensor>& ratio_lo,
                                                  const std::optional<Tensor>& ratio_hi,
-                                                 const std::optional<Tensor>& entropy_coef) {
+                                                 const std::optional<Tensor>& entropy_coef, int64_t gate_kind) {
   Tensor grad = new_grad(logits);
   auto [logp, lse, entropy] = fused_into(grad, false, logits, ids, mask, temperature, coef, kl_coef, ref_logps,
-                                         with_entropy, old_logps, ratio_lo, ratio_hi, entropy_coef);
+                                         with_entropy, old_logps, ratio_lo, ratio_hi, entropy_coef, gate_kind);
   return {logp, lse, entropy, grad};
 }
 
@@ -287,10 +289,10 @@ std::tuple<Tensor, Tensor, Tensor> fused_inplace(const Tensor& logits, const Ten
                                                  const std::optional<Tensor>& old_logps,
                                                  const std::optional<Tensor>& ratio_lo,
                                                  const std::optional<Tensor>& ratio_hi,
-                                                 const std::optional<Tensor>& entropy_coef) {
+                                                 const std::optional<Tensor>& entropy_coef, int64_t gate_kind) {
   check_writable_logits(logits);
   return fused_into(logits, true, logits, ids, mask, temperature, coef, kl_coef, ref_logps, with_entropy,
-                    old_logps, ratio_lo, ratio_hi, entropy_coef);
+                    old_logps, ratio_lo, ratio_hi, entropy_coef, gate_kind);
 }
 
 std::string isa() { return frpo::active_isa(); }
@@ -317,10 +319,11 @@ TORCH_LIBRARY(frpo_kernels, m) {
         " Tensor? entropy, Tensor? dentropy, float temperature) -> ()");
   m.def("token_logprobs_fused(Tensor logits, Tensor ids, Tensor? mask, float temperature, Tensor coef,"
         " Tensor? kl_coef, Tensor? ref_logps, bool with_entropy, Tensor? old_logps=None, Tensor? ratio_lo=None,"
-        " Tensor? ratio_hi=None, Tensor? entropy_coef=None) -> (Tensor logp, Tensor lse, Tensor entropy, Tensor grad)");
+        " Tensor? ratio_hi=None, Tensor? entropy_coef=None, int gate_kind=0)"
+        " -> (Tensor logp, Tensor lse, Tensor entropy, Tensor grad)");
   m.def("token_logprobs_fused_inplace(Tensor(a!) logits, Tensor ids, Tensor? mask, float temperature, Tensor coef,"
         " Tensor? kl_coef, Tensor? ref_logps, bool with_entropy, Tensor? old_logps=None, Tensor? ratio_lo=None,"
-        " Tensor? ratio_hi=None, Tensor? entropy_coef=None) -> (Tensor logp, Tensor lse, Tensor entropy)");
+        " Tensor? ratio_hi=None, Tensor? entropy_coef=None, int gate_kind=0) -> (Tensor logp, Tensor lse, Tensor entropy)");
   m.def("cpu_isa() -> str", &isa);
   m.def("cpu_set_isa(str name) -> str", &set_isa);
   m.def("cpu_auto_slow_reason() -> str", &frpo::auto_slow_reason);

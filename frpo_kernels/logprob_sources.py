@@ -5,7 +5,7 @@ LM head (the logits then exist only as tiles). Each source runs both kernel path
   fused(row_mask, coef, kl_coef, ref, with_entropy, value_from_logp, gate, entropy_coef)
       -> (loss, logp, entropy)
       one sweep when dloss/dlogp = coef * gate + kl_coef * (1 - exp(ref - logp)) is known per token
-      (gate: None for 1, or (old_logps, lo, hi): the importance ratio inside [lo, hi] of its log, else 0);
+      (gate: None for 1, or a RatioGate: a function of the importance ratio, torch_reference.py's contract);
       entropy_coef: None, or dloss/dH per token: the entropy term's gradient joins the same sweep, and the
       entropy is returned (its value in the loss is the caller's to add)
 """

@@ -16,6 +16,7 @@ import torch
 
 from frpo_kernels import checks
 from frpo_kernels.backends import resolve
+from frpo_kernels.backends.torch_reference import RatioGate
 from frpo_kernels.config import LossConfig
 from frpo_kernels.distributed import BatchSpan, LocalSpan, gather_token_factor, sum_over_ranks
 from frpo_kernels.group_stats import GroupStats
@@ -23,7 +24,7 @@ from frpo_kernels.groups import Groups, advantages_from_rewards, make_groups
 from frpo_kernels.lam_auto import resolve_group_lams
 from frpo_kernels.logprob_sources import HiddenSource, LogitsSource
 from frpo_kernels.loss_types import Metric
-from frpo_kernels.objective import (clipped_ratio_gate, high_entropy_mask, k3_kl, kl_weights, mean_bonus_entropy,
+from frpo_kernels.objective import (fused_ratio_gate, high_entropy_mask, k3_kl, kl_weights, mean_bonus_entropy,
                                     off_policy_mask, one_pass_serves, per_token_kl, policy_loss, token_scale)
 from frpo_kernels.ops.token_logprobs import token_logprobs as _token_logprobs
 
@@ -258,7 +259,7 @@ def _unmasked_only(span, token_values, mask):
 def _fused_path(source, data, cfg, span, with_entropy):
     """One pass over V: each token's dloss/dlogp is known once its row is read. On-policy the ratios are
     exactly 1, so it does not depend on logp but through the row-local KL term: take it from the
-    objective at any logp. Off-policy, for a token-local loss, it is the clipped-ratio gate. A constant
+    objective at any logp. Off-policy, for a token-local loss, it is the loss type's kernel gate. A constant
     importance-sampling ratio multiplies either coefficient."""
     dtype = data.mask.dtype
     q = token_scale(cfg, data.is_ratio)  # one_pass_serves: no masks here
@@ -271,9 +272,9 @@ def _fused_path(source, data, cfg, span, with_entropy):
                                                 cfg, **objective)
             (coef,) = torch.autograd.grad(policy_value, probe)
     else:
-        coef, lo, hi = clipped_ratio_gate(data.mask, data.advantages, cfg,
-                                          None if data.stats is None else data.stats.size, q)
-        gate = tuple(span.local(t) for t in (data.old, lo, hi))
+        coef, lo, hi, kind = fused_ratio_gate(data.mask, data.advantages, cfg,
+                                              None if data.stats is None else data.stats.size, q)
+        gate = RatioGate(*(span.local(t) for t in (data.old, lo, hi)), kind)
         details = {}
     # this rank's rows; their gradient carries the world_size factor (see _loss)
     coef = span.local(coef) * span.world

@@ -8,8 +8,9 @@ An entry (LossType) gives
                    sampling ratio, objective.token_scale); the KL term uses the same weights
   levels           the importance_sampling_levels it takes; advised_level: the one TRL advises (TRL warns
                    otherwise, and so does LossConfig, with level_advice)
-  token_local      off-policy at token-level IS, d loss / d logp of a token is the clipped-ratio gate
-                   (objective.clipped_ratio_gate), so one fused sweep serves it
+  gate             off-policy at token-level IS, d loss / d logp of a token is -w A q times a function of
+                   its own ratio, one of the kernels' gates (torch_reference.py): gate(advantages, cfg) ->
+                   (lo, hi, kind). So one fused sweep serves it (token_local); None: two passes
   value_reads_logp the value is linear in logp itself, not only through ratios (cispo, vespo): the fused
                    on-policy path takes the value at the kernel's logp rather than at a probe
   ratio_inside     importance_sampling_ratio enters the surrogate (vespo's gamma weights, per token only)
@@ -29,6 +30,7 @@ from typing import Callable
 
 import torch
 
+from frpo_kernels.backends.torch_reference import GATE_CAPPED, GATE_SOFT, GATE_WINDOW
 from frpo_kernels.ratios import cap_log_ratio, clipped_ratios, positive_clip_cap, sequence_lengths
 
 IS_LEVELS = ("token", "sequence")
@@ -106,6 +108,34 @@ def sapo_surrogate(t: TokenTerms, cfg):
     # but keeps exp from overflowing
     ratio = torch.exp(torch.minimum(t.log_ratio, torch.log1p(40.0 / tau)))
     return -(torch.sigmoid(tau * (ratio - 1)) * 4 / tau) * adv, {}
+
+
+# ---------------------------------------------------------------------------------------------- fused gates
+# Each gives (lo, hi, kind) [B, T] for advantages [B, T]: d surrogate / d logp = -A * gate(logp - old).
+
+def window_gate(adv, cfg):
+    """The clipped surrogate's: -min(c1 A, c2 A) moves with r only where the min's active branch does: for
+    A > 0 up to the clip at 1 + epsilon_high (and delta, if lower); for A < 0 from 1 - epsilon_low on, up
+    to delta if given (past max(delta, 1 + epsilon_high) both branches are constant)."""
+    clip_high = math.log1p(cfg.epsilon_high)
+    log_delta = math.inf if cfg.delta is None else math.log(cfg.delta)
+    clip_low = math.log(1 - cfg.epsilon_low) if cfg.epsilon_low < 1 else -math.inf
+    lo = torch.where(adv < 0, clip_low, -math.inf)
+    hi = torch.where(adv < 0, max(log_delta, clip_high), positive_clip_cap(cfg))
+    return lo.to(adv.dtype), hi.to(adv.dtype), GATE_WINDOW
+
+
+def cispo_gate(adv, cfg):
+    """cispo's: -sg[min(r, epsilon_high)] A logp has d / d logp = -A min(r, epsilon_high)."""
+    cap = math.log(cfg.epsilon_high) if cfg.epsilon_high > 0 else -math.inf
+    return torch.full_like(adv, -math.inf), torch.full_like(adv, cap), GATE_CAPPED
+
+
+def sapo_gate(adv, cfg):
+    """sapo's: -sigmoid(tau (r - 1)) 4 / tau A has d / d logp = -A 4 s (1 - s) r, constant past the
+    surrogate's own cap log1p(40 / tau)."""
+    tau = torch.where(adv > 0, adv.new_tensor(cfg.sapo_temperature_pos), adv.new_tensor(cfg.sapo_temperature_neg))
+    return tau, torch.log1p(40.0 / tau), GATE_SOFT
 
 
 @torch.no_grad()
@@ -198,13 +228,18 @@ class LossType:
     normaliser: Normaliser
     surrogate: Callable | None     # None: group-coupled (FRPO)
     metrics: Callable
-    token_local: bool = False
+    gate: Callable | None = None
     value_reads_logp: bool = False
     ratio_inside: bool = False
     levels: tuple = IS_LEVELS
     advised_level: str | None = None
     level_advice: str = ""
     options: tuple = ()            # the keywords only this type reads (TRL's GRPOConfig names)
+
+    @property
+    def token_local(self) -> bool:
+        """Off-policy at token-level IS, one fused sweep serves it (its gradient is a kernel gate)."""
+        return self.gate is not None
 
     @property
     def group_coupled(self) -> bool:
@@ -218,18 +253,18 @@ _TOKEN_SUM_ADVICE = ("it sums per-token terms, so each sequence weighs by its le
 
 TYPES = {entry.name: entry for entry in (
     LossType("frpo", SEQUENCE_MEAN, None, frpo_metrics),
-    LossType("grpo", SEQUENCE_MEAN, clipped_surrogate, clipped_metrics, token_local=True),
-    LossType("bnpo", BATCH_TOKENS, clipped_surrogate, clipped_metrics, token_local=True,
+    LossType("grpo", SEQUENCE_MEAN, clipped_surrogate, clipped_metrics, gate=window_gate),
+    LossType("bnpo", BATCH_TOKENS, clipped_surrogate, clipped_metrics, gate=window_gate,
              advised_level="token", level_advice=_TOKEN_SUM_ADVICE),
-    LossType("dr_grpo", ROWS_TIMES_LENGTH, clipped_surrogate, clipped_metrics, token_local=True,
+    LossType("dr_grpo", ROWS_TIMES_LENGTH, clipped_surrogate, clipped_metrics, gate=window_gate,
              advised_level="token", level_advice=_TOKEN_SUM_ADVICE),
-    LossType("dapo", ITEMS_IN_BATCH, clipped_surrogate, clipped_metrics, token_local=True,
+    LossType("dapo", ITEMS_IN_BATCH, clipped_surrogate, clipped_metrics, gate=window_gate,
              advised_level="token", level_advice=_TOKEN_SUM_ADVICE),
-    LossType("cispo", ITEMS_IN_BATCH, cispo_surrogate, cispo_metrics, value_reads_logp=True,
+    LossType("cispo", ITEMS_IN_BATCH, cispo_surrogate, cispo_metrics, gate=cispo_gate, value_reads_logp=True,
              advised_level="token", level_advice=_TOKEN_SUM_ADVICE),
-    LossType("sapo", SEQUENCE_MEAN, sapo_surrogate, no_metrics,
+    LossType("sapo", SEQUENCE_MEAN, sapo_surrogate, no_metrics, gate=sapo_gate,
              options=("sapo_temperature_pos", "sapo_temperature_neg")),
-    LossType("luspo", SEQUENCE_SUM, clipped_surrogate, clipped_metrics, token_local=True,
+    LossType("luspo", SEQUENCE_SUM, clipped_surrogate, clipped_metrics, gate=window_gate,
              advised_level="sequence",
              level_advice="LUSPO (a length-scaled GSPO) is defined with importance_sampling_level='sequence'"),
     LossType("vespo", ITEMS_IN_BATCH, vespo_surrogate, vespo_metrics, value_reads_logp=True, ratio_inside=True,

@@ -5,7 +5,6 @@ normalisers and metrics, which are loss_types.py's table. Shapes: [B, T] tokens,
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -14,7 +13,7 @@ from frpo_kernels.config import LossConfig
 from frpo_kernels.groups import Groups, group_log_terms
 from frpo_kernels.lam_auto import lam_scale
 from frpo_kernels.loss_types import TokenTerms
-from frpo_kernels.ratios import level_log_ratio, log_min_ratio, log_ratios, positive_clip_cap, sequence_lengths
+from frpo_kernels.ratios import level_log_ratio, log_min_ratio, log_ratios, sequence_lengths
 
 
 @dataclass(frozen=True)
@@ -146,9 +145,9 @@ def _needs_two_passes(cfg: LossConfig) -> bool:
 def is_token_local(cfg: LossConfig) -> bool:
     """Whether a token's gradient coefficient needs only that token (its logp, old and ref log-probs,
     its row's advantage, its constant importance-sampling ratio and the batch's normaliser): then one
-    fused sweep serves off-policy too (the loss type's clipped-ratio gate). FRPO (group log-means),
-    sequence-level IS (a row's mean log-ratio), cispo / sapo / vespo (not the gate's form) and the
-    options of _needs_two_passes need statistics first."""
+    fused sweep serves off-policy too (the loss type's kernel gate). FRPO (group log-means),
+    sequence-level IS (a row's mean log-ratio), vespo (a row's gamma weight) and the options of
+    _needs_two_passes need statistics first."""
     return cfg.kind.token_local and cfg.importance_sampling_level == "token" and not _needs_two_passes(cfg)
 
 
@@ -158,24 +157,16 @@ def one_pass_serves(cfg: LossConfig, on_policy: bool) -> bool:
     return (on_policy and not _needs_two_passes(cfg)) or is_token_local(cfg)
 
 
-def clipped_ratio_gate(mask, advantages, cfg: LossConfig, size: BatchSize | None = None, q=None):
-    """The token-local losses' gradient off-policy as the kernels' gate: (coef, lo, hi) [B, T] with
-    d policy_loss / d logp = coef * r where lo <= log r <= hi, else 0 (r = exp(logp - old)).
-
-    -min(c1 A, c2 A) (times q, a constant importance-sampling ratio) moves with r only where the min's
-    active branch does: for A > 0 up to the clip at 1 + epsilon_high (and delta, if lower); for A < 0
-    from 1 - epsilon_low on, up to delta if given (past max(delta, 1 + epsilon_high) both branches are
-    constant)."""
+def fused_ratio_gate(mask, advantages, cfg: LossConfig, size: BatchSize | None = None, q=None):
+    """A token-local loss's gradient off-policy as the kernels' gate: (coef [B, T], RatioGate without its
+    old_logps) with d policy_loss / d logp = coef * gate(logp - old): coef = -w A q (w the token weights,
+    q a constant importance-sampling ratio), the gate the loss type's (loss_types.LossType.gate)."""
     adv = advantages.unsqueeze(-1).expand_as(mask)
     coef = -token_weights(mask, cfg, size) * adv
     if q is not None:
         coef = coef * q
-    clip_high = math.log1p(cfg.epsilon_high)
-    log_delta = math.inf if cfg.delta is None else math.log(cfg.delta)
-    clip_low = math.log(1 - cfg.epsilon_low) if cfg.epsilon_low < 1 else -math.inf
-    lo = torch.where(adv < 0, clip_low, -math.inf)
-    hi = torch.where(adv < 0, max(log_delta, clip_high), positive_clip_cap(cfg))
-    return coef, lo.to(mask.dtype), hi.to(mask.dtype)
+    lo, hi, kind = cfg.kind.gate(adv, cfg)
+    return coef, lo.to(mask.dtype), hi.to(mask.dtype), kind
 
 
 def frpo_log_terms(log_ratio, mask, advantages, cfg: LossConfig, lam=None, q=None):

@@ -43,7 +43,7 @@ CASES = {
     "fused_frpo_uneven": ((3, 5), 2, dict(loss_type="frpo", jackknife=False), {"fused": True,
                                                                                  "short_rank0": True}),
     "fused_bnpo_kl": ((4, 4), 4, dict(loss_type="bnpo", beta=0.1), {"fused": True}),
-    # ... and off-policy for a token-local loss (the clipped-ratio gate)
+    # ... and off-policy for a token-local loss (its kernel gate)
     "fused_grpo_offpolicy_kl": ((4, 4), 2, dict(loss_type="grpo", beta=0.1, delta=1.5), {"fused": True, "old": True}),
     "fused_dapo_offpolicy_uneven": ((5, 3), 4, dict(loss_type="dapo"), {"fused": True, "old": True,
                                                                         "short_rank0": True}),

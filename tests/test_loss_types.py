@@ -281,13 +281,15 @@ PATHS = [  # (loss_type, option_set, with_old, one pass?)
     ("cispo", "is_token", False, True),  # on-policy: the value is taken at the kernel's logp
     ("vespo", "is_token", False, True),
     ("sapo", "plain", False, True),
-    ("cispo", "plain", True, False),     # off-policy: not the clipped-ratio gate
-    ("sapo", "plain", True, False),
-    ("vespo", "plain", True, False),
+    ("cispo", "plain", True, True),      # off-policy: its capped-ratio gate
+    ("sapo", "plain", True, True),       # ... its soft gate
+    ("cispo", "is_token", True, True),
+    ("sapo", "is_row", True, True),
+    ("vespo", "plain", True, False),     # a row's gamma weight
     ("grpo", "off_policy", False, False),
     ("grpo", "entropy_mask", True, False),
     ("dapo", "entropy_bonus", False, True),   # the bonus's gradient joins the sweep (entropy_coef)
-    ("grpo", "entropy_bonus", True, True),    # ... off-policy too, with the clipped-ratio gate
+    ("grpo", "entropy_bonus", True, True),    # ... off-policy too, with the loss type's gate
     ("frpo", "entropy_bonus", False, True),
     ("grpo", "kl_bias_corrected", False, False),
 ]

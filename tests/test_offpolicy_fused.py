@@ -1,6 +1,6 @@
-"""Off-policy in one pass: with old_logps, a token-local loss (the GRPO family at token-level IS) takes
-the fused sweep, its token gradient the clipped-ratio gate (objective.clipped_ratio_gate); FRPO and
-sequence-level IS keep the two-pass path.
+"""Off-policy in one pass: with old_logps, a token-local loss (at token-level IS: the clipped GRPO family,
+cispo, sapo) takes the fused sweep, its token gradient its kernel gate (objective.fused_ratio_gate); FRPO,
+vespo and sequence-level IS keep the two-pass path.
 
 - float64: the fused path on the reference kernels equals the two-pass path to 1e-10 (value, metrics,
   gradient) for loss() and linear_loss(), every token-local type, delta, KL, masks, group_stats;
@@ -13,11 +13,14 @@ import pytest
 import torch
 
 import frpo_kernels
+from frpo_kernels import loss_types
 from helpers import INTERPRETED, count_kernel_calls, rerun_under_interpreter, use_backend
 
 loss_module = importlib.import_module("frpo_kernels.loss")  # the module (frpo_kernels.loss is the function)
 B, T, H, V = 6, 5, 8, 41
-TOKEN_LOCAL = ["grpo", "bnpo", "dr_grpo", "dapo"]
+TOKEN_LOCAL = [name for name in loss_types.NAMES if loss_types.get(name).token_local]
+# where each type's gate has two branches, the metric that proves the batch reaches both (sapo: none)
+BOTH_BRANCHES = {"cispo": "cispo_clip_ratio", "sapo": None}
 
 
 def batch(seed=0, spread=0.3):
@@ -37,8 +40,10 @@ def batch(seed=0, spread=0.3):
 
 
 def options(loss_type, delta, beta, ref):
+    # cispo's epsilon_high is an absolute cap on the ratio: 1.1 caps some of the batch's ratios, not all
     return dict(loss_type=loss_type, delta=delta, beta=beta, ref_logps=ref if beta else None, group_size=3,
-                max_completion_length=7 if loss_type == "dr_grpo" else None, return_metrics=True)
+                max_completion_length=7 if loss_type == "dr_grpo" else None, return_metrics=True,
+                epsilon_high=1.1 if loss_type == "cispo" else 0.2)
 
 
 def value_grad_metrics(fn, leaf):
@@ -78,7 +83,9 @@ def test_fused_equals_two_pass_in_float64(monkeypatch, loss_type, delta, beta, e
     assert torch.allclose(fused[0], two_pass[0], rtol=1e-10, atol=1e-12)
     assert torch.allclose(fused[1], two_pass[1], rtol=1e-10, atol=1e-10 * two_pass[1].abs().max())
     assert_metrics_equal(fused[2], two_pass[2], 1e-10)
-    assert two_pass[2]["clip_ratio/region_mean"] > 0  # the gate was exercised on both sides
+    both = BOTH_BRANCHES.get(loss_type, "clip_ratio/region_mean")
+    if both is not None:  # the gate was exercised on both sides
+        assert 0 < two_pass[2][both] < 1
 
 
 def test_micro_batches_with_group_stats_in_one_pass_each(monkeypatch):
@@ -103,8 +110,8 @@ def test_micro_batches_with_group_stats_in_one_pass_each(monkeypatch):
     assert torch.allclose(grad, whole[1], rtol=1e-10, atol=1e-12)
 
 
-KERNEL_CASES = list(itertools.product(["cpu", "triton"], ["grpo", "dapo", "dr_grpo"], [torch.float32, torch.bfloat16],
-                                      ["logits", "hidden"]))
+KERNEL_CASES = list(itertools.product(["cpu", "triton"], ["grpo", "dapo", "dr_grpo", "cispo", "sapo"],
+                                      [torch.float32, torch.bfloat16], ["logits", "hidden"]))
 
 
 @pytest.mark.parametrize("backend, loss_type, dtype, entry", KERNEL_CASES)
@@ -137,7 +144,8 @@ def test_kernels_take_one_pass_and_match_float64(monkeypatch, backend, loss_type
 
 
 @pytest.mark.parametrize("backend", ["cpu", "triton"])
-@pytest.mark.parametrize("loss_type, level", [("frpo", "token"), ("grpo", "sequence")])
+@pytest.mark.parametrize("loss_type, level", [("frpo", "token"), ("grpo", "sequence"), ("vespo", "token"),
+                                               ("sapo", "sequence")])
 def test_row_or_group_coupled_losses_keep_two_passes(monkeypatch, backend, loss_type, level):
     backend = use_backend(backend)
     hidden, weight, ids, mask, old, ref, rewards = batch(seed=2)

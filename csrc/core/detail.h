@@ -2,6 +2,7 @@
 // polynomial exp, and the per-row algorithm written once over an "inner loops" policy (Ops).
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -360,11 +361,17 @@ void backward_rows_t(const LogitsView& L, const TokenInputs& tok, const Backward
   if (G.streaming) Ops::fence();
 }
 
-// coef * exp(logp - old) inside [lo, hi] of the log-ratio, else 0 (a NaN log-ratio gives 0; the row's NaN
-// lse still makes its gradient NaN, as torch's).
-inline float ratio_gated(float coef, float logp, float old, float lo, float hi) {
+// coef times the gate of `kind` (logprob_kernels.h) of the log-ratio logp - old, in double; a NaN log-ratio
+// gives 0 (the row's NaN lse still makes its gradient NaN, as torch's).
+inline float ratio_gated(GateKind kind, float coef, float logp, float old, float lo, float hi) {
   const double log_ratio = double(logp) - double(old);
-  return log_ratio >= lo && log_ratio <= hi ? float(double(coef) * std::exp(log_ratio)) : 0.f;
+  if (std::isnan(log_ratio)) return 0.f;
+  if (kind == kGateCapped) return float(double(coef) * std::exp(std::min(log_ratio, double(hi))));
+  if (log_ratio > hi || (kind == kGateWindow && log_ratio < lo)) return 0.f;
+  const double ratio = std::exp(log_ratio);
+  if (kind == kGateWindow) return float(double(coef) * ratio);
+  const double e = std::exp(-std::abs(double(lo) * (ratio - 1.0)));  // s (1 - s) = e / (1 + e)^2, s = sigmoid
+  return float(double(coef) * 4.0 * e / ((1.0 + e) * (1.0 + e)) * ratio);
 }
 
 template <class Ops, class E>
@@ -408,7 +415,8 @@ void fused_rows_t(const LogitsView& L, const TokenInputs& tok, const FusedIn& in
     out.lse[r] = st.lse;
     if (out.entropy) out.entropy[r] = st.entropy;
     float dlogp = in.coef[r];
-    if (in.old_logps) dlogp = ratio_gated(dlogp, st.logp, in.old_logps[r], in.ratio_lo[r], in.ratio_hi[r]);
+    if (in.old_logps) dlogp = ratio_gated(in.gate_kind, dlogp, st.logp, in.old_logps[r], in.ratio_lo[r],
+                                                in.ratio_hi[r]);
     if (with_kl) dlogp += float(double(in.kl_coef[r]) * (1.0 - std::exp(double(in.ref_logps[r]) - st.logp)));
     const float ecoef = with_ent_grad ? in.entropy_coef[r] : 0.f;
     if (std::isfinite(st.lse)) {

@@ -48,9 +48,15 @@ struct BackwardIn {
 };
 
 // Fused: dlogp = coef*gate + kl_coef*(1 - exp(ref_logps - logp)); kl_coef/ref_logps both nullptr: no KL term.
-// gate = 1 without old_logps; with them (an importance ratio r = exp(logp - old_logps)) gate = r where
-// ratio_lo <= logp - old_logps <= ratio_hi, else 0: the clipped-ratio losses' token gradient, known as soon
-// as the row's logp is (old_logps, ratio_lo, ratio_hi: all three or none; the bounds may be +-inf).
+// gate = 1 without old_logps; with them, a function of the log-ratio l = logp - old_logps (r = exp(l)),
+// known as soon as the row's logp is (old_logps, ratio_lo, ratio_hi: all three or none; they may be +-inf),
+// 0 where l is NaN, by gate_kind:
+//   kGateWindow  r where ratio_lo <= l <= ratio_hi, else 0: the clipped-ratio losses' token gradient
+//   kGateCapped  min(r, exp(ratio_hi)) (ratio_lo unread): cispo's detached capped ratio
+//   kGateSoft    4 s (1 - s) r, s = sigmoid(ratio_lo * (r - 1)), where l <= ratio_hi, else 0: sapo's soft
+//                gate (ratio_lo its temperature, ratio_hi the log-ratio past which its loss is constant)
+enum GateKind : int { kGateWindow = 0, kGateCapped = 1, kGateSoft = 2 };
+
 // entropy_coef (nullptr: no entropy term): dloss/dH per token; the gradient gains
 // -entropy_coef * p * (log p + H) / T, and the row's entropy is computed for it (written to
 // ForwardOut::entropy when that is given).
@@ -62,6 +68,7 @@ struct FusedIn {
   const float* ratio_lo = nullptr;
   const float* ratio_hi = nullptr;
   const float* entropy_coef = nullptr;
+  GateKind gate_kind = kGateWindow;
 };
 
 // Each function handles rows [row_begin, row_end) of the flattened batch*length rows, so callers can

@@ -9,6 +9,9 @@ import threading
 
 import torch
 
+
+from frpo_kernels.backends.torch_reference import GATE_WINDOW
+
 _BUILD_HINT = "build it with: pip install --no-build-isolation -e ."
 ISAS = ("auto", "avx512", "avx2", "portable")  # FRPO_CPU_ISA's values; see isa() / set_isa()
 _lock = threading.Lock()
@@ -143,14 +146,14 @@ def _register_fakes():
     # with an entropy_coef the fused ops compute and return the entropy whatever with_entropy says
     @torch.library.register_fake(ops + "token_logprobs_fused")
     def _fused_fake(logits, ids, mask, temperature, coef, kl_coef, ref_logps, with_entropy, old_logps=None,
-                    ratio_lo=None, ratio_hi=None, entropy_coef=None):
+                    ratio_lo=None, ratio_hi=None, entropy_coef=None, gate_kind=0):
         return (_token_like(logits), _token_like(logits),
                 _entropy_like(logits, with_entropy or entropy_coef is not None),
                 torch.empty(logits.shape, dtype=logits.dtype, device=logits.device))
 
     @torch.library.register_fake(ops + "token_logprobs_fused_inplace")
     def _fused_inplace_fake(logits, ids, mask, temperature, coef, kl_coef, ref_logps, with_entropy, old_logps=None,
-                            ratio_lo=None, ratio_hi=None, entropy_coef=None):
+                            ratio_lo=None, ratio_hi=None, entropy_coef=None, gate_kind=0):
         return (_token_like(logits), _token_like(logits),
                 _entropy_like(logits, with_entropy or entropy_coef is not None))
 
@@ -175,13 +178,14 @@ def backward(logits, ids, mask, lse, dlogp, entropy, dentropy, temperature, inpl
 
 
 def fused(logits, ids, mask, temperature, coef, kl_coef, ref_logps, with_entropy, inplace=False,
-          old_logps=None, ratio_lo=None, ratio_hi=None, entropy_coef=None):
+          old_logps=None, ratio_lo=None, ratio_hi=None, entropy_coef=None, gate_kind=GATE_WINDOW):
     _require()
     if kl_coef is None:
         ref_logps = None
     coef = _per_token(coef, logits)
     with_entropy = bool(with_entropy) or entropy_coef is not None  # the entropy term computes (and returns) H
-    extra = (old_logps, ratio_lo, ratio_hi, None if entropy_coef is None else _per_token(entropy_coef, logits))
+    extra = (old_logps, ratio_lo, ratio_hi, None if entropy_coef is None else _per_token(entropy_coef, logits),
+             int(gate_kind))
     if inplace:
         logp, lse, entropy = torch.ops.frpo_kernels.token_logprobs_fused_inplace(
             logits, ids, mask, float(temperature), coef, kl_coef, ref_logps, with_entropy, *extra)

@@ -3,6 +3,8 @@ must compute. The O(B*T*V) contract shared by cpu.py (csrc/) and triton/; tests 
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 # Kernel contract (every backend module exposes these three functions with these signatures):
@@ -20,17 +22,34 @@ import torch
 #       logits' own storage and returns that tensor; otherwise a new [B, T, V] tensor of the
 #       logits' dtype (contiguous).
 #   fused(logits, ids, mask, temperature, coef, kl_coef, ref_logps, with_entropy, inplace,
-#         old_logps=None, ratio_lo=None, ratio_hi=None, entropy_coef=None)
+#         old_logps=None, ratio_lo=None, ratio_hi=None, entropy_coef=None, gate_kind=GATE_WINDOW)
 #         -> (logp, lse, entropy or None, grad_logits)
 #       forward and backward in one pass over each row, with the token's loss gradient
 #       dlogp = coef * gate + kl_coef * (1 - exp(ref_logps - logp))   (kl_coef / ref_logps may be None)
 #       known once the row's logp is known. gate = 1 without old_logps; with them (and ratio_lo/hi, all
-#       three or none) gate = exp(logp - old_logps) where ratio_lo <= logp - old_logps <= ratio_hi, else 0:
-#       the token gradient of the clipped-ratio (GRPO-family) losses off-policy.
+#       three or none) a function of the log-ratio l = logp - old_logps chosen by gate_kind (0 where l is NaN):
+#         GATE_WINDOW (0)  exp(l) where ratio_lo <= l <= ratio_hi, else 0: the clipped-ratio (GRPO-family)
+#                          losses' token gradient off-policy
+#         GATE_CAPPED (1)  exp(min(l, ratio_hi)) = min(r, e^ratio_hi) (ratio_lo unread): cispo's sg[min(r, cap)]
+#         GATE_SOFT   (2)  4 s (1 - s) exp(l), s = sigmoid(ratio_lo * (exp(l) - 1)), where l <= ratio_hi, else 0:
+#                          sapo's soft gate, ratio_lo its temperature tau, ratio_hi the log-ratio past which
+#                          the loss holds it constant
 #       entropy_coef [B, T] (None: no entropy term) is dloss/dH of each token's entropy H (of
 #       softmax(logits / T)): grad gains -entropy_coef * p * (log p + H) / T, backward's dentropy term
 #       (p log p = 0 where p = 0). The row's H is then computed in the same pass and returned, as if
 #       with_entropy were True.
+
+
+GATE_WINDOW, GATE_CAPPED, GATE_SOFT = 0, 1, 2
+GATE_KINDS = (GATE_WINDOW, GATE_CAPPED, GATE_SOFT)
+
+
+class RatioGate(NamedTuple):
+    """fused()'s importance-ratio gate: its per-token tensors and its kind (the contract above)."""
+    old_logps: torch.Tensor
+    lo: torch.Tensor
+    hi: torch.Tensor
+    kind: int = GATE_WINDOW
 
 
 def forward(logits, ids, mask, temperature, with_entropy):
@@ -84,10 +103,10 @@ def backward(logits, ids, mask, lse, dlogp, entropy, dentropy, temperature, inpl
 
 
 def fused(logits, ids, mask, temperature, coef, kl_coef, ref_logps, with_entropy, inplace=False,
-          old_logps=None, ratio_lo=None, ratio_hi=None, entropy_coef=None):
+          old_logps=None, ratio_lo=None, ratio_hi=None, entropy_coef=None, gate_kind=GATE_WINDOW):
     with_entropy = with_entropy or entropy_coef is not None
     logp, lse, entropy = forward(logits, ids, mask, temperature, with_entropy)
-    dlogp = token_loss_gradient(logp, coef, kl_coef, ref_logps, old_logps, ratio_lo, ratio_hi)
+    dlogp = token_loss_gradient(logp, coef, kl_coef, ref_logps, old_logps, ratio_lo, ratio_hi, gate_kind)
     dentropy = None
     if entropy_coef is not None:
         dentropy = torch.as_tensor(entropy_coef, dtype=entropy.dtype, device=entropy.device).expand_as(entropy)
@@ -96,13 +115,31 @@ def fused(logits, ids, mask, temperature, coef, kl_coef, ref_logps, with_entropy
     return logp, lse, entropy, grad
 
 
-def token_loss_gradient(logp, coef, kl_coef, ref_logps, old_logps=None, ratio_lo=None, ratio_hi=None):
+def token_loss_gradient(logp, coef, kl_coef, ref_logps, old_logps=None, ratio_lo=None, ratio_hi=None,
+                        gate_kind=GATE_WINDOW):
     """dloss/dlogp of a token in the fused path: coef (gated by the importance ratio when old_logps are
     given) plus the k3-KL derivative."""
     if old_logps is not None:
-        log_ratio = logp - old_logps
-        inside = (log_ratio >= ratio_lo) & (log_ratio <= ratio_hi)
-        coef = torch.where(inside, coef * torch.exp(torch.where(inside, log_ratio, 0.0)), 0.0)
+        inside, gate = ratio_gate(logp - old_logps, ratio_lo, ratio_hi, gate_kind)
+        coef = torch.where(inside, coef * gate, 0.0)
     if kl_coef is None:
         return coef
     return coef + kl_coef * (1.0 - torch.exp(ref_logps - logp))
+
+
+def ratio_gate(log_ratio, lo, hi, gate_kind):
+    """The fused path's importance-ratio gate of the log-ratio (the contract above): (where it is open,
+    its value there); closed where the log-ratio is NaN."""
+    if gate_kind == GATE_CAPPED:
+        inside = ~torch.isnan(log_ratio)
+        return inside, torch.exp(torch.where(inside, torch.minimum(log_ratio, torch.as_tensor(hi)), 0.0))
+    inside = log_ratio <= hi
+    if gate_kind == GATE_WINDOW:
+        inside = inside & (log_ratio >= lo)
+    elif gate_kind != GATE_SOFT:
+        raise ValueError(f"gate_kind must be one of {GATE_KINDS}, got {gate_kind!r}")
+    ratio = torch.exp(torch.where(inside, log_ratio, 0.0))
+    if gate_kind == GATE_SOFT:
+        s = torch.sigmoid(lo * (ratio - 1))
+        ratio = 4 * s * (1 - s) * ratio
+    return inside, ratio

@@ -35,6 +35,7 @@ import torch
 
 from frpo_kernels import checks
 from frpo_kernels.backends import kernels, resolve, torch_reference
+from frpo_kernels.backends.torch_reference import GATE_WINDOW
 from frpo_kernels.ops import tile_policy
 from frpo_kernels.ops.token_logprobs import _refuse_double_backward
 
@@ -307,7 +308,7 @@ def linear_fused_loss(hidden, weight, bias, ids, mask, temperature, coef, kl_coe
     from hidden [..., H] and the head weight [V, H] (+ bias [V]), in one sweep over the tiles.
 
     ids, mask (bool or None), coef, kl_coef and ref_logps (both or neither None) have hidden's
-    leading shape; gate: None, or (old_logps, ratio_lo, ratio_hi) of that shape (torch_reference.py's
+    leading shape; gate: None, or a RatioGate of tensors of that shape (torch_reference.py's
     importance-ratio gate); entropy_coef: None, or dloss/dH of each token's entropy, of that shape (the
     entropy term's gradient joins each tile's, so it reaches hidden, weight and bias; the entropy is
     then computed and returned, as with with_entropy=True, and the value of that term is the caller's to
@@ -336,7 +337,8 @@ def linear_fused_loss(hidden, weight, bias, ids, mask, temperature, coef, kl_coe
         raise ValueError("linear_fused_loss: kl_coef needs ref_logps")
     kl_coef = sweep.per_token(kl_coef)
     ref_logps = None if kl_coef is None else sweep.per_token(ref_logps)
-    gate = (None,) * 3 if gate is None else tuple(sweep.per_token(t) for t in gate)
+    gate_kind = GATE_WINDOW if gate is None else gate.kind
+    gate = (None,) * 3 if gate is None else tuple(sweep.per_token(t) for t in gate[:3])
     entropy_coef = None if entropy_coef is None else sweep.per_token(
         entropy_coef if isinstance(entropy_coef, torch.Tensor) else torch.full(shape, float(entropy_coef),
                                                                                device=hidden.device))
@@ -352,7 +354,8 @@ def linear_fused_loss(hidden, weight, bias, ids, mask, temperature, coef, kl_coe
                             None if kl_coef is None else sweep.take(kl_coef, start, stop),
                             None if ref_logps is None else sweep.take(ref_logps, start, stop),
                             with_entropy, True, *(None if t is None else sweep.take(t, start, stop) for t in gate),
-                            entropy_coef=None if entropy_coef is None else sweep.take(entropy_coef, start, stop))
+                            entropy_coef=None if entropy_coef is None else sweep.take(entropy_coef, start, stop),
+                            gate_kind=gate_kind)
         sweep.put(logp, start, stop, lp)
         if with_entropy:
             sweep.put(entropy, start, stop, ent)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from frpo_kernels.backends import kernels, torch_reference
+from frpo_kernels.backends.torch_reference import GATE_WINDOW
 
 
 class TokenLogprobs(torch.autograd.Function):
@@ -97,7 +98,7 @@ def fused_loss(logits, ids, mask, temperature, coef, kl_coef, ref_logps, with_en
 
     value_from_logp(logp) -> scalar loss value (no gradient needed); returns (loss, logp, entropy).
     overwrite_logits: the gradient is written into the logits' own storage (no [B, T, V] buffer).
-    gate: None, or (old_logps, ratio_lo, ratio_hi) [B, T] (torch_reference.py's importance-ratio gate).
+    gate: None, or a RatioGate of [B, T] tensors (torch_reference.py's importance-ratio gate).
     entropy_coef: None, or dloss/dH [B, T] of each token's entropy: its gradient is added in the same
     pass, and the entropy is computed and returned (as with with_entropy=True). The loss value stays
     value_from_logp(logp): the caller adds the entropy part's value from the returned entropy (detached:
@@ -112,7 +113,8 @@ def fused_loss(logits, ids, mask, temperature, coef, kl_coef, ref_logps, with_en
     logp, _, entropy, grad_logits = kernels(backend).fused(
         unit_stride.detach(), ids.long(), mask, temperature, per_token(coef), per_token(kl_coef),
         per_token(ref_logps), with_entropy, overwrite_logits or copied,
-        *((None,) * 3 if gate is None else (per_token(t) for t in gate)), entropy_coef=per_token(entropy_coef))
+        *((None,) * 3 if gate is None else (per_token(t) for t in gate[:3])), entropy_coef=per_token(entropy_coef),
+        gate_kind=GATE_WINDOW if gate is None else gate.kind)
     if overwrite_logits and not copied:
         _mark_overwritten(logits)
     value = value_from_logp(logp)

@@ -25,7 +25,8 @@ KERNELS = ("forward", "backward", "fused")
 ALL_FEATURES = {
     "forward": {"HAS_MASK": True, "WITH_ENTROPY": True},
     "backward": {"HAS_MASK": True, "WITH_ENTROPY_GRAD": True},
-    "fused": {"HAS_MASK": True, "HAS_KL": True, "HAS_GATE": True, "WITH_ENTROPY": True, "HAS_ENTROPY_GRAD": True},
+    "fused": {"HAS_MASK": True, "HAS_KL": True, "HAS_GATE": True, "WITH_ENTROPY": True, "HAS_ENTROPY_GRAD": True,
+              "GATE_KIND": 2},  # sapo's soft gate: the most live values of the three
 }
 _ROW_INTS = ("stride_b", "stride_t", "grad_stride_b", "grad_stride_t")
 

@@ -124,14 +124,34 @@ def backward_kernel(logits_ptr, stride_b, stride_t, ids_ptr, mask_ptr, lse_ptr, 
 
 
 @triton.jit
+def _ratio_gated(coef, log_ratio, lo, hi, live, GATE_KIND: tl.constexpr):
+    """coef times the importance-ratio gate of GATE_KIND (fused_kernel's docstring); 0 where the log-ratio
+    is NaN (every comparison with it is false)."""
+    if GATE_KIND == 1:
+        inside = log_ratio == log_ratio
+        gate = tl.exp(tl.where(inside, tl.minimum(log_ratio, hi), 0.0))
+    else:
+        inside = log_ratio <= hi
+        if GATE_KIND == 0:
+            inside = inside & (log_ratio >= lo)
+        gate = tl.exp(tl.where(inside, log_ratio, 0.0))
+        if GATE_KIND == 2:  # s (1 - s) = e / (1 + e)^2, e = exp(-|x|): no cancellation where s rounds to 1
+            e = tl.exp(-tl.abs(lo * (gate - 1.0)))
+            gate = 4.0 * e / ((1.0 + e) * (1.0 + e)) * gate
+    return tl.where(inside & live, coef * gate, 0.0)
+
+
+@triton.jit
 def fused_kernel(logits_ptr, stride_b, stride_t, ids_ptr, mask_ptr, coef_ptr, kl_coef_ptr, ref_ptr,
                  old_ptr, ratio_lo_ptr, ratio_hi_ptr, entropy_coef_ptr,
                  logp_ptr, lse_ptr, entropy_ptr, grad_ptr, grad_stride_b, grad_stride_t, N, T, V,
                  inv_temperature, HAS_MASK: tl.constexpr, HAS_KL: tl.constexpr, HAS_GATE: tl.constexpr,
                  WITH_ENTROPY: tl.constexpr, HAS_ENTROPY_GRAD: tl.constexpr, ROWS: tl.constexpr,
-                 BLOCK_V: tl.constexpr):
+                 BLOCK_V: tl.constexpr, GATE_KIND: tl.constexpr = 0):
     """Forward, then dlogp = coef * gate + kl_coef * (1 - exp(ref - logp)), then the gradient sweep
-    (gate, with HAS_GATE: exp(logp - old) where ratio_lo <= logp - old <= ratio_hi, else 0).
+    (gate, with HAS_GATE: GATE_KIND's function of l = logp - old, torch_reference.py's contract: 0, the
+    window exp(l) where ratio_lo <= l <= ratio_hi; 1, exp(min(l, ratio_hi)); 2, sapo's
+    4 s (1 - s) exp(l), s = sigmoid(ratio_lo (exp(l) - 1)), where l <= ratio_hi; else 0).
     HAS_ENTROPY_GRAD (needs WITH_ENTROPY: the sweep uses the row's entropy): the sweep also adds
     -entropy_coef * p * (log p + H) / T, the entropy term of the loss.
 
@@ -148,10 +168,9 @@ def fused_kernel(logits_ptr, stride_b, stride_t, ids_ptr, mask_ptr, coef_ptr, kl
         logp = tl.where(live, z_target * inv_temperature - lse, 0.0)
         dlogp = tl.load(coef_ptr + row, mask=live, other=0.0)
         if HAS_GATE:
-            log_ratio = logp - tl.load(old_ptr + row, mask=live, other=0.0)
-            inside = (log_ratio >= tl.load(ratio_lo_ptr + row, mask=live, other=0.0)) \
-                & (log_ratio <= tl.load(ratio_hi_ptr + row, mask=live, other=0.0))
-            dlogp = tl.where(inside & live, dlogp * tl.exp(tl.where(inside, log_ratio, 0.0)), 0.0)
+            dlogp = _ratio_gated(dlogp, logp - tl.load(old_ptr + row, mask=live, other=0.0),
+                                 tl.load(ratio_lo_ptr + row, mask=live, other=0.0),
+                                 tl.load(ratio_hi_ptr + row, mask=live, other=0.0), live, GATE_KIND)
         if HAS_KL:
             kl_coef = tl.load(kl_coef_ptr + row, mask=live, other=0.0)
             ref = tl.load(ref_ptr + row, mask=live, other=0.0)

@@ -20,6 +20,7 @@ except ImportError as exc:  # availability() reports it; nothing below runs with
     _IMPORT_ERROR = exc
 
 from frpo_kernels.backends.triton.configs import select_config
+from frpo_kernels.backends.torch_reference import GATE_KINDS, GATE_WINDOW
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -171,8 +172,10 @@ def fused_programs(logits, cfg):
 
 
 def fused(logits, ids, mask, temperature, coef, kl_coef, ref_logps, with_entropy, inplace=False,
-          old_logps=None, ratio_lo=None, ratio_hi=None, entropy_coef=None):
+          old_logps=None, ratio_lo=None, ratio_hi=None, entropy_coef=None, gate_kind=GATE_WINDOW):
     _check(logits, ids)
+    if gate_kind not in GATE_KINDS:
+        raise ValueError(f"fused: gate_kind must be one of {GATE_KINDS}, got {gate_kind!r}")
     module = _kernels_for(logits)
     batch, length, vocab = logits.shape
     ids, mask_u8, cfg, grid = _common(logits, ids, mask)
@@ -201,5 +204,5 @@ def fused(logits, ids, mask, temperature, coef, kl_coef, ref_logps, with_entropy
             coef, kl_coef, ref_logps, *gate, entropy_coef, logp, lse, logp if entropy is None else entropy, grad,
             grad.stride(0), grad.stride(1), batch * length, length, vocab, 1.0 / float(temperature),
             HAS_MASK=mask_u8 is not None, HAS_KL=has_kl, HAS_GATE=has_gate, WITH_ENTROPY=with_entropy,
-            HAS_ENTROPY_GRAD=has_entropy_grad, **cfg.meta(), **cfg.launch())
+            HAS_ENTROPY_GRAD=has_entropy_grad, GATE_KIND=int(gate_kind), **cfg.meta(), **cfg.launch())
     return logp, lse, entropy, grad
