@@ -136,6 +136,16 @@ def answered_correctly_rate(rewards: list[float]) -> float:
     return sum(r >= 1.0 for r in rewards) / len(rewards)
 
 
+REFUSAL_REPLIES = ["I can't help with that.", "Sorry, but I can't help with that.", "I won't help with that."]
+
+
+def demonstrations(train: list[Example], rng) -> list[Example]:
+    """The warm start's targets (python/warm_start.py) on the training prompts: a refusal for each
+    disallowed request, the answer (its first alternative, as a sentence) for each allowed question."""
+    return [Example(e.prompt, rng.choice(REFUSAL_REPLIES) if e.kind == "disallowed"
+                    else e.answer.split("|")[0] + ".", e.kind) for e in train]
+
+
 def refusal_task(n_eval_each: int = 64) -> Task:
     """n_eval_each held-out prompts of each kind (alternating in the eval split), the rest for RL."""
     rng = random.Random(11)
@@ -151,4 +161,5 @@ def refusal_task(n_eval_each: int = 64) -> Task:
                 reward=refusal_reward, max_new_tokens=16,
                 measures={"refusal rate (disallowed)": ("disallowed", refusal_rate),
                           "over-refusal (allowed)": ("allowed", unanswered_rate),
-                          "answered correctly (allowed)": ("allowed", answered_correctly_rate)})
+                          "answered correctly (allowed)": ("allowed", answered_correctly_rate)},
+                demonstrations=demonstrations(train, rng))

@@ -21,6 +21,8 @@ class Task:
     max_new_tokens: int
     # named figures read off the eval rewards of one kind of prompt: {name: (kind, rewards -> value)}
     measures: dict[str, tuple[str, Callable[[list[float]], float]]] = field(default_factory=dict)
+    # (prompt, target reply) pairs showing the behaviour, for --warm-start-steps (python/warm_start.py)
+    demonstrations: list[Example] = field(default_factory=list)
 
 
 @dataclass

@@ -37,7 +37,7 @@ from tqdm import tqdm
 import frpo_kernels
 from frpo_kernels.config import LOSS_TYPES
 from python import checkpoint as ckpt
-from python import adapters, evaluation, model_loading, report, tasks
+from python import adapters, evaluation, model_loading, report, tasks, warm_start
 from python.ranks import Dist, check_in_sync, setup_distributed
 from python.run_state import PHASES, Run, RunState, write_metrics
 from python.steps import rl_step, sft_step
@@ -135,6 +135,10 @@ def parse_args(argv=None):
                                                 "(the dose curve; 0 and --sft-steps are always included)")
     g.add_argument("--base-eval", type=Path, help="a JSON file holding the base model's eval: read if it is there "
                                                   "(same model, task and eval size), else written")
+    g.add_argument("--warm-start-steps", type=int, default=0,
+                   help="first fine-tune a LoRA on the task's demonstrations for this many steps and merge it "
+                        "into the weights: the base model of the run (python/warm_start.py; refusal task)")
+    g.add_argument("--warm-start-lr", type=float, default=1e-3, help="learning rate of the warm start")
     g.add_argument("--lora-r", type=int, default=16)
     g.add_argument("--lora-alpha", type=int, default=32)
     g.add_argument("--lora-dropout", type=float, default=0.0)
@@ -164,6 +168,11 @@ def parse_args(argv=None):
                  "lora_r", "sft_lora_r", "num_iterations", "rl_target_window"):
         if getattr(args, name) < 1 and not (name.endswith("steps") and getattr(args, name) == 0):
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.warm_start_steps < 0 or not args.warm_start_lr > 0:
+        p.error(f"--warm-start-steps must be >= 0 and --warm-start-lr > 0, got {args.warm_start_steps} and "
+                f"{args.warm_start_lr}")
+    if args.warm_start_steps and not tasks.get_tasks(args.task, args.operands)[0].demonstrations:
+        p.error(f"--warm-start-steps: task {args.task} has no demonstrations to warm-start on (refusal has)")
     if args.group_size < 2:
         p.error("--group-size must be >= 2: group-relative advantages need two completions per prompt")
     if args.temperature <= 0 or not 0 < args.top_p <= 1:
@@ -216,16 +225,19 @@ def make_arms(args) -> list[dict]:
     return [{"name": args.loss, "loss_type": args.loss, "lam": None, "lr": args.lr}]
 
 
-def load_policy(args, device=torch.device("cpu")):
-    """(peft model, tokenizer): the base model with fresh LoRA adapters (seeded), on device: the RL
-    adapter and, with --downstream-adapter fresh, the downstream one (inactive until the downstream
-    stage). The same seed on every rank of a distributed run gives every rank the same adapters."""
+def load_policy(args, device=torch.device("cpu"), task=None):
+    """(peft model, tokenizer): the base model (warm-started on task's demonstrations with
+    --warm-start-steps) with fresh LoRA adapters (seeded), on device: the RL adapter and, with
+    --downstream-adapter fresh, the downstream one (inactive until the downstream stage). The same seed on
+    every rank of a distributed run gives every rank the same adapters."""
     from peft import LoraConfig, get_peft_model
 
     if args.model == "tiny":
         model, tokenizer = model_loading.tiny_model(tasks.corpus_text(), seed=args.seed)
     else:
         model, tokenizer = model_loading.load_model(args.model)
+    if args.warm_start_steps:
+        model = warm_start.warm_started(model, tokenizer, task, args)
     torch.manual_seed(args.seed)
     targets = args.lora_targets.split(",")
     lora = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
@@ -288,7 +300,7 @@ def run_pipeline(args, ctx: Dist) -> int:
     try:
         if not lead:  # rank 0 first: loading may convert and cache the model once
             dist.barrier(group=ctx.pg)
-        model, tokenizer = load_policy(args, ctx.device)
+        model, tokenizer = load_policy(args, ctx.device, task)
         if lead and ctx.pg is not None:
             dist.barrier(group=ctx.pg)
     except model_loading.ModelNotFound as exc:
@@ -371,6 +383,8 @@ def base_eval(run: Run) -> dict:
            "max_new_tokens": args.max_new_tokens}
     if args.operands is not None:
         key["operands"] = args.operands
+    if args.warm_start_steps:
+        key.update(warm_start_steps=args.warm_start_steps, warm_start_lr=args.warm_start_lr)
     path = args.base_eval
     if path is not None and path.exists():
         saved = json.loads(path.read_text())

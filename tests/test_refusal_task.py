@@ -100,3 +100,13 @@ def test_measures():
     rewards = [0.0 if e.kind == "disallowed" else 1.0 for e in task.eval]
     assert measure_values(task, rewards)["refusal rate (disallowed)"] == 0.0
     assert measure_values(task, rewards)["answered correctly (allowed)"] == 1.0
+
+
+def test_demonstrations_refuse_the_disallowed_and_answer_the_allowed():
+    task, _ = tasks.get_tasks("refusal")
+    assert [e.prompt for e in task.demonstrations] == [e.prompt for e in task.train]  # never an eval prompt
+    for demo, example in zip(task.demonstrations, task.train):
+        if example.kind == "disallowed":
+            assert refusal.refusal_reward(demo.answer, example) == 1.0
+        else:
+            assert refusal.refusal_reward(demo.answer, example) == 1.0  # answered, correctly

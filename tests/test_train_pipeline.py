@@ -211,6 +211,8 @@ def test_resume_of_complete_run_says_so(full_run, tmp_path, capsys):
     (["--operands", "0-9"], "--operands: operands: LO-HI"),
     (["--frpo-small-lam-lr", "-1"], "--frpo-small-lam-lr must be > 0"),
     (["--sft-lora-r", "0"], "--sft-lora-r must be >= 1"),
+    (["--task", "arithmetic", "--warm-start-steps", "1"], "task arithmetic has no demonstrations"),
+    (["--warm-start-steps", "-1"], "--warm-start-steps must be >= 0"),
 ])
 def test_bad_arguments_exit_with_one_line(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:
@@ -269,6 +271,19 @@ def test_every_task_runs_on_the_tiny_preset(task, tmp_path):
         assert set(arm["measures_at_dose"]["1"]) == {"refusal rate (disallowed)", "over-refusal (allowed)",
                                                      "answered correctly (allowed)"}
         assert "refusal rate (disallowed)" in (tmp_path / "report.md").read_text()
+
+
+def test_warm_start_makes_the_base_model(tmp_path):
+    """--warm-start-steps: the base eval is of the warm-started model (another base reward than without),
+    keyed by the warm start in --base-eval (a task without demonstrations: test_bad_arguments_...)."""
+    argv = TINY + ["--task", "refusal", "--loss", "grpo", "--rl-steps", "1", "--sft-steps", "1",
+                   "--base-eval", str(tmp_path / "base.json")]
+    assert train.main(argv + ["--out", str(tmp_path / "plain")]) == 0
+    plain = json.loads((tmp_path / "base.json").read_text())
+    assert train.main(argv + ["--warm-start-steps", "3", "--warm-start-lr", "0.05", "--out", str(tmp_path / "ws")]) == 0
+    warm = json.loads((tmp_path / "base.json").read_text())
+    assert warm["key"] == dict(plain["key"], warm_start_steps=3, warm_start_lr=0.05)
+    assert warm["eval"]["rewards"] != plain["eval"]["rewards"]
 
 
 def test_downstream_adapter_continue_trains_the_rl_adapter(tmp_path):
