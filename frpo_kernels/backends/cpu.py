@@ -9,7 +9,6 @@ import threading
 
 import torch
 
-
 from frpo_kernels.backends.torch_reference import GATE_WINDOW
 
 _BUILD_HINT = "build it with: pip install --no-build-isolation -e ."
