@@ -237,7 +237,7 @@ def load_policy(args, device=torch.device("cpu"), task=None):
     else:
         model, tokenizer = model_loading.load_model(args.model)
     if args.warm_start_steps:
-        model = warm_start.warm_started(model, tokenizer, task, args)
+        model = warm_start.warm_started(model.to(device), tokenizer, task, args)
     torch.manual_seed(args.seed)
     targets = args.lora_targets.split(",")
     lora = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,

@@ -14,6 +14,7 @@ import copy
 
 import torch
 
+from python.ranks import Dist
 from python.steps import sft_step
 from python.task_types import Downstream
 
@@ -35,6 +36,7 @@ def warm_started(model, tokenizer, task, args):
     demonstrations = Downstream("demonstrations", task.demonstrations, [], None, task.max_new_tokens)
     step_args = copy.copy(args)
     step_args.seed = WARM_START_SEED
+    on_device = Dist(device=next(peft_model.parameters()).device)  # every rank runs the whole warm start
     for step in range(args.warm_start_steps):
-        sft_step(peft_model, tokenizer, optimizer, demonstrations, step_args, step)
+        sft_step(peft_model, tokenizer, optimizer, demonstrations, step_args, step, on_device)
     return peft_model.merge_and_unload().eval()
