@@ -153,3 +153,12 @@ def gather_token_factor(span, factor, mask):
         # same all_gather: each spreads its [B_r, 1] over its tokens and gathers [B_r, T_r].
         factor = factor.expand(-1, span.local_length)
     return torch.where(mask != 0, span.gather(factor), torch.ones_like(mask))
+
+
+def gather_unmasked(span, token_values, mask):
+    """Gathered per-token log-probs as mask.dtype with 0 where mask == 0: padding there (-inf, NaN) is
+    never read."""
+    if token_values is None:
+        return None
+    token_values = span.gather(token_values.to(mask.dtype))
+    return torch.where(mask != 0, token_values, torch.zeros_like(mask))

@@ -28,7 +28,7 @@ import torch
 
 from frpo_kernels import checks
 from frpo_kernels.config import LossConfig
-from frpo_kernels.distributed import BatchSpan, gather_token_factor
+from frpo_kernels.distributed import BatchSpan, gather_token_factor, gather_unmasked
 from frpo_kernels.groups import (Groups, advantages_from_rewards, group_log_terms, group_logsumexp, make_groups,
                                  scale_rewards_mode)
 from frpo_kernels.lam_auto import lam_scale, resolve_group_lams
@@ -205,14 +205,13 @@ def _group_divisor(rewards, groups: Groups, scale_rewards):
 @torch.no_grad()
 def _frpo_statistics(cfg, mask, advantages, groups, span, lams, logps, old_logps, importance_sampling_ratio,
                      sampling_logps):
-    unmasked = lambda t: torch.where(mask != 0, span.gather(t.double()), torch.zeros_like(mask))  # noqa: E731
     logp = old = torch.zeros_like(mask)  # on-policy: log-ratios 0
     if logps is not None:  # old_logps None: on-policy, logps only for the off-policy mask
-        logp = unmasked(logps)
-        old = logp if old_logps is None else unmasked(old_logps)
+        logp = gather_unmasked(span, logps, mask)
+        old = logp if old_logps is None else gather_unmasked(span, old_logps, mask)
     row_keep = None
     if cfg.off_policy_mask_threshold is not None:  # as the loss: the sampler's, else the old, log-probs
-        sampling = old if sampling_logps is None else unmasked(sampling_logps)
+        sampling = old if sampling_logps is None else gather_unmasked(span, sampling_logps, mask)
         row_keep = off_policy_mask(advantages, logp, sampling, mask, cfg.off_policy_mask_threshold)
     q = token_scale(cfg, gather_token_factor(span, importance_sampling_ratio, mask), row_keep)
     log_ratio = log_ratios(logp, old, mask, cfg, torch.ones_like(mask[:, :1], dtype=torch.bool))

@@ -18,7 +18,7 @@ from frpo_kernels import checks
 from frpo_kernels.backends import resolve
 from frpo_kernels.backends.torch_reference import RatioGate
 from frpo_kernels.config import LossConfig
-from frpo_kernels.distributed import BatchSpan, LocalSpan, gather_token_factor, sum_over_ranks
+from frpo_kernels.distributed import BatchSpan, LocalSpan, gather_token_factor, gather_unmasked, sum_over_ranks
 from frpo_kernels.group_stats import GroupStats
 from frpo_kernels.groups import Groups, advantages_from_rewards, make_groups
 from frpo_kernels.lam_auto import resolve_group_lams
@@ -221,10 +221,10 @@ def _global_batch(cfg, span, mask, advantages, rewards, group_size, group_ids, o
         advantages = advantages_from_rewards(span.gather(rewards.to(dtype)), groups, cfg.scale_rewards)
     else:
         advantages = span.gather(advantages.to(dtype))
-    return _Batch(mask, row_mask, advantages, groups, _unmasked_only(span, old, mask),
-                  _unmasked_only(span, ref, mask), kl_weights(mask, cfg) if cfg.beta != 0 else None,
+    return _Batch(mask, row_mask, advantages, groups, gather_unmasked(span, old, mask),
+                  gather_unmasked(span, ref, mask), kl_weights(mask, cfg) if cfg.beta != 0 else None,
                   lams=resolve_group_lams(cfg, advantages, mask.sum(-1) > 0, groups),
-                  is_ratio=gather_token_factor(span, is_ratio, mask), sampling=_unmasked_only(span, sampling, mask))
+                  is_ratio=gather_token_factor(span, is_ratio, mask), sampling=gather_unmasked(span, sampling, mask))
 
 
 def _micro_batch(cfg, stats, mask, advantages, rewards, group_size, group_ids, old, ref, is_ratio, sampling):
@@ -241,19 +241,10 @@ def _micro_batch(cfg, stats, mask, advantages, rewards, group_size, group_ids, o
     groups = Groups(index, stats.n.long(), stats.n.numel())
     local = LocalSpan(*mask.shape, mask.device)
     advantages = stats.advantages(rewards, index) if advantages is None else advantages
-    return _Batch(mask, mask != 0, advantages.to(mask.dtype), groups, _unmasked_only(local, old, mask),
-                  _unmasked_only(local, ref, mask),
+    return _Batch(mask, mask != 0, advantages.to(mask.dtype), groups, gather_unmasked(local, old, mask),
+                  gather_unmasked(local, ref, mask),
                   kl_weights(mask, cfg, stats.size) if cfg.beta != 0 else None, stats, stats.lams,
-                  is_ratio=gather_token_factor(local, is_ratio, mask), sampling=_unmasked_only(local, sampling, mask))
-
-
-def _unmasked_only(span, token_values, mask):
-    """Gathered per-token log-probs as mask.dtype with 0 where mask == 0: padding there (-inf, NaN) is
-    never read."""
-    if token_values is None:
-        return None
-    token_values = span.gather(token_values.to(mask.dtype))
-    return torch.where(mask != 0, token_values, torch.zeros_like(mask))
+                  is_ratio=gather_token_factor(local, is_ratio, mask), sampling=gather_unmasked(local, sampling, mask))
 
 
 def _fused_path(source, data, cfg, span, with_entropy):
@@ -296,18 +287,17 @@ def _fused_path(source, data, cfg, span, with_entropy):
         details.update(at_logp)  # the metrics' clip counts need the ratios at this logp
         return value + span.all_sum(local)
 
-    entropy_coef = None
+    entropy_coef = bonus_tokens = None
     if cfg.entropy_coef != 0:  # the bonus -coef * sum(H m) / sum(m): dloss/dH = -coef m / sum(m) per token
-        tokens = data.mask.sum().clamp(min=1.0) if data.stats is None else data.stats.size.tokens
-        entropy_coef = span.local(-cfg.entropy_coef * data.mask / tokens) * span.world
+        bonus_tokens = data.mask.sum().clamp(min=1.0) if data.stats is None else data.stats.size.tokens
+        entropy_coef = span.local(-cfg.entropy_coef * data.mask / bonus_tokens) * span.world
     result, logp, entropy = source.fused(data.row_mask, coef, None if kl_coef is None else kl_coef * span.world,
                                          ref, with_entropy, value_from_logp, gate, entropy_coef=entropy_coef)
     logp = logp.to(dtype)
     if with_entropy or entropy_coef is not None:
         logp, entropy = span.gather(logp.detach()), span.gather(entropy.detach())
     if entropy_coef is not None:  # the bonus's value; its gradient is already in the sweep
-        tokens = None if data.stats is None else data.stats.size.tokens
-        result = result - cfg.entropy_coef * mean_bonus_entropy(entropy.to(dtype), data.mask, None, tokens)
+        result = result - cfg.entropy_coef * mean_bonus_entropy(entropy.to(dtype), data.mask, None, bonus_tokens)
     return result, logp, entropy if with_entropy else None, details
 
 

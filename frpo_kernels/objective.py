@@ -60,7 +60,7 @@ def off_policy_mask(advantages, logp, sampling_logps, mask, threshold):
     """TRL's off-policy sequence mask (DeepSeek-V3.2) [B, 1]: 0 for a row with A < 0 whose mean over its
     tokens of sampling_logps - logp (detached; NaN counts 0) exceeds threshold, else 1."""
     kl = torch.nan_to_num(sampling_logps - logp.detach(), nan=0.0)
-    mean_kl = (kl * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1.0)
+    mean_kl = (kl * mask).sum(-1, keepdim=True) / sequence_lengths(mask)
     return ((advantages.unsqueeze(-1) >= 0) | (mean_kl <= threshold)).to(mask.dtype)
 
 

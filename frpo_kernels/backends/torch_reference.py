@@ -52,6 +52,14 @@ class RatioGate(NamedTuple):
     kind: int = GATE_WINDOW
 
 
+def gate_arguments(gate: RatioGate | None, convert=lambda t: t) -> dict:
+    """fused()'s keyword arguments for a gate (none for None), each tensor passed through convert."""
+    if gate is None:
+        return {}
+    return dict(old_logps=convert(gate.old_logps), ratio_lo=convert(gate.lo), ratio_hi=convert(gate.hi),
+                gate_kind=gate.kind)
+
+
 def forward(logits, ids, mask, temperature, with_entropy):
     z, ids = _masked_rows_unread(_compute(logits), ids, mask)
     log_probs = torch.log_softmax(z / temperature, dim=-1)

@@ -35,7 +35,7 @@ import torch
 
 from frpo_kernels import checks
 from frpo_kernels.backends import kernels, resolve, torch_reference
-from frpo_kernels.backends.torch_reference import GATE_WINDOW
+from frpo_kernels.backends.torch_reference import RatioGate, gate_arguments
 from frpo_kernels.ops import tile_policy
 from frpo_kernels.ops.token_logprobs import _refuse_double_backward
 
@@ -337,8 +337,7 @@ def linear_fused_loss(hidden, weight, bias, ids, mask, temperature, coef, kl_coe
         raise ValueError("linear_fused_loss: kl_coef needs ref_logps")
     kl_coef = sweep.per_token(kl_coef)
     ref_logps = None if kl_coef is None else sweep.per_token(ref_logps)
-    gate_kind = GATE_WINDOW if gate is None else gate.kind
-    gate = (None,) * 3 if gate is None else tuple(sweep.per_token(t) for t in gate[:3])
+    gate = None if gate is None else RatioGate(*(sweep.per_token(t) for t in gate[:3]), gate.kind)
     entropy_coef = None if entropy_coef is None else sweep.per_token(
         entropy_coef if isinstance(entropy_coef, torch.Tensor) else torch.full(shape, float(entropy_coef),
                                                                                device=hidden.device))
@@ -353,9 +352,9 @@ def linear_fused_loss(hidden, weight, bias, ids, mask, temperature, coef, kl_coe
                             sweep.take(coef, start, stop),
                             None if kl_coef is None else sweep.take(kl_coef, start, stop),
                             None if ref_logps is None else sweep.take(ref_logps, start, stop),
-                            with_entropy, True, *(None if t is None else sweep.take(t, start, stop) for t in gate),
+                            with_entropy, True,
                             entropy_coef=None if entropy_coef is None else sweep.take(entropy_coef, start, stop),
-                            gate_kind=gate_kind)
+                            **gate_arguments(gate, lambda t: sweep.take(t, start, stop)))
         sweep.put(logp, start, stop, lp)
         if with_entropy:
             sweep.put(entropy, start, stop, ent)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from frpo_kernels.backends import kernels, torch_reference
-from frpo_kernels.backends.torch_reference import GATE_WINDOW
+from frpo_kernels.backends.torch_reference import gate_arguments
 
 
 class TokenLogprobs(torch.autograd.Function):
@@ -112,9 +112,8 @@ def fused_loss(logits, ids, mask, temperature, coef, kl_coef, ref_logps, with_en
         return None if t is None else t.to(token_dtype).contiguous()
     logp, _, entropy, grad_logits = kernels(backend).fused(
         unit_stride.detach(), ids.long(), mask, temperature, per_token(coef), per_token(kl_coef),
-        per_token(ref_logps), with_entropy, overwrite_logits or copied,
-        *((None,) * 3 if gate is None else (per_token(t) for t in gate[:3])), entropy_coef=per_token(entropy_coef),
-        gate_kind=GATE_WINDOW if gate is None else gate.kind)
+        per_token(ref_logps), with_entropy, overwrite_logits or copied, entropy_coef=per_token(entropy_coef),
+        **gate_arguments(gate, per_token))
     if overwrite_logits and not copied:
         _mark_overwritten(logits)
     value = value_from_logp(logp)
