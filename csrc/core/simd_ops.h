@@ -77,6 +77,13 @@ FRPO_SIMD_INLINE typename V::F clamp_lo(typename V::F d) { return V::max(V::set1
 template <class V>
 FRPO_SIMD_INLINE typename V::F clamp_both(typename V::F d) { return V::min(V::set1(kExpHi), clamp_lo<V>(d)); }
 
+// x/T - c: at T = 1 (the usual temperature) an add, which runs beside the exp's multiply-adds instead of
+// on their ports (the same value: fmadd(x, 1, -c) rounds x - c once, as the add does).
+template <class V, bool Unit>
+FRPO_SIMD_INLINE typename V::F shifted(typename V::F x, typename V::F vt, typename V::F vnc) {
+  return Unit ? V::add(x, vnc) : V::fmadd(x, vt, vnc);
+}
+
 template <class V>
 struct SimdOps {
   using F = typename V::F;
@@ -107,12 +114,18 @@ struct SimdOps {
   template <class E, bool Ent, bool Store>
   static FRPO_SIMD void sum_exp(const typename E::T* x, int64_t n, float inv_t, float m, float* s_out,
                                 float* t_out, int64_t pf, float* e_out) {
+    if (inv_t == 1.f) return sum_exp_at<E, Ent, Store, true>(x, n, inv_t, m, s_out, t_out, pf, e_out);
+    sum_exp_at<E, Ent, Store, false>(x, n, inv_t, m, s_out, t_out, pf, e_out);
+  }
+  template <class E, bool Ent, bool Store, bool Unit>
+  static FRPO_SIMD_INLINE void sum_exp_at(const typename E::T* x, int64_t n, float inv_t, float m, float* s_out,
+                                          float* t_out, int64_t pf, float* e_out) {
     const F vt = V::set1(inv_t), vnm = V::set1(-m);
     F s0 = V::zero(), s1 = s0, s2 = s0, s3 = s0, t0 = s0, t1 = s0, t2 = s0, t3 = s0;
     int64_t i = 0;
 #define FRPO_SUM_STEP(k, s, t)                                                                  \
   {                                                                                             \
-    const F d = clamp_both<V>(V::fmadd(V::template Elem<E>::load(x + i + (k) * W), vt, vnm));   \
+    const F d = clamp_both<V>(shifted<V, Unit>(V::template Elem<E>::load(x + i + (k) * W), vt, vnm)); \
     const F e = exp_v<V>(d);                                                                    \
     if (Store) V::storeu(e_out + i + (k) * W, e);                                               \
     s = V::add(s, e);                                                                           \
@@ -144,14 +157,14 @@ struct SimdOps {
     *t_out = t;
   }
 
-  template <class E, bool Ent, bool Stream>
+  template <class E, bool Ent, bool Stream, bool Unit>
   static FRPO_SIMD_INLINE int64_t grad_body(const typename E::T* x, typename E::T* g, int64_t n, F vt, F vnl, F va,
                                             F vb, int64_t pf) {
     int64_t i = 0;
     const F ca[6] = {V::mul(va, V::set1(kE5)), V::mul(va, V::set1(kE4)), V::mul(va, V::set1(kE3)),
                      V::mul(va, V::set1(kE2)), V::mul(va, V::set1(kE1)), va};
 #define FRPO_GRAD_STEP(k)                                                                         \
-  const F d##k = clamp_lo<V>(V::fmadd(V::template Elem<E>::load(x + i + (k) * W), vt, vnl));      \
+  const F d##k = clamp_lo<V>(shifted<V, Unit>(V::template Elem<E>::load(x + i + (k) * W), vt, vnl)); \
   const F v##k = Ent ? V::mul(exp_v<V>(d##k), V::fmadd(vb, d##k, va)) : exp_times<V>(d##k, ca);
 #define FRPO_GRAD_4                                                          \
   {                                                                          \
@@ -186,6 +199,7 @@ struct SimdOps {
       }
     };
     const F vt = V::set1(inv_t), vnl = V::set1(-lse), va = V::set1(a), vb = V::set1(b);
+    const bool unit = inv_t == 1.f;
     constexpr uintptr_t kAlign = V::template Elem<E>::kAlign;
     if (streaming) {  // non-temporal stores need aligned addresses: peel up to one vector
       const uintptr_t mis = reinterpret_cast<uintptr_t>(g) & (kAlign - 1);
@@ -193,12 +207,14 @@ struct SimdOps {
         int64_t head = mis ? int64_t((kAlign - mis) / sizeof(typename E::T)) : 0;
         head = head < n ? head : n;
         scalar(0, head);
-        const int64_t done = grad_body<E, Ent, true>(x + head, g + head, n - head, vt, vnl, va, vb, pf);
+        const int64_t done = unit ? grad_body<E, Ent, true, true>(x + head, g + head, n - head, vt, vnl, va, vb, pf)
+                                  : grad_body<E, Ent, true, false>(x + head, g + head, n - head, vt, vnl, va, vb, pf);
         scalar(head + done, n);
         return;
       }
     }
-    scalar(grad_body<E, Ent, false>(x, g, n, vt, vnl, va, vb, pf), n);
+    scalar(unit ? grad_body<E, Ent, false, true>(x, g, n, vt, vnl, va, vb, pf)
+                : grad_body<E, Ent, false, false>(x, g, n, vt, vnl, va, vb, pf), n);
   }
 
   // g = e*f from the fp32 exps scratch (L1/L2-resident): load, multiply, store -- no exp.
