@@ -131,7 +131,7 @@ def start(run: SweepRun, radius: float | None):
     log.close()
 
 
-def execute(runs: list[SweepRun], args) -> list[SweepRun]:
+def execute(runs: list[SweepRun], args, clock: sweep_report.WallClock) -> list[SweepRun]:
     """Run what is not done yet, at most args.jobs at once. Returns the runs that failed."""
     pending = [r for r in runs if not r.done]
     running, failed = [], []
@@ -163,6 +163,7 @@ def execute(runs: list[SweepRun], args) -> list[SweepRun]:
             start(run, radius)
             running.append(run)
         bar.set_postfix_str(", ".join(f"seed{r.seed}/{r.arm}" for r in running), refresh=False)
+        clock.tick()
         time.sleep(0.5)
     bar.close()
     return failed
@@ -188,10 +189,10 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     runs = plan(args)
-    t0 = time.perf_counter()
+    clock = sweep_report.WallClock(args.out)
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: (_ for _ in ()).throw(KeyboardInterrupt("SIGTERM")))
     try:
-        failed = execute(runs, args)
+        failed = execute(runs, args, clock)
     except KeyboardInterrupt as exc:
         term = str(exc) == "SIGTERM"
         stop_all(runs, signal.SIGTERM if term else signal.SIGINT)
@@ -200,7 +201,7 @@ def main(argv=None) -> int:
         return 143 if term else 130
     finally:
         signal.signal(signal.SIGTERM, previous)
-        wall = sweep_report.add_wall_time(args.out, time.perf_counter() - t0)  # a stopped sweep's time counts too
+        wall = clock.save()  # a stopped sweep's time counts too
     if failed:
         print(f"{len(failed)} run(s) failed: " + ", ".join(str(r.out) for r in failed) +
               "; the report needs every run. Fix the cause and rerun the same command.", file=sys.stderr)

@@ -23,6 +23,7 @@ import json
 import math
 import os
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -451,8 +452,28 @@ def add_wall_time(out: Path, seconds: float) -> float:
     """The sweep's wall time over all its invocations (a resumed sweep adds to the earlier ones)."""
     path = out / "wall_time.json"
     total = seconds + (json.loads(path.read_text())["seconds"] if path.exists() else 0.0)
-    path.write_text(json.dumps({"seconds": total}) + "\n")
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"seconds": total}) + "\n")
+    tmp.replace(path)  # a kill mid-write leaves the previous total, never a torn file
     return total
+
+
+class WallClock:
+    """Adds the time since its last save to out/wall_time.json at most every `every` seconds (tick) and
+    on save(): a sweep killed outright (SIGKILL, the machine going away) loses at most that much."""
+
+    def __init__(self, out: Path, every: float = 60.0):
+        self.out, self.every, self.mark = out, every, time.perf_counter()
+
+    def tick(self):
+        if time.perf_counter() - self.mark >= self.every:
+            self.save()
+
+    def save(self) -> float:
+        now = time.perf_counter()
+        total = add_wall_time(self.out, now - self.mark)
+        self.mark = now
+        return total
 
 
 def plot(out: Path, stats: list[dict], base_reward: float):

@@ -18,7 +18,7 @@ pytest.importorskip("peft", reason="python/sweep.py runs python/train.py, which 
 pytest.importorskip("matplotlib", reason="the sweep report draws its plots with matplotlib")
 
 from python import sweep as sweep_script  # noqa: E402
-from python.sweep_report import DATA_FILES  # noqa: E402
+from python.sweep_report import DATA_FILES, WallClock  # noqa: E402
 
 SWEEP = [sys.executable, str(ROOT / "python" / "sweep.py"), "--preset", "tiny", "--seeds", "0..1", "--lams", "1",
          "--jobs", "2", "--threads", "1", "--sft-steps", "2", "--primary-arm", "frpo-lam1"]
@@ -136,3 +136,21 @@ def test_sigterm_stops_every_run_at_a_checkpoint_and_the_same_command_finishes(t
     report = json.loads((out / "report.json").read_text())
     assert [a["name"] for a in report["arms"]] == ["grpo", "frpo-lam1", "frpo-auto"]
     assert report["arms"][2]["kl_radius"] == 0.5
+
+
+def test_wall_clock_keeps_time_a_kill_would_lose(tmp_path, monkeypatch):
+    """tick() saves once `every` seconds have passed, so a sweep killed outright (no finally) loses at
+    most that much; save() adds to what an earlier invocation recorded."""
+    now = [100.0]
+    monkeypatch.setattr(time, "perf_counter", lambda: now[0])
+    (tmp_path / "wall_time.json").write_text(json.dumps({"seconds": 1000.0}))
+    clock = WallClock(tmp_path, every=60.0)
+    now[0] += 59.0
+    clock.tick()
+    assert json.loads((tmp_path / "wall_time.json").read_text())["seconds"] == 1000.0
+    now[0] += 2.0
+    clock.tick()
+    assert json.loads((tmp_path / "wall_time.json").read_text())["seconds"] == 1061.0
+    now[0] += 10.0
+    assert clock.save() == 1071.0
+    assert not (tmp_path / "wall_time.tmp").exists()
