@@ -43,8 +43,8 @@ from python.run_state import PHASES, Run, RunState, write_metrics
 from python.steps import rl_step, sft_step
 from python.task_types import measure_values
 
-# Values used when a flag is not given. default: the sweep's protocol at a size that runs in about 7
-# minutes on 2 cores (python/README.md has the estimate); full: the sweep's size (PROTOCOL.md in
+# Values used when a flag is not given. default: the sweep's protocol at a size that runs in about 4.5
+# minutes on 2 cores (python/README.md has the measurement); full: the sweep's size (PROTOCOL.md in
 # results/science/<task>/ fixes the RL budget from a pilot); tiny: a tiny random model, seconds.
 PRESETS = {
     "default": dict(model=model_loading.DEFAULT_MODEL, rl_steps=4, sft_steps=8, prompts_per_step=4,
