@@ -57,6 +57,19 @@ def rounds(impl="cpu"):
     return 3 if FULL and impl.startswith("cpu") else 1
 
 
+def logits_batch(batch, length, vocab, dtype):
+    """A seeded batch of completion logits and what loss() needs with them: (logits [B, T, V] in dtype,
+    ids, mask [B, T] with row 1's second half masked, rewards [B] in {0, 1}, old_logps [B, T])."""
+    gen = torch.Generator().manual_seed(0)
+    logits = (torch.randn(batch, length, vocab, generator=gen) * 2).to(dtype)
+    ids = torch.randint(0, vocab, (batch, length), generator=gen)
+    mask = torch.ones(batch, length)
+    mask[1, length // 2:] = 0
+    rewards = torch.randint(0, 2, (batch,), generator=gen).float()
+    old = -torch.rand(batch, length, generator=gen) * 3
+    return logits, ids, mask, rewards, old
+
+
 def copy_seconds(logits, repeats=3):
     """Best time of copying the logits buffer once (one read + one write of it): this machine's floor unit."""
     dst = torch.empty_like(logits)

@@ -26,7 +26,7 @@ from frpo_kernels.backends import cpu  # noqa: E402
 from frpo_kernels.loss_types import NAMES  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from conftest import cpu_description  # noqa: E402
+from conftest import cpu_description, logits_batch  # noqa: E402
 
 
 def parse_args(argv):
@@ -46,16 +46,6 @@ def parse_args(argv):
     return args
 
 
-def make_inputs(batch, length, vocab, dtype):
-    gen = torch.Generator().manual_seed(0)
-    logits = (torch.randn(batch, length, vocab, generator=gen) * 2).to(dtype)
-    ids = torch.randint(0, vocab, (batch, length), generator=gen)
-    mask = torch.ones(batch, length)
-    mask[1, length // 2:] = 0
-    rewards = torch.randint(0, 2, (batch,), generator=gen).float()
-    return logits, ids, mask, rewards
-
-
 def timed(fn):
     t0 = time.perf_counter()
     fn()
@@ -65,8 +55,8 @@ def timed(fn):
 def cases(args):
     """name -> a callable timing one call, in seconds (set-up outside the timed part)."""
     dtype = getattr(torch, args.dtype)
-    logits, ids, mask, rewards = make_inputs(args.batch, args.length, args.vocab, dtype)
-    small = make_inputs(args.batch, args.length, 64, dtype)
+    logits, ids, mask, rewards, _ = logits_batch(args.batch, args.length, args.vocab, dtype)
+    small = logits_batch(args.batch, args.length, 64, dtype)[:4]
     copy_dst, scratch = torch.empty_like(logits), torch.empty_like(logits)
     coef = torch.full(mask.shape, -1.0 / mask.sum().item())
 

@@ -23,7 +23,8 @@ import pytest
 import torch
 
 import frpo_kernels
-from conftest import FULL, PEERS_MAX_ELEMENTS, TRL_MAX_ELEMENTS, copy_seconds, peak_rss_delta_bytes, record, rounds, shapes
+from conftest import (FULL, PEERS_MAX_ELEMENTS, TRL_MAX_ELEMENTS, copy_seconds, logits_batch, peak_rss_delta_bytes,
+                      record, rounds, shapes)
 
 try:
     from trl.trainer.utils import selective_log_softmax
@@ -55,21 +56,10 @@ def _inputs(n, v, dtype):
     key = (n, v, dtype)
     if key not in _last_inputs:
         _last_inputs.clear()
-        _last_inputs[key] = _make_inputs(n, v, dtype)
+        _last_inputs[key] = logits_batch(GROUP * 2, n // (GROUP * 2), v, dtype)
     return _last_inputs[key]
 
 
-def _make_inputs(n, v, dtype):
-    gen = torch.Generator().manual_seed(0)
-    batch = GROUP * 2
-    length = n // batch
-    logits = (torch.randn(batch, length, v, generator=gen) * 2).to(dtype)
-    ids = torch.randint(0, v, (batch, length), generator=gen)
-    mask = torch.ones(batch, length)
-    mask[1, length // 2:] = 0
-    rewards = torch.randint(0, 2, (batch,), generator=gen).float()
-    old = -torch.rand(batch, length, generator=gen) * 3
-    return logits, ids, mask, rewards, old
 
 
 def _loss_fn(impl, mode, ids, mask, rewards, old):
