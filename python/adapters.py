@@ -22,6 +22,13 @@ RL_ADAPTER = "default"
 DOWNSTREAM_ADAPTER = "downstream"
 
 
+def lora_config(args, r, alpha, dropout):
+    """A causal-LM LoRA of rank r on the run's --lora-targets modules."""
+    from peft import LoraConfig
+    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=args.lora_targets.split(","),
+                      task_type="CAUSAL_LM")
+
+
 def add_downstream_adapter(model, lora_config):
     """Give the PEFT model its (inactive) fresh downstream adapter, drawn from torch's RNG now."""
     model.add_adapter(DOWNSTREAM_ADAPTER, lora_config)

@@ -230,7 +230,7 @@ def load_policy(args, device=torch.device("cpu"), task=None):
     --warm-start-steps) with fresh LoRA adapters (seeded), on device: the RL adapter and, with
     --downstream-adapter fresh, the downstream one (inactive until the downstream stage). The same seed on
     every rank of a distributed run gives every rank the same adapters."""
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
 
     if args.model == "tiny":
         model, tokenizer = model_loading.tiny_model(tasks.corpus_text(), seed=args.seed)
@@ -239,14 +239,10 @@ def load_policy(args, device=torch.device("cpu"), task=None):
     if args.warm_start_steps:
         model = warm_start.warm_started(model.to(device), tokenizer, task, args)
     torch.manual_seed(args.seed)
-    targets = args.lora_targets.split(",")
-    lora = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                      target_modules=targets, task_type="CAUSAL_LM")
-    model = get_peft_model(model, lora)
+    model = get_peft_model(model, adapters.lora_config(args, args.lora_r, args.lora_alpha, args.lora_dropout))
     if args.downstream_adapter == "fresh":
-        adapters.add_downstream_adapter(model, LoraConfig(r=args.sft_lora_r, lora_alpha=args.sft_lora_alpha,
-                                                          lora_dropout=args.lora_dropout, target_modules=targets,
-                                                          task_type="CAUSAL_LM"))
+        adapters.add_downstream_adapter(
+            model, adapters.lora_config(args, args.sft_lora_r, args.sft_lora_alpha, args.lora_dropout))
     return model.to(device), tokenizer
 
 

@@ -14,6 +14,7 @@ import copy
 
 import torch
 
+from python import adapters
 from python.ranks import Dist
 from python.steps import sft_step
 from python.task_types import Downstream
@@ -24,14 +25,12 @@ WARM_START_SEED = 20261203
 def warm_started(model, tokenizer, task, args):
     """model (a plain HF model) after args.warm_start_steps SFT steps of a LoRA on task.demonstrations
     (batch --sft-batch, lr --warm-start-lr), merged in; eval mode."""
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
 
     if not task.demonstrations:
         raise ValueError(f"--warm-start-steps: task {task.name!r} has no demonstrations to warm-start on")
     torch.manual_seed(WARM_START_SEED)
-    lora = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=0.0,
-                      target_modules=args.lora_targets.split(","), task_type="CAUSAL_LM")
-    peft_model = get_peft_model(model, lora)
+    peft_model = get_peft_model(model, adapters.lora_config(args, args.lora_r, args.lora_alpha, 0.0))
     optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=args.warm_start_lr)
     demonstrations = Downstream("demonstrations", task.demonstrations, [], None, task.max_new_tokens)
     step_args = copy.copy(args)
