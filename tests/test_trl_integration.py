@@ -256,4 +256,7 @@ def test_two_processes_groups_span_processes(tiny_model_dir, tmp_path):
 
 if __name__ == "__main__":
     import sys
+
+    from helpers import exit_torchrun_child
     _two_process_main(sys.argv[1], sys.argv[2])
+    exit_torchrun_child()

@@ -353,4 +353,7 @@ def test_two_processes_match_grpo_trainer(model_dirs, tmp_path):
 
 if __name__ == "__main__":
     import sys
+
+    from helpers import exit_torchrun_child
     _two_process_main(*sys.argv[1:4])
+    exit_torchrun_child()
