@@ -60,8 +60,6 @@ def _inputs(n, v, dtype):
     return _last_inputs[key]
 
 
-
-
 def _loss_fn(impl, mode, ids, mask, rewards, old):
     kwargs = dict(rewards=rewards, group_size=GROUP, old_logps=old if mode == "fwd_bwd_2phase" else None)
     if impl == "trl_selective":
