@@ -273,15 +273,16 @@ def _fused_path(source, data, cfg, span, with_entropy):
     kl_coef = None if data.kl_coef is None else span.local(data.kl_coef)
 
     def value_from_logp(logp):
-        # the on-policy value does not read logp but for the KL term (and the loss types whose value is
-        # linear in logp itself); `logp * 0` still makes a NaN log-prob (a NaN logit) turn the value NaN,
-        # as it does on the two-pass path
-        local = (logp.to(dtype) * 0).sum()
+        logp = logp.to(dtype)
+        local = torch.zeros((), dtype=dtype, device=logp.device)
         if kl_coef is not None:
-            local = local + (kl_coef * k3_kl(logp.to(dtype), ref)).sum()
+            local = local + (kl_coef * k3_kl(logp, ref)).sum()
         if gate is None and not cfg.kind.value_reads_logp:
-            return policy_value.detach() + span.all_sum(local)
-        full = span.gather(logp.to(dtype))
+            # the on-policy value does not read logp but for the KL term; `logp * 0` still makes the value
+            # NaN where the two-pass path's ratio exp(logp - logp) is NaN: a NaN log-prob, or a -inf one
+            return policy_value.detach() + span.all_sum(local + (logp * 0).sum())
+        # the objective at logp: NaN spreads from a NaN log-prob, and off-policy a -inf one is a ratio of 0
+        full = span.gather(logp)
         value, at_logp = policy_loss(full, full if data.old is None else data.old, data.mask, data.advantages,
                                      data.groups, cfg, **objective)
         details.update(at_logp)  # the metrics' clip counts need the ratios at this logp

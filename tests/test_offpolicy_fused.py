@@ -143,6 +143,61 @@ def test_kernels_take_one_pass_and_match_float64(monkeypatch, backend, loss_type
     assert (got_leaf.grad.double() - want_leaf.grad).abs().max() <= tol * want_leaf.grad.abs().max()
 
 
+def zero_probability_target(entry, dtype, seed=4):
+    """A batch in which token (0, 1)'s completion token has a -inf logit (a vocabulary mask the sampler did
+    not apply): as logits, or as hidden states with a bias of -inf at that vocabulary entry."""
+    hidden, weight, ids, mask, old, ref, rewards = batch(seed=seed)
+    mask[0, 1] = 1
+    bias = torch.zeros(V, dtype=torch.float64)
+    bias[ids[0, 1]] = -float("inf")
+    leaf = (hidden @ weight.T + bias if entry == "logits" else hidden).to(dtype).detach()
+
+    def call(x, be, **opts):
+        if entry == "logits":
+            return frpo_kernels.loss(x, ids, mask, rewards=rewards, group_size=3, backend=be, **opts)
+        w, b = (weight, bias) if be == "torch" else (weight.to(dtype), bias.to(dtype))
+        return frpo_kernels.linear_loss(x, w, ids, mask, bias=b, rewards=rewards, group_size=3, backend=be,
+                                        **opts)
+    return leaf, old, call
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+@pytest.mark.parametrize("loss_type", TOKEN_LOCAL)
+@pytest.mark.parametrize("entry", ["logits", "hidden"])
+def test_zero_probability_target_off_policy(monkeypatch, backend, loss_type, entry):
+    """Off-policy such a token's ratio is 0: the one-pass value and gradient are the float64 reference's
+    (finite, but for cispo, whose loss weights logp itself: NaN there too). The value was NaN on the
+    fused path before, where a `logp * 0` meant to spread NaN logits met logp = -inf."""
+    backend = use_backend(backend)
+    leaf, old, call = zero_probability_target(entry, torch.float32)
+    want_leaf = leaf.double().requires_grad_(True)
+    want = call(want_leaf, "torch", old_logps=old, loss_type=loss_type)
+    want.backward()
+    calls = count_kernel_calls(monkeypatch, backend)
+    got_leaf = leaf.clone().requires_grad_(True)
+    got = call(got_leaf, backend, old_logps=old.float(), loss_type=loss_type)
+    got.backward()
+    assert calls == {"fused": 1, "backward": 0}, calls
+    assert want.isfinite() or loss_type == "cispo", want
+    torch.testing.assert_close(got.double(), want.detach(), rtol=2e-5, atol=2e-5, equal_nan=True)
+    assert got_leaf.grad.isfinite().all()
+    torch.testing.assert_close(got_leaf.grad.double(), want_leaf.grad, rtol=2e-5,
+                               atol=2e-5 * want_leaf.grad.abs().max().item())
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+@pytest.mark.parametrize("entry", ["logits", "hidden"])
+def test_zero_probability_target_on_policy_is_nan(backend, entry):
+    """On-policy (no old_logps) the ratio exp(logp - logp.detach()) of a -inf log-prob is NaN, as in TRL:
+    the loss is NaN on every backend and path (the gradients then are not meaningful: README)."""
+    backend = use_backend(backend)
+    leaf, _, call = zero_probability_target(entry, torch.float32)
+    for be, x in (("torch", leaf.double()), (backend, leaf)):
+        for loss_type in ("grpo", "frpo"):
+            value = call(x.clone().requires_grad_(True), be, loss_type=loss_type)
+            assert value.isnan(), (be, loss_type, value)
+
+
 @pytest.mark.parametrize("backend", ["cpu", "triton"])
 @pytest.mark.parametrize("loss_type, level", [("frpo", "token"), ("grpo", "sequence"), ("vespo", "token"),
                                                ("sapo", "sequence")])
