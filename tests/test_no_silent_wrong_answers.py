@@ -162,6 +162,34 @@ def test_second_backward_after_overwrite_is_refused(backend):
         value.backward()
 
 
+# 5b. The one-pass paths compute the gradient in forward and hand it out in backward. Where the input is
+# a view of a leaf, autograd may make a view of it that leaf's .grad: with retain_graph=True, a second
+# backward accumulating into that .grad (or zero_grad(set_to_none=False)) changed the saved gradient, and
+# the next backward raised autograd's "modified by an inplace operation". Each backward now gives the
+# gradient, as on the torch backend.
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("entry", ["logits", "hidden"])
+@pytest.mark.parametrize("view", ["view", "transpose"])
+def test_backward_through_a_retained_graph_into_a_view_of_a_leaf(backend, entry, view):
+    backend = use_backend(backend)
+    logits, ids, mask, rewards, _, _ = probe_batch(torch.float64 if backend == "torch" else torch.float32)
+    weight = torch.randn(V, 3, generator=torch.Generator().manual_seed(5), dtype=logits.dtype)
+    x = logits if entry == "logits" else logits[..., :3].contiguous()
+    leaf = (x.reshape(B * T, -1) if view == "view" else x.transpose(0, 1).contiguous()).requires_grad_(True)
+    z = leaf.view(B, T, -1) if view == "view" else leaf.transpose(0, 1)
+    kwargs = dict(rewards=rewards, group_size=2, backend=backend)
+    value = frpo_kernels.loss(z, ids, mask, **kwargs) if entry == "logits" else \
+        frpo_kernels.linear_loss(z, weight.requires_grad_(True), ids, mask, **kwargs)
+    value.backward(retain_graph=True)
+    once = leaf.grad.clone()
+    assert once.abs().max() > 0
+    value.backward(retain_graph=True)
+    torch.testing.assert_close(leaf.grad, 2 * once)
+    leaf.grad.zero_()  # optimizer.zero_grad(set_to_none=False)
+    value.backward()
+    torch.testing.assert_close(leaf.grad, once)
+
+
 # 6. Double backward: exact on the torch backend, a clear error on the kernel backends.
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 @pytest.mark.parametrize("with_old", [False, True], ids=["fused", "two_pass"])

@@ -53,6 +53,41 @@ def _refuse_double_backward():
                            "is not supported by the cpu/triton kernels; use backend='torch'")
 
 
+# Backward nodes that pass their incoming gradient on as a view of it (the first group) or as itself.
+_VIEW_NODES = {"ViewBackward", "ReshapeAliasBackward", "TBackward", "TransposeBackward", "PermuteBackward",
+               "UnsqueezeBackward", "SqueezeBackward", "AliasBackward", "ExpandBackward"}
+_SAME_NODES = {"CloneBackward", "ToCopyBackward"}
+
+
+def _view_of_leaf(t):
+    """Whether the gradient returned for t may become, as a view of it, a leaf's .grad (t = leaf.view(...),
+    leaf.t(), leaf.clone().view(...)): autograd steals a view it is handed (a new tensor object), so that
+    .grad would share the storage of a gradient saved for a second backward through a retained graph, and
+    accumulating into it would change that. (The gradient itself is never stolen while it is saved.)"""
+    node, viewed = None if t is None else t.grad_fn, False
+    while node is not None:
+        name = type(node).__name__.rstrip("0123456789")
+        if name == "AccumulateGrad":
+            return viewed
+        if name not in _VIEW_NODES | _SAME_NODES:
+            return False
+        viewed = viewed or name in _VIEW_NODES
+        following = [n for n, _ in node.next_functions if n is not None]
+        node = following[0] if len(following) == 1 else None
+    return False
+
+
+def _hand_out(grad, grad_out, private):
+    """A precomputed gradient for backward: scaled by grad_out, or itself when grad_out is 1 (no copy),
+    unless `private` (_view_of_leaf): then a copy, so that the saved one stays intact for a second
+    backward through a retained graph."""
+    if grad is None:
+        return None
+    if grad_out.numel() == 1 and bool(grad_out == 1):
+        return grad.clone() if private else grad
+    return grad * grad_out.to(grad.dtype)
+
+
 def _mark_overwritten(logits):
     """Bumps the version counter the kernels bypassed, so autograd refuses any function that saved the
     logits (e.g. torch.exp saves its output) instead of differentiating through the gradient."""
@@ -81,15 +116,14 @@ class _PrecomputedGradient(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, value, grad_logits):
         ctx.save_for_backward(grad_logits)
+        ctx.private = _view_of_leaf(logits)
         return value.detach().clone()
 
     @staticmethod
     def backward(ctx, grad_out):
         _refuse_double_backward()
         (grad_logits,) = ctx.saved_tensors
-        if grad_out.numel() == 1 and bool(grad_out == 1):
-            return grad_logits, None, None
-        return grad_logits * grad_out.to(grad_logits.dtype), None, None
+        return _hand_out(grad_logits, grad_out, ctx.private), None, None
 
 
 def fused_loss(logits, ids, mask, temperature, coef, kl_coef, ref_logps, with_entropy, backend,
