@@ -86,7 +86,9 @@ def _compute(logits):
 def _masked_rows_unread(z, ids, mask):
     """Masked rows as logits 0 and id 0 before any op reads them: zeroing only the results would let
     a NaN there into the gradient (log_softmax's backward mixes a row's entries: 0 * NaN), and an
-    out-of-range id there (HF's -100) into gather / scatter."""
+    out-of-range id there (HF's -100) into gather / scatter. The ids come back int64, which gather and
+    scatter need (the checks accept every integer dtype, as the kernels do)."""
+    ids = ids.long()
     if mask is None:
         return z, ids
     return torch.where(mask.unsqueeze(-1), z, 0), torch.where(mask, ids, 0)
