@@ -162,32 +162,70 @@ def test_second_backward_after_overwrite_is_refused(backend):
         value.backward()
 
 
-# 5b. The one-pass paths compute the gradient in forward and hand it out in backward. Where the input is
-# a view of a leaf, autograd may make a view of it that leaf's .grad: with retain_graph=True, a second
-# backward accumulating into that .grad (or zero_grad(set_to_none=False)) changed the saved gradient, and
-# the next backward raised autograd's "modified by an inplace operation". Each backward now gives the
-# gradient, as on the torch backend.
+# 5b. The one-pass paths compute the gradient in forward and hand it over in backward. Autograd may keep
+# it, or a view of it, as a leaf's .grad (the input a view of a leaf, a cat of leaves, (leaf + 0).view):
+# while the loss kept it too, a second backward through a retained graph after zero_grad(set_to_none=
+# False) raised "modified by an inplace operation", and after .grad.data.zero_() gave a zero gradient.
+# Now the first backward gives the gradient and a second one is a clear error on the kernel backends
+# (each backward gives the gradient on the torch backend).
+def _retained_graph_inputs(build, entry, dtype):
+    logits, ids, mask, rewards, _, _ = probe_batch(dtype)
+    x = logits if entry == "logits" else logits[..., :3].contiguous()
+    leaves, z = build(x)
+    weight = torch.randn(V, 3, generator=torch.Generator().manual_seed(5), dtype=dtype, requires_grad=True)
+    return leaves, z, weight, ids, mask, rewards
+
+
+BUILDS = {
+    "view": lambda x: (lambda a: ([a], a.view(B, T, -1)))(x.reshape(B * T, -1).clone().requires_grad_(True)),
+    "cat": lambda x: (lambda a, b: ([a, b], torch.cat([a, b])))(x[:2].clone().requires_grad_(True),
+                                                                x[2:].clone().requires_grad_(True)),
+    "add_view": lambda x: (lambda a: ([a], (a + 0).view(B, T, -1)))(x.reshape(B * T, -1).clone().requires_grad_(True)),
+}
+
+
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 @pytest.mark.parametrize("entry", ["logits", "hidden"])
-@pytest.mark.parametrize("view", ["view", "transpose"])
-def test_backward_through_a_retained_graph_into_a_view_of_a_leaf(backend, entry, view):
+@pytest.mark.parametrize("build", list(BUILDS))
+def test_backward_through_a_retained_graph(backend, entry, build):
     backend = use_backend(backend)
-    logits, ids, mask, rewards, _, _ = probe_batch(torch.float64 if backend == "torch" else torch.float32)
-    weight = torch.randn(V, 3, generator=torch.Generator().manual_seed(5), dtype=logits.dtype)
-    x = logits if entry == "logits" else logits[..., :3].contiguous()
-    leaf = (x.reshape(B * T, -1) if view == "view" else x.transpose(0, 1).contiguous()).requires_grad_(True)
-    z = leaf.view(B, T, -1) if view == "view" else leaf.transpose(0, 1)
+    dtype = torch.float64 if backend == "torch" else torch.float32
+    leaves, z, weight, ids, mask, rewards = _retained_graph_inputs(BUILDS[build], entry, dtype)
     kwargs = dict(rewards=rewards, group_size=2, backend=backend)
     value = frpo_kernels.loss(z, ids, mask, **kwargs) if entry == "logits" else \
-        frpo_kernels.linear_loss(z, weight.requires_grad_(True), ids, mask, **kwargs)
+        frpo_kernels.linear_loss(z, weight, ids, mask, **kwargs)
     value.backward(retain_graph=True)
-    once = leaf.grad.clone()
-    assert once.abs().max() > 0
+    once = [leaf.grad.clone() for leaf in leaves]
+    assert all(g.abs().max() > 0 for g in once)
+    for leaf in leaves:
+        leaf.grad.zero_()  # optimizer.zero_grad(set_to_none=False)
+    if backend != "torch":
+        with pytest.raises(RuntimeError, match="retain_graph=True"):
+            value.backward(retain_graph=True)
+        return
     value.backward(retain_graph=True)
-    torch.testing.assert_close(leaf.grad, 2 * once)
-    leaf.grad.zero_()  # optimizer.zero_grad(set_to_none=False)
     value.backward()
-    torch.testing.assert_close(leaf.grad, once)
+    for leaf, g in zip(leaves, once):
+        torch.testing.assert_close(leaf.grad, 2 * g)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("entry", ["logits", "hidden"])
+def test_one_pass_gradient_of_a_cat_of_leaves(backend, entry):
+    """The gradient the first backward gives, against the float64 torch loss of the same inputs."""
+    backend = use_backend(backend)
+    leaves, z, weight, ids, mask, rewards = _retained_graph_inputs(BUILDS["cat"], entry, torch.float32)
+    kwargs = dict(rewards=rewards, group_size=2)
+    got = frpo_kernels.loss(z, ids, mask, backend=backend, **kwargs) if entry == "logits" else \
+        frpo_kernels.linear_loss(z, weight, ids, mask, backend=backend, **kwargs)
+    got.backward()
+    ref_leaves = [leaf.detach().double().requires_grad_(True) for leaf in leaves]
+    zr = torch.cat(ref_leaves)
+    want = frpo_kernels.loss(zr, ids, mask, backend="torch", **kwargs) if entry == "logits" else \
+        frpo_kernels.linear_loss(zr, weight.detach().double(), ids, mask, backend="torch", **kwargs)
+    want.backward()
+    for leaf, ref in zip(leaves, ref_leaves):
+        torch.testing.assert_close(leaf.grad.double(), ref.grad, rtol=2e-5, atol=2e-6)
 
 
 # 6. Double backward: exact on the torch backend, a clear error on the kernel backends.

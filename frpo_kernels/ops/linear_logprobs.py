@@ -37,7 +37,7 @@ from frpo_kernels import checks
 from frpo_kernels.backends import kernels, resolve, torch_reference
 from frpo_kernels.backends.torch_reference import RatioGate, gate_arguments
 from frpo_kernels.ops import tile_policy
-from frpo_kernels.ops.token_logprobs import _hand_out, _refuse_double_backward, _view_of_leaf
+from frpo_kernels.ops.token_logprobs import _hand_over, _refuse_double_backward
 
 # On CPU, bf16/fp16 GEMMs run in fp32: torch 2.13's CPU bf16 matmul on this AVX2 EPYC (no native
 # bf16 dot products) ran at 4.0 GFLOP/s for [256, 576] x [576, 49152] and 0.5 GFLOP/s for the
@@ -290,15 +290,13 @@ class _PrecomputedLinearGradient(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, value, grad_hidden, grad_weight, grad_bias):
-        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
-        ctx.private = [_view_of_leaf(t) for t in (hidden, weight, bias)]
+        ctx.grads = (grad_hidden, grad_weight, grad_bias)  # not saved_tensors: handed over (_hand_over)
         return value.detach().clone()
 
     @staticmethod
     def backward(ctx, grad_out):
         _refuse_double_backward()
-        grads = (_hand_out(g, grad_out, private) for g, private in zip(ctx.saved_tensors, ctx.private))
-        return (*grads, None, None, None, None)
+        return (*_hand_over(ctx, grad_out), None, None, None, None)
 
 
 def linear_fused_loss(hidden, weight, bias, ids, mask, temperature, coef, kl_coef, ref_logps,

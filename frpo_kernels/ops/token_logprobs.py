@@ -53,39 +53,22 @@ def _refuse_double_backward():
                            "is not supported by the cpu/triton kernels; use backend='torch'")
 
 
-# Backward nodes that pass their incoming gradient on as a view of it (the first group) or as itself.
-_VIEW_NODES = {"ViewBackward", "ReshapeAliasBackward", "TBackward", "TransposeBackward", "PermuteBackward",
-               "UnsqueezeBackward", "SqueezeBackward", "AliasBackward", "ExpandBackward"}
-_SAME_NODES = {"CloneBackward", "ToCopyBackward"}
-
-
-def _view_of_leaf(t):
-    """Whether the gradient returned for t may become, as a view of it, a leaf's .grad (t = leaf.view(...),
-    leaf.t(), leaf.clone().view(...)): autograd steals a view it is handed (a new tensor object), so that
-    .grad would share the storage of a gradient saved for a second backward through a retained graph, and
-    accumulating into it would change that. (The gradient itself is never stolen while it is saved.)"""
-    node, viewed = None if t is None else t.grad_fn, False
-    while node is not None:
-        name = type(node).__name__.rstrip("0123456789")
-        if name == "AccumulateGrad":
-            return viewed
-        if name not in _VIEW_NODES | _SAME_NODES:
-            return False
-        viewed = viewed or name in _VIEW_NODES
-        following = [n for n, _ in node.next_functions if n is not None]
-        node = following[0] if len(following) == 1 else None
-    return False
-
-
-def _hand_out(grad, grad_out, private):
-    """A precomputed gradient for backward: scaled by grad_out, or itself when grad_out is 1 (no copy),
-    unless `private` (_view_of_leaf): then a copy, so that the saved one stays intact for a second
-    backward through a retained graph."""
-    if grad is None:
-        return None
+def _hand_over(ctx, grad_out):
+    """The gradients a one-pass loss computed in forward (ctx.grads), for the one backward they serve:
+    scaled by grad_out (themselves when it is 1: no copy), and ctx's references dropped. Autograd may
+    keep a returned tensor, or a view of it (through cat, view, ...), as a leaf's .grad; nothing kept
+    here may share memory with that, or accumulating into .grad would change a later backward's gradient.
+    So a second backward through a retained graph has nothing to give, and says so."""
+    grads = ctx.grads
+    if grads is None:
+        raise RuntimeError("frpo_kernels: the cpu/triton one-pass loss computes its gradient in forward and "
+                           "hands it over on the first backward; a second backward through the same graph "
+                           "(retain_graph=True) is not supported: compute the loss again, or use "
+                           "backend='torch'")
+    ctx.grads = None
     if grad_out.numel() == 1 and bool(grad_out == 1):
-        return grad.clone() if private else grad
-    return grad * grad_out.to(grad.dtype)
+        return grads
+    return tuple(None if g is None else g * grad_out.to(g.dtype) for g in grads)
 
 
 def _mark_overwritten(logits):
@@ -115,15 +98,13 @@ class _PrecomputedGradient(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, value, grad_logits):
-        ctx.save_for_backward(grad_logits)
-        ctx.private = _view_of_leaf(logits)
+        ctx.grads = (grad_logits,)  # not saved_tensors: handed over, see _hand_over
         return value.detach().clone()
 
     @staticmethod
     def backward(ctx, grad_out):
         _refuse_double_backward()
-        (grad_logits,) = ctx.saved_tensors
-        return _hand_out(grad_logits, grad_out, ctx.private), None, None
+        return (*_hand_over(ctx, grad_out), None, None)
 
 
 def fused_loss(logits, ids, mask, temperature, coef, kl_coef, ref_logps, with_entropy, backend,
