@@ -179,6 +179,44 @@ def test_masked_rows_all_inf_and_zero_gradient():
 
 
 @needs_cpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("vocab", [1, 5, 40, 5000])
+@pytest.mark.parametrize("temperature", [0.7, 1.0, 1.3])
+def test_a_certain_token_is_exact_at_any_temperature(dtype, vocab, temperature):
+    """A row whose only finite logit is the target: logp = entropy = 0 exactly, and so is the gradient.
+    At T != 1 the sweeps subtracted the max from the exact product x * (1/T) (an FMA: written, or made by
+    the compiler) while the max was the rounded product: the target got exp(residual), logp up to +4e-7
+    and entropies of +-5e-8, which top_entropy_quantile's ties turned into O(1) changes of the loss."""
+    gen = torch.Generator().manual_seed(vocab)
+    ids = torch.randint(0, vocab, (3, 4), generator=gen)
+    logits = torch.full((3, 4, vocab), float("-inf"))
+    logits.scatter_(-1, ids.unsqueeze(-1), 3 * torch.randn(3, 4, 1, generator=gen))
+    logits = logits.to(dtype)
+    logp, _, ent, grad = cpu.fused(logits, ids, None, temperature, torch.ones(3, 4), None, None, True)
+    assert torch.equal(logp, torch.zeros_like(logp)) and torch.equal(ent, torch.zeros_like(ent))
+    assert torch.equal(grad.float(), torch.zeros_like(grad.float()))
+    logp, _, ent = cpu.forward(logits, ids, None, temperature, True)
+    assert torch.equal(logp, torch.zeros_like(logp)) and torch.equal(ent, torch.zeros_like(ent))
+
+
+@needs_cpu
+@pytest.mark.parametrize("offset", [1e4, 1e6, 1e30, 3e38])
+def test_fused_gradient_at_large_logits(offset):
+    """The fused gradient takes p = exp((z - m) - log s), not exp(z - lse) with lse rounded to fp32 (off by
+    |lse| * 6e-8 relative: 1e-4 at logits of 1e4, everything at 3e38, even with lse in double). T = 1:
+    at other T, x/T itself rounds (by |x/T| * 6e-8) before any of this."""
+    logits = _logits(2, 3, 300, torch.float32, seed=2) * 3 + offset
+    ids = torch.randint(0, 300, (2, 3), generator=torch.Generator().manual_seed(3))
+    coef = torch.randn(2, 3, generator=torch.Generator().manual_seed(4))
+    logp, _, ent, grad = cpu.fused(logits, ids, None, 1.0, coef, None, None, True)
+    want = torch_reference.fused(logits.double(), ids, None, 1.0, coef.double(), None, None, True)
+    assert torch.isfinite(grad).all()
+    _check_grad(grad, want[3], torch.float32)
+    torch.testing.assert_close(logp.double(), want[0], rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(ent.double(), want[2], rtol=1e-5, atol=1e-5)
+
+
+@needs_cpu
 def test_masked_rows_may_hold_out_of_range_ids():
     logits = _logits(1, 3, 20, torch.float32)
     ids = torch.tensor([[1, -100, 5]])

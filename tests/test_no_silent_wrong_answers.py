@@ -228,6 +228,38 @@ def test_one_pass_gradient_of_a_cat_of_leaves(backend, entry):
         torch.testing.assert_close(leaf.grad.double(), ref.grad, rtol=2e-5, atol=2e-6)
 
 
+# 5c. Precision the fused kernels once lost (found by an adversarial check): p = exp(z - lse) from an lse
+# rounded to fp32 (a relative error of |lse| * 6e-8: 1e-4 at logits of 1e4, all of it at 1e30), and at
+# T != 1 a certain token's logp above 0 and entropies of +-5e-8 instead of 0 (ties that
+# top_entropy_quantile then split at random). The two-pass backward still takes the saved fp32 lse.
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("offset", [0.0, 1e4, 1e6, 1e30])
+def test_one_pass_loss_at_large_logits(backend, offset):
+    backend = use_backend(backend)
+    logits, ids, mask, rewards, _, _ = probe_batch()
+    logits = logits + offset
+    kwargs = dict(rewards=rewards, group_size=2, loss_type="grpo")
+    got = value_and_grad(logits, ids, mask, backend=backend, **kwargs)
+    want = value_and_grad(logits.double(), ids, mask, backend="torch", **kwargs)
+    assert_close(got[0], want[0], 1e-6, 1e-6)
+    assert_close(got[1], want[1], 1e-5, 1e-6 * want[1].abs().max().item())
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_certain_tokens_tie_exactly_at_temperature(backend):
+    """Every token certain (one finite logit per row): entropies exactly 0, so top_entropy_quantile keeps
+    them all, as in float64."""
+    backend = use_backend(backend)
+    logits, ids, mask, rewards, _, _ = probe_batch()
+    certain = torch.full_like(logits, float("-inf")).scatter_(-1, ids.unsqueeze(-1), logits.gather(-1, ids.unsqueeze(-1)))
+    kwargs = dict(rewards=rewards, group_size=2, temperature=0.7, top_entropy_quantile=0.5)
+    value = frpo_kernels.loss(certain, ids, mask, backend=backend, **kwargs)
+    want = frpo_kernels.loss(certain.double(), ids, mask, backend="torch", **kwargs)
+    assert_close(value.detach().double(), want.detach(), 1e-6, 1e-7)
+    logp, entropy = frpo_kernels.token_logprobs(certain, ids, temperature=0.7, return_entropy=True, backend=backend)
+    assert torch.equal(logp, torch.zeros_like(logp)) and torch.equal(entropy, torch.zeros_like(entropy))
+
+
 # 6. Double backward: exact on the torch backend, a clear error on the kernel backends.
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 @pytest.mark.parametrize("with_old", [False, True], ids=["fused", "two_pass"])

@@ -147,7 +147,10 @@ constexpr int64_t kBwdPrefetch = 2048;
 // The fused kernel prefetches only the next row's first chunk, from this row's last exp sweep:
 // prefetching the whole next row during the gradient sweep measured slower (1.91x vs 1.54x a copy).
 
-struct RowStats { float logp, lse, entropy; };
+// m, log_s: lse = m + log_s in parts (m the row's largest z = x/T), for the fused gradient: p = exp(z - lse)
+// from lse rounded to fp32 is off by up to |lse| * 6e-8 relative (1e-4 at logits of 1e4; at 1e38 even a
+// double lse loses log_s), where p = exp((z - m) - log_s) is as exact as torch's. Set for finite lse only.
+struct RowStats { float logp, lse, entropy, m; double log_s; };
 
 // A chunk summed against a stale max (see Row::forward) is redone above this sum: e^44, so every
 // logit was at most ~44 above the max used, its exp and the sum stay far from fp32 overflow, and
@@ -247,6 +250,8 @@ struct Row {
     // all -inf (m = -inf, s = 0): lse = -inf, logp = entropy = NaN, as torch gives, from the formulas
     const double log_s = std::log(s);
     st.lse = float(double(m) + log_s);
+    st.m = m;
+    st.log_s = log_s;
     st.logp = float((double(E::load(x + id) * inv_t) - double(m)) - log_s);
     st.entropy = with_entropy ? float(log_s - t / s) : 0.f;
     return st;
@@ -290,15 +295,15 @@ struct Row {
 
 // The fused kernel's gradient sweep, from the exps forward() kept (e, chunk_m): g = e * dlogp-scaled
 // exp(chunk max - lse) per chunk, one multiply per logit instead of a second exp; the target logit
-// as in gradient(). xid: the target logit, read before any write (in place, g may be the logits).
-// With the entropy term (with_entropy: dentropy = the entropy coefficient, entropy = the row's H), each
-// logit's p*(a + b*log p) needs log p = x/T - lse: the sweep reads the logits row again (from L2 when
+// as in gradient(). lse comes as m + log_s (RowStats). xid: the target logit, read before any write (in
+// place, g may be the logits). With the entropy term (with_entropy: dentropy = the entropy coefficient,
+// entropy = the row's H), each logit's p*(a + b*log p) needs log p: the sweep reads the logits row again (from L2 when
 // it stayed there) next to the kept exps -- a fused multiply-add and a multiply more per logit, still
 // no second exp (scale_ent_span).
 template <class Ops, class E>
 void gradient_from_exps(const float* e, const float* chunk_m, const typename E::T* x, typename E::T* g,
-                        int64_t vocab, int64_t id, float xid, float inv_t, float lse, float dlogp, bool with_entropy,
-                        float entropy, float dentropy, bool streaming) {
+                        int64_t vocab, int64_t id, float xid, float inv_t, float m, double log_s, float dlogp,
+                        bool with_entropy, float entropy, float dentropy, bool streaming) {
   // grad = p * (a + b * log p), as in Row::gradient
   const double a = (-double(dlogp) - (with_entropy ? double(dentropy) * double(entropy) : 0.0)) * inv_t;
   const double b = with_entropy ? -double(dentropy) * inv_t : 0.0;
@@ -309,14 +314,17 @@ void gradient_from_exps(const float* e, const float* chunk_m, const typename E::
       Ops::template zero_span<E>(g + c, n, streaming);
       continue;
     }
-    const double scale = std::exp(double(mc) - double(lse));  // p = e * scale in this chunk
+    const double scale = std::exp((double(mc) - double(m)) - log_s);  // p = e * scale in this chunk
+    // log p = (z - m) - log_s: the sweep subtracts m, and the term b * scale * log_s joins the constant one
     if (with_entropy)
-      Ops::template scale_ent_span<E>(e + c, x + c, g + c, n, float(a * scale), float(b * scale), inv_t, lse, streaming);
+      Ops::template scale_ent_span<E>(e + c, x + c, g + c, n, float((a - b * log_s) * scale), float(b * scale),
+                                      inv_t, m, streaming);
     else
       Ops::template scale_span<E>(e + c, g + c, n, float(a * scale), streaming);
   }
   // the target logit: (1 - p) computed directly, no cancellation against dlogp
-  const double d = clamp_exp_arg(xid * inv_t - lse);
+  double d = (double(xid * inv_t) - double(m)) - log_s;
+  d = d < kExpLo ? kExpLo : d > kExpHi ? kExpHi : d;  // NaN stays NaN
   const double p = std::exp(d);
   double gid = double(dlogp) * (1.0 - p);
   if (with_entropy) gid -= double(dentropy) * p * (d + double(entropy));
@@ -420,7 +428,7 @@ void fused_rows_t(const LogitsView& L, const TokenInputs& tok, const FusedIn& in
     if (with_kl) dlogp += float(double(in.kl_coef[r]) * (1.0 - std::exp(double(in.ref_logps[r]) - st.logp)));
     const float ecoef = with_ent_grad ? in.entropy_coef[r] : 0.f;
     if (std::isfinite(st.lse)) {
-      gradient_from_exps<Ops, E>(e, chunk_m, x, g, L.vocab, id, xid, inv_t, st.lse, dlogp, with_ent_grad, st.entropy,
+      gradient_from_exps<Ops, E>(e, chunk_m, x, g, L.vocab, id, xid, inv_t, st.m, st.log_s, dlogp, with_ent_grad, st.entropy,
                                  ecoef, G.streaming);
     } else {  // NaN / +inf / all -inf row (rare): the kept exps hold NaN; the plain sweep gives torch's pattern
       Row<Ops, E>::gradient(x, g, L.vocab, id, inv_t, st.lse, dlogp, with_ent_grad, st.entropy, ecoef, G.streaming,

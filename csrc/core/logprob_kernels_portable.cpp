@@ -28,15 +28,16 @@ constexpr bool kFma = false;
 inline float mul_add(float a, float b, float c) { return a * b + c; }
 inline float exp_one(float x) { return exp_poly_nofma(x); }
 #endif
-// x/T - c, with Unit (T = 1, the usual temperature) as x - c: the same value, one multiply fewer. The
-// build without FMA takes it: there the loops are bound by their dependency chain, which the multiply
-// lengthens by a tenth (in cache, SSE2 fp32: fused 1.18 -> 1.14, backward 0.91 -> 0.85 ns/logit). With
-// FMA, fma(x, inv_t, -c) is one operation either way, but x - c is not on the FMA ports (Zen: the add
-// ports): Always takes it there too, for the bf16 loops (bf16 forward 0.510 -> 0.491 ns/logit in
-// cache, 4-lane FMA). Not for the fp32 and fp16 loops: taking it in every loop made the fp32 forward
-// 7x slower in that build (not investigated).
+// z - c with z = x/T rounded to fp32 (x * inv_t: the logit the max and the target's logp use; see
+// simd_ops.h's shifted for why not fma(x, inv_t, -c)), with Unit (T = 1, the usual temperature) as
+// x - c: the same value, one multiply fewer. The build without FMA takes it: there the loops are bound
+// by their dependency chain, which the multiply lengthens by a tenth (in cache, SSE2 fp32: fused 1.18 ->
+// 1.14, backward 0.91 -> 0.85 ns/logit). With FMA, x - c is not on the FMA ports (Zen: the add ports):
+// Always takes it there too, for the bf16 loops (bf16 forward 0.510 -> 0.491 ns/logit in cache, 4-lane
+// FMA; measured when T != 1 was one fma). Not for the fp32 and fp16 loops: taking it in every loop made
+// the fp32 forward 7x slower in that build (not investigated).
 template <bool Unit>
-inline float shifted(float x, float inv_t, float c) { return Unit ? x - c : mul_add(x, inv_t, -c); }
+inline float shifted(float x, float inv_t, float c) { return Unit ? x - c : x * inv_t - c; }
 template <bool Always = false, class F>
 inline void with_unit_temperature(float inv_t, F&& run) {
   if constexpr (!kFma || Always) {
@@ -317,11 +318,12 @@ struct PortableOps {
 #pragma omp simd
         for (int64_t j = j0; j < j1; ++j) {  // in place: the pair is read before it is written
           const uint32_t w = load_pair(x + 2 * j);
-          const float d0 = clamp_lo(mul_add(pair_first(w), inv_t, -lse)), d1 = clamp_lo(mul_add(pair_second(w), inv_t, -lse));
+          const float d0 = clamp_lo(shifted<false>(pair_first(w), inv_t, lse)),
+                      d1 = clamp_lo(shifted<false>(pair_second(w), inv_t, lse));
           store_pair(out + 2 * (j - j0), make_pair(e[j] * mul_add(fb, d0, fa), e[h + j] * mul_add(fb, d1, fa)));
         }
         if (2 * j1 < i1) {  // an odd n's last logit (its exp at e[n - 1])
-          const float d = clamp_lo(mul_add(BF16::load(x + i1 - 1), inv_t, -lse));
+          const float d = clamp_lo(shifted<false>(BF16::load(x + i1 - 1), inv_t, lse));
           out[i1 - 1 - i0] = BF16::from(e[i1 - 1] * mul_add(fb, d, fa));
         }
       });
@@ -330,7 +332,7 @@ struct PortableOps {
     write_blocks(g, n, streaming && kStreams<E>, [=](typename E::T* out, int64_t i0, int64_t i1) {
 #pragma omp simd
       for (int64_t i = i0; i < i1; ++i) {  // in place (g == x): each out element written after its x is read
-        const float d = clamp_lo(mul_add(E::load(x + i), inv_t, -lse));
+        const float d = clamp_lo(shifted<false>(E::load(x + i), inv_t, lse));
         out[i - i0] = E::from(e[i] * mul_add(fb, d, fa));
       }
     });

@@ -77,11 +77,26 @@ FRPO_SIMD_INLINE typename V::F clamp_lo(typename V::F d) { return V::max(V::set1
 template <class V>
 FRPO_SIMD_INLINE typename V::F clamp_both(typename V::F d) { return V::min(V::set1(kExpHi), clamp_lo<V>(d)); }
 
-// x/T - c: at T = 1 (the usual temperature) an add, which runs beside the exp's multiply-adds instead of
-// on their ports (the same value: fmadd(x, 1, -c) rounds x - c once, as the add does).
+// The value as computed: the empty asm stops the compiler from fusing a product into the add that uses
+// it (GCC's C++ default, -ffp-contract=fast, does that also across intrinsics). Not a compiler flag:
+// -ffp-contract=off made the bf16 forward 10% slower (csrc/bench/README.md).
+template <class F>
+FRPO_SIMD_INLINE F rounded(F v) {
+  asm("" : "+x"(v));
+  return v;
+}
+inline float rounded(float v) {  // the scalar tails (also in lambdas, which have no target attribute)
+  asm("" : "+x"(v));
+  return v;
+}
+
+// z - c with z = x/T rounded to fp32 (x * inv_t), the logit every sweep, the max and the target's logp
+// use: an fmadd(x, vt, vnc) would subtract c from the exact product, so the row's largest logit would get
+// exp(residual) instead of exactly 1 (entropy noise of ~|x/T| * 6e-8 on rows that are certain, and a
+// logp above 0 for a lone logit, once T != 1). At T = 1 (the usual temperature) z = x: one add.
 template <class V, bool Unit>
 FRPO_SIMD_INLINE typename V::F shifted(typename V::F x, typename V::F vt, typename V::F vnc) {
-  return Unit ? V::add(x, vnc) : V::fmadd(x, vt, vnc);
+  return Unit ? V::add(x, vnc) : V::add(rounded(V::mul(x, vt)), vnc);
 }
 
 template <class V>
@@ -147,7 +162,7 @@ struct SimdOps {
     float s = V::hsum(V::add(V::add(s0, s1), V::add(s2, s3)));
     float t = Ent ? V::hsum(V::add(V::add(t0, t1), V::add(t2, t3))) : 0.f;
     for (; i < n; ++i) {
-      const float d = clamp_exp_arg(std::fma(E::load(x + i), inv_t, -m));
+      const float d = clamp_exp_arg(rounded(E::load(x + i) * inv_t) - m);  // z - m, as shifted()
       const float e = exp_poly(d);
       if (Store) e_out[i] = e;
       s += e;
@@ -193,7 +208,7 @@ struct SimdOps {
                                   float a, float b, bool streaming, int64_t pf) {
     auto scalar = [&](int64_t lo, int64_t hi) {
       for (int64_t i = lo; i < hi; ++i) {
-        const float d = clamp_exp_arg(E::load(x + i) * inv_t - lse);
+        const float d = clamp_exp_arg(rounded(E::load(x + i) * inv_t) - lse);
         const float p = exp_poly(d);
         g[i] = E::from(Ent ? p * (a + b * d) : p * a);
       }
@@ -251,7 +266,7 @@ struct SimdOps {
     int64_t i = 0;
 #define FRPO_ENT_TERM(k)                                                                                         \
   V::mul(V::loadu(e + i + (k) * W),                                                                             \
-         V::fmadd(vfb, clamp_lo<V>(V::fmadd(V::template Elem<E>::load(x + i + (k) * W), vt, vnl)), vfa))
+         V::fmadd(vfb, clamp_lo<V>(shifted<V, false>(V::template Elem<E>::load(x + i + (k) * W), vt, vnl)), vfa))
     for (; i + kStep <= n; i += kStep) {
       const F v0 = FRPO_ENT_TERM(0), v1 = FRPO_ENT_TERM(1), v2 = FRPO_ENT_TERM(2), v3 = FRPO_ENT_TERM(3);
       V::template Elem<E>::template put2<Stream>(g + i, v0, v1);
@@ -265,7 +280,7 @@ struct SimdOps {
   static FRPO_SIMD void scale_ent_span(const float* e, const typename E::T* x, typename E::T* g, int64_t n, float fa,
                                        float fb, float inv_t, float lse, bool streaming) {
     auto scalar = [&](int64_t i) {
-      float d = E::load(x + i) * inv_t - lse;
+      float d = rounded(E::load(x + i) * inv_t) - lse;
       d = d < kExpLo ? kExpLo : d;
       g[i] = E::from(e[i] * (fa + fb * d));
     };

@@ -94,9 +94,20 @@ def _masked_rows_unread(z, ids, mask):
     return torch.where(mask.unsqueeze(-1), z, 0), torch.where(mask, ids, 0)
 
 
+def _log_probs(z, lse):
+    """z - lse per row, for rows of finite lse as (z - max) - log sum exp(z - max): z - lse itself loses
+    log-sum to lse's rounding once |lse| is large (in float64 from ~1e15, in float32 from ~1e4).
+    Other rows (NaN, +inf, all -inf) keep z - lse, whose NaN / inf pattern is the contract's."""
+    finite = torch.isfinite(lse).unsqueeze(-1)
+    shift = torch.where(finite, z.amax(-1, keepdim=True), 0)
+    shifted = z - shift
+    log_sum = torch.logsumexp(torch.where(finite, shifted, 0), -1, keepdim=True)
+    return torch.where(finite, shifted - log_sum, z - lse.unsqueeze(-1))
+
+
 def backward(logits, ids, mask, lse, dlogp, entropy, dentropy, temperature, inplace=False):
     z, ids = _masked_rows_unread(_compute(logits), ids, mask)
-    log_probs = z / temperature - lse.unsqueeze(-1)
+    log_probs = _log_probs(z / temperature, lse)
     p = log_probs.exp()
     onehot = torch.zeros_like(p).scatter_(-1, ids.unsqueeze(-1), 1.0)
     grad = dlogp.unsqueeze(-1) * (onehot - p)

@@ -22,7 +22,10 @@ class KernelConfig:
         return {"ROWS": self.rows, "BLOCK_V": self.block_v}
 
     def launch(self):
-        return {"num_warps": self.num_warps, "num_stages": self.num_stages}
+        # enable_fp_fusion=False: no multiply fused into the add that uses it, so z = x/T is rounded
+        # before the max is subtracted, as the max itself was (a row's largest logit then gets exp(0) = 1,
+        # not exp(residual): the CPU kernels' fix, tests/test_no_silent_wrong_answers.py, 5c)
+        return {"num_warps": self.num_warps, "num_stages": self.num_stages, "enable_fp_fusion": False}
 
 
 CONFIGS = (

@@ -30,7 +30,9 @@ def _row_offset(row, T, stride_b, stride_t):
 @triton.jit
 def _log_sum_exp(logits_ptr, offset, live, V, inv_temperature,
                  WITH_ENTROPY: tl.constexpr, ROWS: tl.constexpr, BLOCK_V: tl.constexpr):
-    """(lse, entropy) of softmax(logits * inv_temperature) per row, one read of each row.
+    """(m, log s, entropy) of softmax(z = logits * inv_temperature) per row, one read of each row:
+    lse = m + log s, kept in its parts so that z - lse is taken as (z - m) - log s (a rounded lse would
+    cost |lse| * 6e-8 relative in logp and p).
 
     Online: running max m, s = sum exp(z - m), a = sum exp(z - m) * (z - m); entropy = log s - a / s
     (taken relative to the max so that a large lse does not cancel a small entropy).
@@ -58,17 +60,17 @@ def _log_sum_exp(logits_ptr, offset, live, V, inv_temperature,
             a = rescale * (a + s * step) + a_tile
         s = s * rescale + s_tile
         m = shift
-    lse = m + tl.log(s)
-    entropy = tl.log(s) - a / s
-    return lse, entropy
+    log_s = tl.log(s)
+    entropy = log_s - a / s
+    return m, log_s, entropy
 
 
 @triton.jit
-def _gradient_sweep(logits_ptr, offset, grad_ptr, grad_offset, in_range, live, target, lse, dlogp,
+def _gradient_sweep(logits_ptr, offset, grad_ptr, grad_offset, in_range, live, target, m, log_s, dlogp,
                     entropy, dentropy, V, inv_temperature, WITH_ENTROPY_GRAD: tl.constexpr,
                     ROWS: tl.constexpr, BLOCK_V: tl.constexpr):
-    """grad = (dlogp * (onehot - p) - dentropy * p * (log p + H)) / T over each row in range; rows
-    that are not live (masked) get 0 and are not read.
+    """grad = (dlogp * (onehot - p) - dentropy * p * (log p + H)) / T over each row in range, log p =
+    (z - m) - log_s (lse = m + log_s); rows that are not live (masked) get 0 and are not read.
 
     Every tile is loaded before it is stored, so grad_ptr may alias logits_ptr (in-place)."""
     for v0 in range(0, V, BLOCK_V):
@@ -76,7 +78,7 @@ def _gradient_sweep(logits_ptr, offset, grad_ptr, grad_offset, in_range, live, t
         in_row = (cols < V)[None, :]
         z = tl.load(logits_ptr + offset[:, None] + cols[None, :], mask=live[:, None] & in_row,
                     other=float("-inf"))
-        log_p = z.to(tl.float32) * inv_temperature - lse[:, None]
+        log_p = (z.to(tl.float32) * inv_temperature - m[:, None]) - log_s[:, None]
         p = tl.exp(log_p)
         g = tl.where(cols[None, :] == target[:, None], dlogp[:, None], 0.0) - dlogp[:, None] * p
         if WITH_ENTROPY_GRAD:
@@ -92,13 +94,13 @@ def forward_kernel(logits_ptr, stride_b, stride_t, ids_ptr, mask_ptr, logp_ptr, 
                    WITH_ENTROPY: tl.constexpr, ROWS: tl.constexpr, BLOCK_V: tl.constexpr):
     """(logp, lse[, entropy]) per row; masked rows get 0."""
     row, live, offset = _rows(tl.program_id(0) * ROWS, N, T, stride_b, stride_t, mask_ptr, HAS_MASK, ROWS)
-    lse, entropy = _log_sum_exp(logits_ptr, offset, live, V, inv_temperature, WITH_ENTROPY, ROWS,
-                                BLOCK_V)
+    m, log_s, entropy = _log_sum_exp(logits_ptr, offset, live, V, inv_temperature, WITH_ENTROPY, ROWS,
+                                     BLOCK_V)
     target = tl.load(ids_ptr + row, mask=live, other=0)
     z_target = tl.load(logits_ptr + offset + target, mask=live, other=0.0).to(tl.float32)
     in_range = row < N
-    tl.store(logp_ptr + row, tl.where(live, z_target * inv_temperature - lse, 0.0), mask=in_range)
-    tl.store(lse_ptr + row, tl.where(live, lse, 0.0), mask=in_range)
+    tl.store(logp_ptr + row, tl.where(live, (z_target * inv_temperature - m) - log_s, 0.0), mask=in_range)
+    tl.store(lse_ptr + row, tl.where(live, m + log_s, 0.0), mask=in_range)
     if WITH_ENTROPY:
         tl.store(entropy_ptr + row, tl.where(live, entropy, 0.0), mask=in_range)
 
@@ -119,8 +121,10 @@ def backward_kernel(logits_ptr, stride_b, stride_t, ids_ptr, mask_ptr, lse_ptr, 
     if WITH_ENTROPY_GRAD:
         entropy = tl.load(entropy_ptr + row, mask=live, other=0.0)
         dentropy = tl.load(dentropy_ptr + row, mask=live, other=0.0)
-    _gradient_sweep(logits_ptr, offset, grad_ptr, grad_offset, row < N, live, target, lse, dlogp,
-                    entropy, dentropy, V, inv_temperature, WITH_ENTROPY_GRAD, ROWS, BLOCK_V)
+    # only the rounded lse was saved: log p = (z - lse) - 0
+    _gradient_sweep(logits_ptr, offset, grad_ptr, grad_offset, row < N, live, target, lse,
+                    tl.zeros([ROWS], tl.float32), dlogp, entropy, dentropy, V, inv_temperature,
+                    WITH_ENTROPY_GRAD, ROWS, BLOCK_V)
 
 
 @triton.jit
@@ -160,12 +164,12 @@ def fused_kernel(logits_ptr, stride_b, stride_t, ids_ptr, mask_ptr, coef_ptr, kl
     bounded number of programs and each walks row tiles pid, pid + programs, ... (persistent)."""
     for first in range(tl.program_id(0) * ROWS, N, tl.num_programs(0) * ROWS):
         row, live, offset = _rows(first, N, T, stride_b, stride_t, mask_ptr, HAS_MASK, ROWS)
-        lse, entropy = _log_sum_exp(logits_ptr, offset, live, V, inv_temperature, WITH_ENTROPY,
-                                    ROWS, BLOCK_V)
+        m, log_s, entropy = _log_sum_exp(logits_ptr, offset, live, V, inv_temperature, WITH_ENTROPY,
+                                         ROWS, BLOCK_V)
         target = tl.load(ids_ptr + row, mask=live, other=0)
         # The target logit before the sweep: with grad_ptr == logits_ptr the sweep overwrites it.
         z_target = tl.load(logits_ptr + offset + target, mask=live, other=0.0).to(tl.float32)
-        logp = tl.where(live, z_target * inv_temperature - lse, 0.0)
+        logp = tl.where(live, (z_target * inv_temperature - m) - log_s, 0.0)
         dlogp = tl.load(coef_ptr + row, mask=live, other=0.0)
         if HAS_GATE:
             dlogp = _ratio_gated(dlogp, logp - tl.load(old_ptr + row, mask=live, other=0.0),
@@ -177,15 +181,15 @@ def fused_kernel(logits_ptr, stride_b, stride_t, ids_ptr, mask_ptr, coef_ptr, kl
             dlogp += tl.where(live, kl_coef * (1.0 - tl.exp(ref - logp)), 0.0)
         in_range = row < N
         tl.store(logp_ptr + row, logp, mask=in_range)
-        tl.store(lse_ptr + row, tl.where(live, lse, 0.0), mask=in_range)
+        tl.store(lse_ptr + row, tl.where(live, m + log_s, 0.0), mask=in_range)
         if WITH_ENTROPY:
             tl.store(entropy_ptr + row, tl.where(live, entropy, 0.0), mask=in_range)
         grad_offset = _row_offset(row, T, grad_stride_b, grad_stride_t)
         if HAS_ENTROPY_GRAD:
             tl.static_assert(WITH_ENTROPY, "HAS_ENTROPY_GRAD needs WITH_ENTROPY")
             entropy_coef = tl.load(entropy_coef_ptr + row, mask=live, other=0.0)
-            _gradient_sweep(logits_ptr, offset, grad_ptr, grad_offset, in_range, live, target, lse,
+            _gradient_sweep(logits_ptr, offset, grad_ptr, grad_offset, in_range, live, target, m, log_s,
                             dlogp, entropy, entropy_coef, V, inv_temperature, True, ROWS, BLOCK_V)
         else:
-            _gradient_sweep(logits_ptr, offset, grad_ptr, grad_offset, in_range, live, target, lse,
-                            dlogp, lse, lse, V, inv_temperature, False, ROWS, BLOCK_V)
+            _gradient_sweep(logits_ptr, offset, grad_ptr, grad_offset, in_range, live, target, m, log_s,
+                            dlogp, m, m, V, inv_temperature, False, ROWS, BLOCK_V)
