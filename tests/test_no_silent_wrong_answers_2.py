@@ -207,6 +207,9 @@ def test_negative_or_nonfinite_masks_are_refused_elsewhere(value):
         frpo_kernels.group_stats(bad_mask(value), rewards=rewards, group_size=2)
     with pytest.raises(ValueError, match="mask"):
         frpo_kernels.token_logprobs(logits, ids, mask=bad_mask(value), backend="torch")
+    hidden, weight = linear_batch()  # linear_token_logprobs once took such a mask as "compute this row"
+    with pytest.raises(ValueError, match="mask must hold finite weights"):
+        frpo_kernels.linear_token_logprobs(hidden, weight, ids, mask=bad_mask(value), backend="torch")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -378,6 +378,7 @@ def linear_token_logprobs(hidden, weight, ids, *, bias=None, temperature=1.0, re
     return_entropy also the per-token entropy (differentiable too).
     """
     checks.check_linear_inputs(hidden, weight, bias, ids, mask)
+    checks.check_token_weights("mask", mask)
     checks.check_ids_in_range("ids", ids, weight.shape[0], mask, "weight.shape[0]")
     checks.check_temperature(temperature)
     name = resolve(backend, hidden)
