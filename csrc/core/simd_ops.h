@@ -82,7 +82,11 @@ FRPO_SIMD_INLINE typename V::F clamp_both(typename V::F d) { return V::min(V::se
 // -ffp-contract=off made the bf16 forward 10% slower (csrc/bench/README.md).
 template <class F>
 FRPO_SIMD_INLINE F rounded(F v) {
+#if defined(FRPO_AVX512_SIMDE)
+  asm("" : "+m"(v));  // SIMDe's emulated vectors are structs (the sanitizer test build): through memory
+#else
   asm("" : "+x"(v));
+#endif
   return v;
 }
 inline float rounded(float v) {  // the scalar tails (also in lambdas, which have no target attribute)

@@ -31,13 +31,14 @@ class KernelConfig:
 CONFIGS = (
     # Tiles of 16 elements per thread (8 for the 2-D small-V tiles): the fused kernel's 2-D tiles
     # spill at 32 per thread (STACK:8 at 128 registers), and with 16 per thread when V is not a
-    # multiple of 16 (no vector loads: a 64-bit address per element, 255 registers). rows4_v1024
-    # had 8 warps (16 per thread): no spill with triton 3.9, but triton 3.6's ptxas (the lent GPU
-    # machine's) kept the bf16/fp16 fused kernel at 64 registers and spilled (STACK:8); with 16
-    # warps it takes 40-60 registers (105-114 unaligned) under both, tile and loop trips unchanged.
+    # multiple of 16 (no vector loads: a 64-bit address per element, 255 registers). rows4_v1024's
+    # warps follow ptxas: at 8 warps triton 3.6's kept the bf16/fp16 fused kernel at 64 registers and
+    # spilled (STACK:8), so it had 16; once the fused kernel kept the row's max and log-sum apart
+    # (lse = m + log s, for precision), 16 warps spilled the fp32 one under 3.6 (sm_90, 64
+    # registers, STACK:8) and 8 warps spilled nothing under either version (64-117 registers).
     # Check both versions: tests/test_triton36.py (the report under triton 3.6).
     KernelConfig("rows8_v256", rows=8, block_v=256, num_warps=8),
-    KernelConfig("rows4_v1024", rows=4, block_v=1024, num_warps=16),
+    KernelConfig("rows4_v1024", rows=4, block_v=1024, num_warps=8),
     KernelConfig("row_v2048", rows=1, block_v=2048, num_warps=4),
     KernelConfig("row_v4096", rows=1, block_v=4096, num_warps=8),
     KernelConfig("row_v8192", rows=1, block_v=8192, num_warps=16),
