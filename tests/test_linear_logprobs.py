@@ -501,3 +501,12 @@ def test_peak_memory_far_below_the_logits():
         assert nonzero == "True"
         assert 0 < int(growth) < 0.25 * logits_bytes, f"{path}: peak growth {int(growth) / 2**20:.1f} MiB"
         print(f"{path}: peak RSS growth {int(growth) / 2**20:.1f} MiB vs logits {logits_bytes / 2**20:.0f} MiB")
+
+
+@pytest.mark.parametrize("llc_mib,rows", [(32, 128), (480, 256)])
+def test_cpu_tile_rows_when_the_head_stays_cached(monkeypatch, llc_mib, rows):
+    """W (V=32768 x H=64 fp32, 8 MiB) fits in half the LLC: the workspace takes the other half, at most
+    32 MiB (a VM's sysfs may report the whole socket's L3): 16 MiB / 128 KiB per row, 32 MiB / 128 KiB."""
+    monkeypatch.setitem(tile_policy._CACHE, "llc", llc_mib * 2**20)
+    monkeypatch.setattr(tile_policy, "TILE_ROWS", None)
+    assert tile_policy.tile_rows(32768, 64, torch.float32, torch.device("cpu")) == rows

@@ -25,7 +25,7 @@ def tile_rows(vocab: int, hidden_size: int, dtype: torch.dtype, device: torch.de
     else:
         cache = _last_level_cache_bytes()
         if vocab * hidden_size * esize <= cache // 2:  # the head stays cached: so can the workspace
-            rows = cache // 2 // row_bytes
+            rows = min(cache // 2, CPU_CACHED_WORKSPACE_BYTES) // row_bytes
         else:  # the head streams from memory once per tile: enough rows to amortise it
             rows = min(CPU_STREAMING_ROWS, CPU_MAX_WORKSPACE_BYTES // row_bytes)
         rows = max(CPU_MIN_ROWS, rows // 16 * 16)
@@ -54,7 +54,11 @@ def tile_rows(vocab: int, hidden_size: int, dtype: torch.dtype, device: torch.de
 # So: 512 rows when W streams (N=4096, H=576, V=49152: a 96 MiB workspace; 256 to 1536 rows are
 # within the machine's noise of each other, 128 and fewer are 10-35% slower), capped at 128 MiB of
 # workspace for huge V (V=151936 fp32: 208 rows; V=262144: 128 rows); when W fits in half the LLC,
-# a workspace of half the LLC (H=64, V=32768: 128 rows, 16 MiB).
+# a workspace of half the LLC (H=64, V=32768: 128 rows, 16 MiB), at most 32 MiB: a VM's sysfs reports the
+# whole socket's L3 (480 MiB on a 2-core Intel Xeon slice, 2026-12-04), whose half as workspace took
+# 240 MiB for those 16 MiB of speed (post hoc: the peak-memory test failed there; 128 to 512 rows measured
+# alike above).
+CPU_CACHED_WORKSPACE_BYTES = 32 * 2**20
 CPU_STREAMING_ROWS = 512
 CPU_MAX_WORKSPACE_BYTES = 128 * 2**20
 CPU_MIN_ROWS = 32
