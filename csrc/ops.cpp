@@ -104,6 +104,20 @@ Tensor token_input(const char* name, const std::optional<Tensor>& t, const Tenso
   return t->to(at::kFloat).contiguous();
 }
 
+// The forward's lse, [B, T, 2] float32: each row's log-sum-exp as hi + lo (frpo::ForwardOut).
+Tensor lse_output(const Tensor& logits) {
+  return at::empty({logits.size(0), logits.size(1), 2}, logits.options().dtype(at::kFloat));
+}
+
+Tensor lse_input(const Tensor& lse, const Tensor& logits) {
+  TORCH_CHECK(lse.device().is_cpu(), "frpo_kernels: lse must be a CPU tensor, got ", lse.device());
+  TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.dim() == 3 && lse.size(0) == logits.size(0) &&
+              lse.size(1) == logits.size(1) && lse.size(2) == 2,
+              "frpo_kernels: lse must be the forward's float32 [", logits.size(0), ", ", logits.size(1),
+              ", 2] (hi, lo parts), got ", lse.scalar_type(), " ", lse.sizes());
+  return lse.contiguous();
+}
+
 const float* ptr(const Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; }
 
 Tensor token_output(const Tensor& logits) {
@@ -198,7 +212,7 @@ void check_writable_logits(const Tensor& logits) {
 std::tuple<Tensor, Tensor, Tensor> fwd(const Tensor& logits, const Tensor& ids, const std::optional<Tensor>& mask,
                                        double temperature, bool with_entropy) {
   Prepared p = prepare(logits, ids, mask, temperature);
-  Tensor logp = token_output(logits), lse = token_output(logits);
+  Tensor logp = token_output(logits), lse = lse_output(logits);
   Tensor entropy = with_entropy ? token_output(logits) : at::empty({0}, logits.options().dtype(at::kFloat));
   frpo::ForwardOut out{logp.data_ptr<float>(), lse.data_ptr<float>(), with_entropy ? entropy.data_ptr<float>() : nullptr};
   at::parallel_for(0, p.rows, grain_rows(p.view.vocab), [&](int64_t r0, int64_t r1) {
@@ -211,7 +225,7 @@ void bwd_into(const Tensor& grad, bool inplace, const Tensor& logits, const Tens
               const Tensor& lse, const Tensor& dlogp, const std::optional<Tensor>& entropy,
               const std::optional<Tensor>& dentropy, double temperature) {
   Prepared p = prepare(logits, ids, mask, temperature);
-  Tensor lse_c = token_input("lse", lse, logits, true), dlogp_c = token_input("dlogp", dlogp, logits, true);
+  Tensor lse_c = lse_input(lse, logits), dlogp_c = token_input("dlogp", dlogp, logits, true);
   Tensor ent_c = token_input("entropy", entropy, logits, false), dent_c = token_input("dentropy", dentropy, logits, false);
   TORCH_CHECK(ent_c.defined() == dent_c.defined(), "frpo_kernels: pass both entropy and dentropy, or neither");
   frpo::BackwardIn in{ptr(lse_c), ptr(dlogp_c), ptr(ent_c), ptr(dent_c)};
@@ -256,7 +270,7 @@ std::tuple<Tensor, Tensor, Tensor> fused_into(const Tensor& grad, bool inplace, 
               "frpo_kernels: gate_kind must be 0 (window), 1 (capped) or 2 (soft), got ", gate_kind);
   Tensor ent_coef_c = token_input("entropy_coef", entropy_coef, logits, false);
   with_entropy = with_entropy || ent_coef_c.defined();  // the entropy term needs H: it is returned too
-  Tensor logp = token_output(logits), lse = token_output(logits);
+  Tensor logp = token_output(logits), lse = lse_output(logits);
   Tensor entropy = with_entropy ? token_output(logits) : at::empty({0}, logits.options().dtype(at::kFloat));
   frpo::FusedIn in{ptr(coef_c), ptr(kl_c), kl_c.defined() ? ptr(ref_c) : nullptr, ptr(old_c), ptr(lo_c), ptr(hi_c),
                    ptr(ent_coef_c), static_cast<frpo::GateKind>(gate_kind)};

@@ -112,6 +112,8 @@ def _check_tokens(got, want, names):
         if w is None:
             assert g is None
             continue
+        if what == "lse":  # compared as hi + lo: the parts alone differ by how hi was rounded
+            g, w = torch_reference.lse_value(g), torch_reference.lse_value(w)
         _same_pattern(g, w, names, what, 1e-5, 1e-5)
 
 
@@ -176,5 +178,5 @@ def test_masked_nonfinite_rows_stay_zero(isa):
     logits, ids, mask, names, (coef, *_) = _problem(VOCABS[0], torch.float32, seed=3)
     logp, lse, ent, grad = cpu.fused(logits, ids, mask, TEMPERATURE, coef, None, None, True)
     for r in (~mask[0]).nonzero().flatten().tolist():
-        assert logp[0, r] == 0 and lse[0, r] == 0 and ent[0, r] == 0, names[r]
+        assert logp[0, r] == 0 and (lse[0, r] == 0).all() and ent[0, r] == 0, names[r]
         assert (grad[0, r] == 0).all(), names[r]

@@ -231,7 +231,7 @@ def test_one_pass_gradient_of_a_cat_of_leaves(backend, entry):
 # 5c. Precision the fused kernels once lost (found by an adversarial check): p = exp(z - lse) from an lse
 # rounded to fp32 (a relative error of |lse| * 6e-8: 1e-4 at logits of 1e4, all of it at 1e30), and at
 # T != 1 a certain token's logp above 0 and entropies of +-5e-8 instead of 0 (ties that
-# top_entropy_quantile then split at random). The two-pass backward still takes the saved fp32 lse.
+# top_entropy_quantile then split at random).
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("offset", [0.0, 1e4, 1e6, 1e30])
 def test_one_pass_loss_at_large_logits(backend, offset):
@@ -243,6 +243,46 @@ def test_one_pass_loss_at_large_logits(backend, offset):
     want = value_and_grad(logits.double(), ids, mask, backend="torch", **kwargs)
     assert_close(got[0], want[0], 1e-6, 1e-6)
     assert_close(got[1], want[1], 1e-5, 1e-6 * want[1].abs().max().item())
+
+
+# 5d. The two-pass backward (FRPO, sequence-level ratios, token_logprobs under autograd) took the lse saved
+# in forward rounded to fp32: the same |lse| * 6e-8 relative error in p. lse is now saved as fp32 hi + lo.
+TWO_PASS_LOSSES = {"frpo": dict(loss_type="frpo"),
+                   "gspo": dict(loss_type="grpo", importance_sampling_level="sequence")}
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("offset", [0.0, 1e4, 1e30])
+@pytest.mark.parametrize("loss", list(TWO_PASS_LOSSES))
+def test_two_pass_loss_at_large_logits(backend, offset, loss):
+    backend = use_backend(backend)
+    logits, ids, mask, rewards, old, ref = probe_batch()
+    logits = logits + offset
+    old, ref = old.float(), ref.float()  # log-probs do not move with the offset
+    kwargs = dict(rewards=rewards, group_size=2, old_logps=old, ref_logps=ref, beta=0.1, **TWO_PASS_LOSSES[loss])
+    got = value_and_grad(logits, ids, mask, backend=backend, **kwargs)
+    want = value_and_grad(logits.double(), ids, mask, backend="torch", **kwargs)
+    assert_close(got[0], want[0], 1e-6, 1e-6)
+    assert_close(got[1], want[1], 1e-5, 1e-6 * want[1].abs().max().item())
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("offset", [0.0, 1e4, 1e30])
+def test_token_logprobs_backward_at_large_logits(backend, offset):
+    backend = use_backend(backend)
+    logits, ids, _, _, _, _ = probe_batch()
+    logits = logits + offset
+    gen = torch.Generator().manual_seed(1)
+    weights = torch.randn(2, B, T, generator=gen, dtype=torch.float64)
+
+    def grad(z, **kw):
+        z = z.detach().requires_grad_(True)
+        logp, entropy = frpo_kernels.token_logprobs(z, ids, return_entropy=True, **kw)
+        (g,) = torch.autograd.grad((logp * weights[0].to(logp)).sum() + (entropy * weights[1].to(entropy)).sum(), z)
+        return g.double()
+
+    want = grad(logits.double(), backend="torch")
+    assert_close(grad(logits, backend=backend), want, 1e-5, 1e-6 * want.abs().max().item())
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)

@@ -88,7 +88,8 @@ int main(int argc, char** argv) {
   }
   std::memset(g, 0, bytes);
   std::vector<int64_t> ids(rows);
-  std::vector<float> logp(rows), lse(rows), ent(rows), coef(rows, 0.1f), ecoef(rows, -0.01f);
+  std::vector<float> logp(rows), ent(rows), coef(rows, 0.1f), ecoef(rows, -0.01f);
+  std::vector<float> lse(2 * rows);
   for (auto& id : ids) id = int64_t(rng() % vocab);
   LogitsView L{x, dtype, 1, rows, vocab, rows * vocab, vocab};
   TokenInputs tok{ids.data(), nullptr, 1.f};

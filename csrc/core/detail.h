@@ -150,7 +150,12 @@ constexpr int64_t kBwdPrefetch = 2048;
 // m, log_s: lse = m + log_s in parts (m the row's largest z = x/T), for the fused gradient: p = exp(z - lse)
 // from lse rounded to fp32 is off by up to |lse| * 6e-8 relative (1e-4 at logits of 1e4; at 1e38 even a
 // double lse loses log_s), where p = exp((z - m) - log_s) is as exact as torch's. Set for finite lse only.
-struct RowStats { float logp, lse, entropy, m; double log_s; };
+struct RowStats {
+  float logp; double lse; float entropy, m; double log_s;
+  // lse as hi + lo, ForwardOut's pair: hi rounded to fp32, lo the rest (0 where lse is not finite)
+  float lse_hi() const { return float(lse); }
+  float lse_lo() const { return std::isfinite(lse) ? float((double(m) - double(lse_hi())) + log_s) : 0.f; }
+};
 
 // A chunk summed against a stale max (see Row::forward) is redone above this sum: e^44, so every
 // logit was at most ~44 above the max used, its exp and the sum stay far from fp32 overflow, and
@@ -182,7 +187,8 @@ inline int64_t row_offset(int64_t r, int64_t length, int64_t stride_b, int64_t s
 //                                                  g = e*(fa + fb*d), d = max(x*inv_t - lse, kExpLo)
 //                                                  (e: fp32 scratch as scale_span reads it; x read before
 //                                                  g is written, so g may be x: in place)
-//   grad_span<E, Ent>(x, g, n, inv_t, lse, a, b, streaming, pf)   g = p*(a + b*d), d = x*inv_t - lse, p = exp(d)
+//   grad_span<E, Ent>(x, g, n, inv_t, lse_hi, a, b, streaming, pf)   g = e*(a + b*d), d = x*inv_t - lse_hi,
+//                                                  e = exp(d) (lse's lo part folded into a, b: Row::gradient)
 //   (pf: a hint -- prefetch x[i + pf] while x[i] is processed; 0 = none. Prefetches never fault, so
 //   pf may point past the row or the buffer.)
 //   zero_span<E>(g, n, streaming)
@@ -249,7 +255,7 @@ struct Row {
     }
     // all -inf (m = -inf, s = 0): lse = -inf, logp = entropy = NaN, as torch gives, from the formulas
     const double log_s = std::log(s);
-    st.lse = float(double(m) + log_s);
+    st.lse = double(m) + log_s;
     st.m = m;
     st.log_s = log_s;
     st.logp = float((double(E::load(x + id) * inv_t) - double(m)) - log_s);
@@ -272,20 +278,26 @@ struct Row {
   // grad = dlogp*(onehot(id) - p)/T - dentropy*p*(log p + H)/T over the whole row, one write per logit.
   // pf: prefetch distance in elements (the backward kernel's kBwdPrefetch; the fused kernel uses
   // gradient_from_exps instead).
-  static void gradient(const T* x, T* g, int64_t vocab, int64_t id, float inv_t, float lse, float dlogp,
+  // lse comes as hi + lo (ForwardOut): with d = z - hi, p = exp(d) e^-lo and log p = d - lo, so
+  // p (a + b log p) = exp(d) (a' + b' d) with a' = e^-lo (a - b lo), b' = e^-lo b. z - hi is exact wherever
+  // p is not negligible, so p is as exact as the forward's, at any logit size and at no cost per logit.
+  static void gradient(const T* x, T* g, int64_t vocab, int64_t id, float inv_t, float hi, float lo, float dlogp,
                        bool with_entropy, float entropy, float dentropy, bool streaming, int64_t pf) {
     const float xid = E::load(x + id);  // read before the (possibly in-place) writes
-    const float a = (-dlogp - (with_entropy ? dentropy * entropy : 0.f)) * inv_t;
-    const float b = with_entropy ? -dentropy * inv_t : 0.f;
+    const double fold = std::exp(-double(lo));
+    const double a0 = (-double(dlogp) - (with_entropy ? double(dentropy) * double(entropy) : 0.0)) * inv_t;
+    const double b0 = with_entropy ? -double(dentropy) * inv_t : 0.0;
+    const float a = float(fold * (a0 - b0 * lo)), b = float(fold * b0);
     if (with_entropy) {
-      Ops::template grad_span<E, true>(x, g, id, inv_t, lse, a, b, streaming, pf);
-      Ops::template grad_span<E, true>(x + id + 1, g + id + 1, vocab - id - 1, inv_t, lse, a, b, streaming, pf);
+      Ops::template grad_span<E, true>(x, g, id, inv_t, hi, a, b, streaming, pf);
+      Ops::template grad_span<E, true>(x + id + 1, g + id + 1, vocab - id - 1, inv_t, hi, a, b, streaming, pf);
     } else {
-      Ops::template grad_span<E, false>(x, g, id, inv_t, lse, a, b, streaming, pf);
-      Ops::template grad_span<E, false>(x + id + 1, g + id + 1, vocab - id - 1, inv_t, lse, a, b, streaming, pf);
+      Ops::template grad_span<E, false>(x, g, id, inv_t, hi, a, b, streaming, pf);
+      Ops::template grad_span<E, false>(x + id + 1, g + id + 1, vocab - id - 1, inv_t, hi, a, b, streaming, pf);
     }
     // the target logit: (1 - p) computed directly, no cancellation against dlogp
-    const double d = clamp_exp_arg(xid * inv_t - lse);
+    double d = (double(xid * inv_t) - double(hi)) - double(lo);
+    d = d < kExpLo ? kExpLo : d > kExpHi ? kExpHi : d;  // NaN stays NaN
     const double p = std::exp(d);
     double gid = double(dlogp) * (1.0 - p);
     if (with_entropy) gid -= double(dentropy) * p * (d + double(entropy));
@@ -336,7 +348,8 @@ void forward_rows_t(const LogitsView& L, const TokenInputs& tok, const ForwardOu
   const auto* base = static_cast<const typename E::T*>(L.data);
   for (int64_t r = r0; r < r1; ++r) {
     if (tok.mask && !tok.mask[r]) {
-      out.logp[r] = out.lse[r] = 0.f;
+      out.logp[r] = 0.f;
+      out.lse[2 * r] = out.lse[2 * r + 1] = 0.f;
       if (out.entropy) out.entropy[r] = 0.f;
       continue;
     }
@@ -344,7 +357,8 @@ void forward_rows_t(const LogitsView& L, const TokenInputs& tok, const ForwardOu
     const int64_t next = r + 1 < r1 ? row_offset(r + 1, L.length, L.stride_b, L.stride_t) - (x - base) : 0;
     const RowStats st = Row<Ops, E>::forward(x, L.vocab, tok.ids[r], tok.inv_temperature, out.entropy != nullptr, next);
     out.logp[r] = st.logp;
-    out.lse[r] = st.lse;
+    out.lse[2 * r] = st.lse_hi();
+    out.lse[2 * r + 1] = st.lse_lo();
     if (out.entropy) out.entropy[r] = st.entropy;
   }
 }
@@ -362,7 +376,7 @@ void backward_rows_t(const LogitsView& L, const TokenInputs& tok, const Backward
       continue;
     }
     const auto* x = base + row_offset(r, L.length, L.stride_b, L.stride_t);
-    Row<Ops, E>::gradient(x, g, L.vocab, tok.ids[r], tok.inv_temperature, in.lse[r], in.dlogp[r], with_entropy,
+    Row<Ops, E>::gradient(x, g, L.vocab, tok.ids[r], tok.inv_temperature, in.lse[2 * r], in.lse[2 * r + 1], in.dlogp[r], with_entropy,
                           with_entropy ? in.entropy[r] : 0.f, with_entropy ? in.dentropy[r] : 0.f, G.streaming,
                           kBwdPrefetch);
   }
@@ -407,7 +421,8 @@ void fused_rows_t(const LogitsView& L, const TokenInputs& tok, const FusedIn& in
   for (int64_t r = r0; r < r1; ++r) {
     auto* g = gbase + row_offset(r, L.length, G.stride_b, G.stride_t);
     if (tok.mask && !tok.mask[r]) {
-      out.logp[r] = out.lse[r] = 0.f;
+      out.logp[r] = 0.f;
+      out.lse[2 * r] = out.lse[2 * r + 1] = 0.f;
       if (out.entropy) out.entropy[r] = 0.f;
       Ops::template zero_span<E>(g, L.vocab, G.streaming);
       continue;
@@ -420,7 +435,8 @@ void fused_rows_t(const LogitsView& L, const TokenInputs& tok, const FusedIn& in
     const int64_t next = r + 1 < r1 ? row_offset(r + 1, L.length, L.stride_b, L.stride_t) - (x - base) : 0;
     const RowStats st = Row<Ops, E>::forward(x, L.vocab, id, inv_t, out.entropy != nullptr, next, e, chunk_m);
     out.logp[r] = st.logp;
-    out.lse[r] = st.lse;
+    out.lse[2 * r] = st.lse_hi();
+    out.lse[2 * r + 1] = st.lse_lo();
     if (out.entropy) out.entropy[r] = st.entropy;
     float dlogp = in.coef[r];
     if (in.old_logps) dlogp = ratio_gated(in.gate_kind, dlogp, st.logp, in.old_logps[r], in.ratio_lo[r],
@@ -431,7 +447,7 @@ void fused_rows_t(const LogitsView& L, const TokenInputs& tok, const FusedIn& in
       gradient_from_exps<Ops, E>(e, chunk_m, x, g, L.vocab, id, xid, inv_t, st.m, st.log_s, dlogp, with_ent_grad, st.entropy,
                                  ecoef, G.streaming);
     } else {  // NaN / +inf / all -inf row (rare): the kept exps hold NaN; the plain sweep gives torch's pattern
-      Row<Ops, E>::gradient(x, g, L.vocab, id, inv_t, st.lse, dlogp, with_ent_grad, st.entropy, ecoef, G.streaming,
+      Row<Ops, E>::gradient(x, g, L.vocab, id, inv_t, st.lse_hi(), 0.f, dlogp, with_ent_grad, st.entropy, ecoef, G.streaming,
                             kBwdPrefetch);
     }
   }

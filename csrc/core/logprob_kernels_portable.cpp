@@ -339,7 +339,7 @@ struct PortableOps {
   }
 
   template <class E, bool Ent>
-  static void grad_span(const typename E::T* x, typename E::T* g, int64_t n, float inv_t, float lse, float a,
+  static void grad_span(const typename E::T* x, typename E::T* g, int64_t n, float inv_t, float lse_hi, float a,
                         float b, bool streaming, int64_t pf) {
     with_unit_temperature<kPairs<E>>(inv_t, [&](auto unit) {
       constexpr bool kUnit = decltype(unit)::value;
@@ -347,7 +347,7 @@ struct PortableOps {
       // calls it twice), values read through a reference could alias out and GCC left the loop scalar
       // (bf16 backward 0.84 -> 2.29 ns/logit)
       const auto grad = [=](float v) {
-        const float d = shifted<kUnit>(v, inv_t, lse);  // <= 0 up to rounding
+        const float d = shifted<kUnit>(v, inv_t, lse_hi);  // <= 0 up to rounding
         const float p = zero_below(d, exp_one(d));     // then times a: a NaN a (dlogp) still gives NaN
         return Ent ? p * mul_add(b, clamp_lo(d), a) : p * a;
       };
@@ -376,7 +376,7 @@ struct PortableOps {
         if (pf) prefetch_span(x + i0 + pf, i1 - i0);
 #pragma omp simd
         for (int64_t i = i0; i < i1; ++i) {  // in place (g == x): each out element written after its x is read
-          const float d = shifted<decltype(unit)::value>(E::load(x + i), inv_t, lse);  // <= 0 up to rounding
+          const float d = shifted<decltype(unit)::value>(E::load(x + i), inv_t, lse_hi);  // <= 0 up to rounding
           const float p = zero_below(d, exp_one(d));  // then times a: a NaN a (dlogp) still gives NaN
           out[i - i0] = E::from(Ent ? p * mul_add(b, clamp_lo(d), a) : p * a);
         }

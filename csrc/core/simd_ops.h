@@ -208,16 +208,16 @@ struct SimdOps {
   }
 
   template <class E, bool Ent>
-  static FRPO_SIMD void grad_span(const typename E::T* x, typename E::T* g, int64_t n, float inv_t, float lse,
+  static FRPO_SIMD void grad_span(const typename E::T* x, typename E::T* g, int64_t n, float inv_t, float lse_hi,
                                   float a, float b, bool streaming, int64_t pf) {
     auto scalar = [&](int64_t lo, int64_t hi) {
       for (int64_t i = lo; i < hi; ++i) {
-        const float d = clamp_exp_arg(rounded(E::load(x + i) * inv_t) - lse);
+        const float d = clamp_exp_arg(rounded(E::load(x + i) * inv_t) - lse_hi);
         const float p = exp_poly(d);
         g[i] = E::from(Ent ? p * (a + b * d) : p * a);
       }
     };
-    const F vt = V::set1(inv_t), vnl = V::set1(-lse), va = V::set1(a), vb = V::set1(b);
+    const F vt = V::set1(inv_t), vnl = V::set1(-lse_hi), va = V::set1(a), vb = V::set1(b);
     const bool unit = inv_t == 1.f;
     constexpr uintptr_t kAlign = V::template Elem<E>::kAlign;
     if (streaming) {  // non-temporal stores need aligned addresses: peel up to one vector

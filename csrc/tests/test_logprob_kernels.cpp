@@ -114,7 +114,8 @@ static void run_case(const Case& c, uint32_t seed) {
 
   LogitsView L{logits.data(), c.dtype, c.batch, c.length, c.vocab, stride_b, stride_t};
   TokenInputs tok{ids.data(), mask_ptr, 1.f / c.temperature};
-  std::vector<float> logp(rows, 7.f), lse(rows, 7.f), ent(rows, 7.f);
+  std::vector<float> logp(rows, 7.f), ent(rows, 7.f);
+  std::vector<float> lse(2 * rows, 7.f);  // hi, lo per row
   ForwardOut fo{logp.data(), lse.data(), c.entropy ? ent.data() : nullptr};
 
   // expected values, from the exact stored inputs
@@ -163,13 +164,14 @@ static void run_case(const Case& c, uint32_t seed) {
   }
   for (int64_t r = 0; r < rows; ++r) {
     if (!maskv[r]) {
-      CHECK(logp[r] == 0.f && lse[r] == 0.f && (!fo.entropy || ent[r] == 0.f), "masked row %lld not zero", (long long)r);
+      CHECK(logp[r] == 0.f && lse[2 * r] == 0.f && lse[2 * r + 1] == 0.f && (!fo.entropy || ent[r] == 0.f), "masked row %lld not zero", (long long)r);
       continue;
     }
     const double scale = std::max(1.0, std::fabs(ref[r].lse));
     CHECK(std::fabs(logp[r] - ref[r].logp) <= 2e-6 * scale + 2e-6 * std::fabs(ref[r].logp),
           "logp row %lld: %.9g vs %.9g", (long long)r, logp[r], ref[r].logp);
-    CHECK(std::fabs(lse[r] - ref[r].lse) <= 2e-6 * scale, "lse row %lld: %.9g vs %.9g", (long long)r, lse[r], ref[r].lse);
+    const double lse_r = double(lse[2 * r]) + lse[2 * r + 1];
+    CHECK(std::fabs(lse_r - ref[r].lse) <= 2e-6 * scale, "lse row %lld: %.9g vs %.9g", (long long)r, lse_r, ref[r].lse);
     if (fo.entropy)
       CHECK(std::fabs(ent[r] - ref[r].entropy) <= 1e-5 * std::max(1.0, ref[r].entropy), "entropy row %lld: %.9g vs %.9g",
             (long long)r, ent[r], ref[r].entropy);
@@ -233,7 +235,8 @@ static void run_large_offset_case() {
     x[stride_b + v] = detail::f32_to_bf16(-0.02f * float(v));
   }
   int64_t ids[2] = {3, 999};
-  float logp[2], lse[2];
+  float logp[2];
+  float lse[4];
   std::vector<uint16_t> g(2 * vocab);
   LogitsView L{x, DType::BF16, 2, 1, vocab, stride_b, vocab};
   TokenInputs tok{ids, nullptr, 1.f};
@@ -319,20 +322,21 @@ static void run_nonfinite_checks() {
           for (int64_t v = 0; v < vocab; ++v) x.set(size_t(v), 0.01f * float(v % 97));
           x.set(size_t(pos), bad);
           int64_t id = 1;
-          float logp = 0, lse = 0, ent = 0, coef = 0.5f;
+          float logp = 0, ent = 0, coef = 0.5f;
+        float lse[2] = {0.f, 0.f};
           LogitsView L{x.data(), d, 1, 1, vocab, vocab, vocab};
           TokenInputs tok{&id, nullptr, 1.f};
-          fused_rows(L, tok, FusedIn{&coef, nullptr, nullptr}, ForwardOut{&logp, &lse, &ent}, GradView{g.data(), vocab, vocab, false}, 0, 1);
+          fused_rows(L, tok, FusedIn{&coef, nullptr, nullptr}, ForwardOut{&logp, lse, &ent}, GradView{g.data(), vocab, vocab, false}, 0, 1);
           // with the entropy term (H is NaN) every gradient entry is NaN, as torch's p * (log p + H)
           float ecoef = 0.25f;
           FusedIn with_ent{&coef, nullptr, nullptr};
           with_ent.entropy_coef = &ecoef;
           Buffer g2(d, size_t(vocab));
-          fused_rows(L, tok, with_ent, ForwardOut{&logp, &lse, nullptr}, GradView{g2.data(), vocab, vocab, false}, 0, 1);
+          fused_rows(L, tok, with_ent, ForwardOut{&logp, lse, nullptr}, GradView{g2.data(), vocab, vocab, false}, 0, 1);
           for (int64_t v = 0; v < vocab; ++v) CHECK(std::isnan(g2.value(size_t(v))), "entropy grad %lld not NaN", (long long)v);
           const bool is_nan = bad != bad;
           CHECK(std::isnan(logp) && std::isnan(ent), "logp %g entropy %g must be NaN", logp, ent);
-          CHECK(is_nan ? std::isnan(lse) : lse == kInf, "lse %g", lse);
+          CHECK((is_nan ? std::isnan(lse[0]) : lse[0] == kInf) && lse[1] == 0.f, "lse %g %g", lse[0], lse[1]);
           for (int64_t v = 0; v < vocab; ++v) {
             const double gv = g.value(size_t(v));
             // +inf row: p = 0 except at the +inf entry (inf - inf = NaN); the target keeps coef*(1 - 0)
@@ -361,12 +365,14 @@ static void run_stale_max_checks() {
         std::vector<double> z(vocab);
         for (int64_t v = 0; v < vocab; ++v) z[v] = x.value(size_t(v));
         const RefRow ref = reference_row(z, id);
-        float logp = 0, lse = 0, ent = 0, coef = 0.5f;
+        float logp = 0, ent = 0, coef = 0.5f;
+        float lse[2] = {0.f, 0.f};
         LogitsView L{x.data(), d, 1, 1, vocab, vocab, vocab};
         TokenInputs tok{&id, nullptr, 1.f};
-        fused_rows(L, tok, FusedIn{&coef, nullptr, nullptr}, ForwardOut{&logp, &lse, &ent}, GradView{g.data(), vocab, vocab, false}, 0, 1);
+        fused_rows(L, tok, FusedIn{&coef, nullptr, nullptr}, ForwardOut{&logp, lse, &ent}, GradView{g.data(), vocab, vocab, false}, 0, 1);
         const double scale = std::max(1.0, std::fabs(ref.lse));
-        CHECK(std::fabs(lse - ref.lse) <= 2e-6 * scale, "lse %.9g vs %.9g", lse, ref.lse);
+        CHECK(std::fabs(double(lse[0]) + lse[1] - ref.lse) <= 2e-6 * scale, "lse %.9g + %.9g vs %.9g", lse[0], lse[1],
+              ref.lse);
         CHECK(std::fabs(logp - ref.logp) <= 2e-6 * scale + 2e-6 * std::fabs(ref.logp), "logp %.9g vs %.9g", logp, ref.logp);
         CHECK(std::fabs(ent - ref.entropy) <= 1e-5 * std::max(1.0, ref.entropy), "entropy %.9g vs %.9g", ent, ref.entropy);
         for (int64_t v = 0; v < vocab; ++v) {
@@ -382,8 +388,9 @@ static void run_stale_max_checks() {
         float ecoef = -0.75f;
         FusedIn with_ent{&coef, nullptr, nullptr};
         with_ent.entropy_coef = &ecoef;
-        float logp_e = 0, lse_e = 0;
-        fused_rows(L, tok, with_ent, ForwardOut{&logp_e, &lse_e, nullptr}, GradView{g.data(), vocab, vocab, false}, 0, 1);
+        float logp_e = 0;
+        float lse_e[2];
+        fused_rows(L, tok, with_ent, ForwardOut{&logp_e, lse_e, nullptr}, GradView{g.data(), vocab, vocab, false}, 0, 1);
         double gmax = 0.5;
         std::vector<double> want_ent(vocab);
         for (int64_t v = 0; v < vocab; ++v) {
@@ -397,9 +404,11 @@ static void run_stale_max_checks() {
           CHECK(std::fabs(g.value(size_t(v)) - want_ent[v]) <= tol(d) * std::fabs(want_ent[v]) + 1e-6 * gmax +
                     ent_err * ref.p[v] + (d == DType::F16 ? 6e-8 : 0.0),
                 "entropy grad %lld: %.9g vs %.9g", (long long)v, g.value(size_t(v)), want_ent[v]);
-        float logp2 = 0, lse2 = 0;
-        forward_rows(L, tok, ForwardOut{&logp2, &lse2, nullptr}, 0, 1);
-        CHECK(logp2 == logp && lse2 == lse, "forward %.9g %.9g vs fused %.9g %.9g", logp2, lse2, logp, lse);
+        float logp2 = 0;
+        float lse2[2];
+        forward_rows(L, tok, ForwardOut{&logp2, lse2, nullptr}, 0, 1);
+        CHECK(logp2 == logp && lse2[0] == lse[0] && lse2[1] == lse[1], "forward %.9g %.9g vs fused %.9g %.9g", logp2,
+              lse2[0], logp, lse[0]);
       }
 }
 

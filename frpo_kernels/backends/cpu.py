@@ -123,6 +123,10 @@ def _token_like(logits):
     return logits.new_empty(logits.shape[:2], dtype=torch.float32)
 
 
+def _lse_like(logits):
+    return logits.new_empty((*logits.shape[:2], 2), dtype=torch.float32)  # the contract's (hi, lo) lse
+
+
 def _entropy_like(logits, with_entropy):
     return _token_like(logits) if with_entropy else logits.new_empty((0,), dtype=torch.float32)
 
@@ -132,7 +136,7 @@ def _register_fakes():
 
     @torch.library.register_fake(ops + "token_logprobs_fwd")
     def _fwd_fake(logits, ids, mask, temperature, with_entropy):
-        return _token_like(logits), _token_like(logits), _entropy_like(logits, with_entropy)
+        return _token_like(logits), _lse_like(logits), _entropy_like(logits, with_entropy)
 
     @torch.library.register_fake(ops + "token_logprobs_bwd")
     def _bwd_fake(logits, ids, mask, lse, dlogp, entropy, dentropy, temperature):
@@ -146,14 +150,14 @@ def _register_fakes():
     @torch.library.register_fake(ops + "token_logprobs_fused")
     def _fused_fake(logits, ids, mask, temperature, coef, kl_coef, ref_logps, with_entropy, old_logps=None,
                     ratio_lo=None, ratio_hi=None, entropy_coef=None, gate_kind=0):
-        return (_token_like(logits), _token_like(logits),
+        return (_token_like(logits), _lse_like(logits),
                 _entropy_like(logits, with_entropy or entropy_coef is not None),
                 torch.empty(logits.shape, dtype=logits.dtype, device=logits.device))
 
     @torch.library.register_fake(ops + "token_logprobs_fused_inplace")
     def _fused_inplace_fake(logits, ids, mask, temperature, coef, kl_coef, ref_logps, with_entropy, old_logps=None,
                             ratio_lo=None, ratio_hi=None, entropy_coef=None, gate_kind=0):
-        return (_token_like(logits), _token_like(logits),
+        return (_token_like(logits), _lse_like(logits),
                 _entropy_like(logits, with_entropy or entropy_coef is not None))
 
 

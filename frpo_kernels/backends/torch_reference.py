@@ -12,10 +12,14 @@ import torch
 #   ids     [B, T] int64 in [0, V) where mask is True (any value where it is False: never read)
 #   mask    [B, T] bool or None; rows with mask False are skipped: logp = lse = entropy = 0, grad = 0
 #           (whatever their logits hold, NaN included)
-#   every [B, T] output is float32 (float64 for float64 logits in the torch reference)
+#   every per-token output ([B, T], lse [B, T, 2]) is float32 (float64 for float64 logits in the torch reference)
 #
 #   forward(logits, ids, mask, temperature, with_entropy) -> (logp, lse, entropy or None)
-#       lse is the log-sum-exp of logits / temperature; logp = logits[id] / temperature - lse.
+#       lse [B, T, 2]: the log-sum-exp of logits / temperature in two parts, hi + lo, hi rounded to the
+#       output dtype and lo the rest (0 where lse is not finite): the backward's log p = (z - hi) - lo is
+#       as exact as the forward's, where z - hi alone would lose |lse| * 6e-8 relative in fp32 (1e-4 at
+#       logits of 1e4; at 1e30 even a float64 lse has lost log sum exp(z - max)).
+#       logp = logits[id] / temperature - lse.
 #   backward(logits, ids, mask, lse, dlogp, entropy, dentropy, temperature, inplace) -> grad_logits
 #       grad = dlogp * (onehot(id) - p) / T  -  dentropy * p * (log p + H) / T,  p = softmax(logits / T)
 #       (entropy and dentropy may be None: no entropy term). inplace=True writes grad into the
@@ -63,16 +67,34 @@ def gate_arguments(gate: RatioGate | None, convert=lambda t: t) -> dict:
 def forward(logits, ids, mask, temperature, with_entropy):
     z, ids = _masked_rows_unread(_compute(logits), ids, mask)
     log_probs = torch.log_softmax(z / temperature, dim=-1)
-    lse = torch.logsumexp(z / temperature, dim=-1)
+    lse = _lse_parts(z / temperature)
     logp = log_probs.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
     entropy = None
     if with_entropy:
         p = log_probs.exp()
         entropy = -(p * torch.where(p > 0, log_probs, torch.zeros_like(log_probs))).sum(-1)
     if mask is not None:
-        logp, lse = _zero_where_masked(logp, mask), _zero_where_masked(lse, mask)
+        logp, lse = _zero_where_masked(logp, mask), _zero_where_masked(lse, mask.unsqueeze(-1))
         entropy = _zero_where_masked(entropy, mask) if entropy is not None else None
     return logp, lse, entropy
+
+
+def _lse_parts(z):
+    """logsumexp over the last dim as the contract's [..., 2] (hi, lo): max + log sum exp(z - max) for
+    rows of finite max, split in float64 (max - hi is exact there); other rows (NaN, +inf, all -inf) as
+    torch.logsumexp gives them, lo = 0."""
+    shift = z.amax(-1)
+    finite = torch.isfinite(shift)
+    log_sum = torch.logsumexp(torch.where(finite.unsqueeze(-1), z - torch.where(finite, shift, 0).unsqueeze(-1), 0), -1)
+    hi = torch.where(finite, shift + log_sum, torch.logsumexp(z, -1))
+    lo = (shift.double() - hi.double()) + log_sum.double()
+    lo = torch.where(finite, lo, 0).to(z.dtype)
+    return torch.stack((hi, lo), -1)
+
+
+def lse_value(lse):
+    """The contract's [..., 2] (hi, lo) lse as one float64 [...] value, hi + lo."""
+    return lse[..., 0].double() + lse[..., 1].double()
 
 
 def _zero_where_masked(x, mask):
@@ -98,14 +120,18 @@ def _log_probs(z, lse):
     """z - lse per row, for rows of finite lse as (z - max) - log sum exp(z - max): z - lse itself loses
     log-sum to lse's rounding once |lse| is large (in float64 from ~1e15, in float32 from ~1e4).
     Other rows (NaN, +inf, all -inf) keep z - lse, whose NaN / inf pattern is the contract's."""
-    finite = torch.isfinite(lse).unsqueeze(-1)
+    hi = lse[..., :1]  # lse: the contract's (hi, lo) parts; lo = 0 where hi is not finite
+    finite = torch.isfinite(hi)
     shift = torch.where(finite, z.amax(-1, keepdim=True), 0)
     shifted = z - shift
     log_sum = torch.logsumexp(torch.where(finite, shifted, 0), -1, keepdim=True)
-    return torch.where(finite, shifted - log_sum, z - lse.unsqueeze(-1))
+    return torch.where(finite, shifted - log_sum, z - hi.to(z.dtype))
 
 
 def backward(logits, ids, mask, lse, dlogp, entropy, dentropy, temperature, inplace=False):
+    if tuple(lse.shape) != (*logits.shape[:2], 2):
+        raise ValueError(f"lse must be the forward's [B, T, 2] = {(*logits.shape[:2], 2)} (hi, lo parts), "
+                         f"got {tuple(lse.shape)}")
     z, ids = _masked_rows_unread(_compute(logits), ids, mask)
     log_probs = _log_probs(z / temperature, lse)
     p = log_probs.exp()

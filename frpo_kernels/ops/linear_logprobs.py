@@ -133,23 +133,23 @@ class _Sweep:
         return out.unsqueeze(0)
 
     def take(self, vector, start, stop):
-        """A per-token [N] vector's entries for the tile, as [1, rows]."""
+        """A per-token [N, ...] vector's entries for the tile, as [1, rows, ...]."""
         if self.index is None:
             return vector[start:stop].unsqueeze(0)
         return vector.index_select(0, self._positions(start, stop)).unsqueeze(0)
 
     def put(self, out, start, stop, values):
-        """Writes a tile's [1, rows] values into the per-token [N] vector out."""
-        values = values.reshape(-1)
+        """Writes a tile's [1, rows, ...] values into the per-token [N, ...] vector out."""
+        values = values.reshape(-1, *out.shape[1:])
         if self.index is None:
             out[start:stop].copy_(values)
         else:
             out.index_copy_(0, self._positions(start, stop), values.to(out.dtype))
 
-    def token_vector(self):
-        """A new per-token [N] vector, zero where rows are masked."""
+    def token_vector(self, *trailing):
+        """A new per-token [N, *trailing] vector, zero where rows are masked."""
         make = torch.empty if self.index is None else torch.zeros
-        return make(self.n, dtype=self.token_dtype, device=self.device)
+        return make(self.n, *trailing, dtype=self.token_dtype, device=self.device)
 
     def per_token(self, vector):
         """A caller's per-token [N] tensor as the kernels take it (None stays None)."""
@@ -195,9 +195,9 @@ class _Sweep:
 
 
 def _forward_sweep(sweep, backend, temperature, with_entropy):
-    """(logp, lse, entropy or None) [N] from one sweep of kernel forwards."""
+    """(logp [N], lse [N, 2], entropy [N] or None) from one sweep of kernel forwards."""
     run = kernels(backend).forward
-    logp, lse = sweep.token_vector(), sweep.token_vector()
+    logp, lse = sweep.token_vector(), sweep.token_vector(2)  # lse: the contract's (hi, lo) parts
     entropy = sweep.token_vector() if with_entropy else None
     for start, stop in sweep.tiles():
         tile = sweep.logits_tile(sweep.hidden_tile(start, stop))
@@ -242,7 +242,7 @@ class LinearTokenLogprobs(torch.autograd.Function):
             return (*grads, None, None, None, None, None, None)
         sweep = _Sweep(hidden, weight, bias, ids, mask, ctx.rows)
         if dlogp is None:
-            dlogp = torch.zeros_like(lse)
+            dlogp = lse.new_zeros(lse.shape[:1])
         if entropy is None or dentropy is None or not bool(dentropy.any()):
             entropy = dentropy = None
         dlogp, dentropy = sweep.per_token(dlogp), sweep.per_token(dentropy)

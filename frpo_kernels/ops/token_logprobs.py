@@ -33,7 +33,7 @@ class TokenLogprobs(torch.autograd.Function):
             ctx.logits_overwritten = True
         logits, ids, mask, lse, entropy = ctx.saved_tensors
         if dlogp is None:
-            dlogp = torch.zeros_like(lse)
+            dlogp = lse.new_zeros(lse.shape[:2])
         if entropy is None or dentropy is None or not bool(dentropy.any()):
             entropy = dentropy = None
         grad = kernels(ctx.backend).backward(

@@ -89,6 +89,18 @@ def _gradient_sweep(logits_ptr, offset, grad_ptr, grad_offset, in_range, live, t
 
 
 @triton.jit
+def _store_lse(lse_ptr, row, live, in_range, m, log_s):
+    """lse = m + log s as the contract's two fp32 parts (hi, lo) at lse_ptr + 2 row: hi the sum rounded to
+    fp32, lo the rest (in fp64: m - hi is exact there), 0 where lse is not finite. The backward's
+    (z - hi) - lo is then as exact as (z - m) - log s; hi alone would cost |lse| * 6e-8 relative in p."""
+    hi = m + log_s
+    finite = (hi - hi) == 0.0
+    lo = tl.where(finite, (m.to(tl.float64) - hi.to(tl.float64)) + log_s.to(tl.float64), 0.0).to(tl.float32)
+    tl.store(lse_ptr + 2 * row, tl.where(live, hi, 0.0), mask=in_range)
+    tl.store(lse_ptr + 2 * row + 1, tl.where(live, lo, 0.0), mask=in_range)
+
+
+@triton.jit
 def forward_kernel(logits_ptr, stride_b, stride_t, ids_ptr, mask_ptr, logp_ptr, lse_ptr,
                    entropy_ptr, N, T, V, inv_temperature, HAS_MASK: tl.constexpr,
                    WITH_ENTROPY: tl.constexpr, ROWS: tl.constexpr, BLOCK_V: tl.constexpr):
@@ -100,7 +112,7 @@ def forward_kernel(logits_ptr, stride_b, stride_t, ids_ptr, mask_ptr, logp_ptr, 
     z_target = tl.load(logits_ptr + offset + target, mask=live, other=0.0).to(tl.float32)
     in_range = row < N
     tl.store(logp_ptr + row, tl.where(live, (z_target * inv_temperature - m) - log_s, 0.0), mask=in_range)
-    tl.store(lse_ptr + row, tl.where(live, m + log_s, 0.0), mask=in_range)
+    _store_lse(lse_ptr, row, live, in_range, m, log_s)
     if WITH_ENTROPY:
         tl.store(entropy_ptr + row, tl.where(live, entropy, 0.0), mask=in_range)
 
@@ -114,17 +126,17 @@ def backward_kernel(logits_ptr, stride_b, stride_t, ids_ptr, mask_ptr, lse_ptr, 
     row, live, offset = _rows(tl.program_id(0) * ROWS, N, T, stride_b, stride_t, mask_ptr, HAS_MASK, ROWS)
     grad_offset = _row_offset(row, T, grad_stride_b, grad_stride_t)
     target = tl.load(ids_ptr + row, mask=live, other=0)
-    lse = tl.load(lse_ptr + row, mask=live, other=0.0)
+    lse_hi = tl.load(lse_ptr + 2 * row, mask=live, other=0.0)
+    lse_lo = tl.load(lse_ptr + 2 * row + 1, mask=live, other=0.0)
     dlogp = tl.load(dlogp_ptr + row, mask=live, other=0.0)
-    entropy = lse
-    dentropy = lse
+    entropy = dlogp
+    dentropy = dlogp
     if WITH_ENTROPY_GRAD:
         entropy = tl.load(entropy_ptr + row, mask=live, other=0.0)
         dentropy = tl.load(dentropy_ptr + row, mask=live, other=0.0)
-    # only the rounded lse was saved: log p = (z - lse) - 0
-    _gradient_sweep(logits_ptr, offset, grad_ptr, grad_offset, row < N, live, target, lse,
-                    tl.zeros([ROWS], tl.float32), dlogp, entropy, dentropy, V, inv_temperature,
-                    WITH_ENTROPY_GRAD, ROWS, BLOCK_V)
+    # log p = (z - lse_hi) - lse_lo, as the forward's (z - m) - log s
+    _gradient_sweep(logits_ptr, offset, grad_ptr, grad_offset, row < N, live, target, lse_hi, lse_lo,
+                    dlogp, entropy, dentropy, V, inv_temperature, WITH_ENTROPY_GRAD, ROWS, BLOCK_V)
 
 
 @triton.jit
@@ -181,7 +193,7 @@ def fused_kernel(logits_ptr, stride_b, stride_t, ids_ptr, mask_ptr, coef_ptr, kl
             dlogp += tl.where(live, kl_coef * (1.0 - tl.exp(ref - logp)), 0.0)
         in_range = row < N
         tl.store(logp_ptr + row, logp, mask=in_range)
-        tl.store(lse_ptr + row, tl.where(live, m + log_s, 0.0), mask=in_range)
+        _store_lse(lse_ptr, row, live, in_range, m, log_s)
         if WITH_ENTROPY:
             tl.store(entropy_ptr + row, tl.where(live, entropy, 0.0), mask=in_range)
         grad_offset = _row_offset(row, T, grad_stride_b, grad_stride_t)

@@ -72,6 +72,14 @@ def _per_token(x, logits, dtype):
     return torch.as_tensor(x, device=logits.device).to(dtype).expand(logits.shape[:2]).contiguous()
 
 
+def _lse_parts(lse, logits):
+    """The forward's lse, [B, T, 2] float32 (hi, lo), contiguous."""
+    if lse.dtype != torch.float32 or tuple(lse.shape) != (*logits.shape[:2], 2):
+        raise ValueError(f"lse must be the forward's float32 [B, T, 2] = {(*logits.shape[:2], 2)} (hi, lo parts), "
+                         f"got {lse.dtype} {tuple(lse.shape)}")
+    return lse.to(logits.device).contiguous()
+
+
 def _common(logits, ids, mask):
     batch, length, vocab = logits.shape
     ids = _per_token(ids, logits, torch.int64)
@@ -103,7 +111,7 @@ def forward(logits, ids, mask, temperature, with_entropy):
     batch, length, vocab = logits.shape
     ids, mask_u8, cfg, grid = _common(logits, ids, mask)
     logp = torch.empty(batch, length, dtype=torch.float32, device=logits.device)
-    lse = torch.empty_like(logp)
+    lse = torch.empty(batch, length, 2, dtype=torch.float32, device=logits.device)  # (hi, lo) parts
     entropy = torch.empty_like(logp) if with_entropy else None
     if logp.numel() == 0:
         return logp, lse, entropy
@@ -128,10 +136,10 @@ def backward(logits, ids, mask, lse, dlogp, entropy, dentropy, temperature, inpl
     batch, length, vocab = logits.shape
     ids, mask_u8, cfg, grid = _common(logits, ids, mask)
     with_entropy_grad = entropy is not None and dentropy is not None
-    lse = _per_token(lse, logits, torch.float32)
+    lse = _lse_parts(lse, logits)
     dlogp = _per_token(dlogp, logits, torch.float32)
-    entropy = _per_token(entropy, logits, torch.float32) if with_entropy_grad else lse
-    dentropy = _per_token(dentropy, logits, torch.float32) if with_entropy_grad else lse
+    entropy = _per_token(entropy, logits, torch.float32) if with_entropy_grad else dlogp
+    dentropy = _per_token(dentropy, logits, torch.float32) if with_entropy_grad else dlogp
     grad = _grad_output(logits, inplace)
     if lse.numel() == 0:
         return grad
@@ -193,7 +201,7 @@ def fused(logits, ids, mask, temperature, coef, kl_coef, ref_logps, with_entropy
     entropy_coef = _per_token(entropy_coef, logits, torch.float32) if has_entropy_grad else coef
     with_entropy = bool(with_entropy) or has_entropy_grad  # the entropy term needs H; it is returned too
     logp = torch.empty(batch, length, dtype=torch.float32, device=logits.device)
-    lse = torch.empty_like(logp)
+    lse = torch.empty(batch, length, 2, dtype=torch.float32, device=logits.device)  # (hi, lo) parts
     entropy = torch.empty_like(logp) if with_entropy else None
     grad = _grad_output(logits, inplace)
     if logp.numel() == 0:

@@ -23,12 +23,12 @@ L2_ASSUMPTION = (
     "in cache; it is not counted.")
 
 # Per-token arrays each kernel touches exactly once, with every feature on (bytes per token):
-# ids int64, mask uint8, everything else float32.
+# ids int64, mask uint8, lse two float32 (hi, lo), everything else float32.
 PER_TOKEN = {
-    "forward": {"ids": 8, "mask": 1, "logp": 4, "lse": 4, "entropy": 4},
-    "backward": {"ids": 8, "mask": 1, "lse": 4, "dlogp": 4, "entropy": 4, "dentropy": 4},
+    "forward": {"ids": 8, "mask": 1, "logp": 4, "lse": 8, "entropy": 4},
+    "backward": {"ids": 8, "mask": 1, "lse": 8, "dlogp": 4, "entropy": 4, "dentropy": 4},
     "fused": {"ids": 8, "mask": 1, "coef": 4, "kl_coef": 4, "ref": 4, "old": 4, "ratio_lo": 4, "ratio_hi": 4,
-              "entropy_coef": 4, "logp": 4, "lse": 4, "entropy": 4},
+              "entropy_coef": 4, "logp": 4, "lse": 8, "entropy": 4},
 }
 
 
