@@ -92,7 +92,8 @@ Prepared prepare(const Tensor& logits, const Tensor& ids, const std::optional<Te
 }
 
 // A [B, T] per-token input as contiguous float32 (null pointer when absent).
-Tensor token_input(const char* name, const std::optional<Tensor>& t, const Tensor& logits, bool required) {
+Tensor token_input(const char* name, const std::optional<Tensor>& t, const Tensor& logits, bool required,
+                   at::ScalarType dtype = at::kFloat) {
   if (!t.has_value() || !t->defined()) {
     TORCH_CHECK(!required, "frpo_kernels: ", name, " is required");
     return Tensor();
@@ -101,7 +102,7 @@ Tensor token_input(const char* name, const std::optional<Tensor>& t, const Tenso
   TORCH_CHECK(t->is_floating_point(), "frpo_kernels: ", name, " must be a floating-point tensor, got ", t->scalar_type());
   TORCH_CHECK(t->dim() == 2 && t->size(0) == logits.size(0) && t->size(1) == logits.size(1), "frpo_kernels: ", name,
               " must have shape [", logits.size(0), ", ", logits.size(1), "] (logits' [B, T]), got ", t->sizes());
-  return t->to(at::kFloat).contiguous();
+  return t->to(dtype).contiguous();
 }
 
 // The forward's lse, [B, T, 2] float32: each row's log-sum-exp as hi + lo (frpo::ForwardOut).
@@ -119,6 +120,7 @@ Tensor lse_input(const Tensor& lse, const Tensor& logits) {
 }
 
 const float* ptr(const Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; }
+const double* ptr64(const Tensor& t) { return t.defined() ? t.data_ptr<double>() : nullptr; }
 
 Tensor token_output(const Tensor& logits) {
   return at::empty({logits.size(0), logits.size(1)}, logits.options().dtype(at::kFloat));
@@ -263,7 +265,9 @@ std::tuple<Tensor, Tensor, Tensor> fused_into(const Tensor& grad, bool inplace, 
   Tensor kl_c = token_input("kl_coef", kl_coef, logits, false), ref_c = token_input("ref_logps", ref_logps, logits, false);
   TORCH_CHECK(!kl_c.defined() || ref_c.defined(), "frpo_kernels: kl_coef needs ref_logps");
   Tensor old_c = token_input("old_logps", old_logps, logits, false);
-  Tensor lo_c = token_input("ratio_lo", ratio_lo, logits, false), hi_c = token_input("ratio_hi", ratio_hi, logits, false);
+  // the gate's bounds in double (frpo::FusedIn)
+  Tensor lo_c = token_input("ratio_lo", ratio_lo, logits, false, at::kDouble);
+  Tensor hi_c = token_input("ratio_hi", ratio_hi, logits, false, at::kDouble);
   TORCH_CHECK(old_c.defined() == lo_c.defined() && old_c.defined() == hi_c.defined(),
               "frpo_kernels: pass old_logps, ratio_lo and ratio_hi together, or none of them");
   TORCH_CHECK(gate_kind >= frpo::kGateWindow && gate_kind <= frpo::kGateSoft,
@@ -272,7 +276,7 @@ std::tuple<Tensor, Tensor, Tensor> fused_into(const Tensor& grad, bool inplace, 
   with_entropy = with_entropy || ent_coef_c.defined();  // the entropy term needs H: it is returned too
   Tensor logp = token_output(logits), lse = lse_output(logits);
   Tensor entropy = with_entropy ? token_output(logits) : at::empty({0}, logits.options().dtype(at::kFloat));
-  frpo::FusedIn in{ptr(coef_c), ptr(kl_c), kl_c.defined() ? ptr(ref_c) : nullptr, ptr(old_c), ptr(lo_c), ptr(hi_c),
+  frpo::FusedIn in{ptr(coef_c), ptr(kl_c), kl_c.defined() ? ptr(ref_c) : nullptr, ptr(old_c), ptr64(lo_c), ptr64(hi_c),
                    ptr(ent_coef_c), static_cast<frpo::GateKind>(gate_kind)};
   frpo::ForwardOut out{logp.data_ptr<float>(), lse.data_ptr<float>(), with_entropy ? entropy.data_ptr<float>() : nullptr};
   const frpo::GradView g = grad_view(grad, inplace);

@@ -112,6 +112,12 @@ def sapo_surrogate(t: TokenTerms, cfg):
 
 # ---------------------------------------------------------------------------------------------- fused gates
 # Each gives (lo, hi, kind) [B, T] for advantages [B, T]: d surrogate / d logp = -A * gate(logp - old).
+# lo and hi are float64: the kernels compare the log-ratio with them in double, as torch compares the ratio
+# with 1 + epsilon (bounds rounded to fp32 moved a clip by up to 3e-8 and opened the gate where torch's is shut).
+
+def _float64(adv, value):
+    return torch.tensor(value, dtype=torch.float64, device=adv.device)
+
 
 def window_gate(adv, cfg):
     """The clipped surrogate's: -min(c1 A, c2 A) moves with r only where the min's active branch does: for
@@ -120,21 +126,22 @@ def window_gate(adv, cfg):
     clip_high = math.log1p(cfg.epsilon_high)
     log_delta = math.inf if cfg.delta is None else math.log(cfg.delta)
     clip_low = math.log(1 - cfg.epsilon_low) if cfg.epsilon_low < 1 else -math.inf
-    lo = torch.where(adv < 0, clip_low, -math.inf)
-    hi = torch.where(adv < 0, max(log_delta, clip_high), positive_clip_cap(cfg))
-    return lo.to(adv.dtype), hi.to(adv.dtype), GATE_WINDOW
+    lo = torch.where(adv < 0, _float64(adv, clip_low), _float64(adv, -math.inf))
+    hi = torch.where(adv < 0, _float64(adv, max(log_delta, clip_high)), _float64(adv, positive_clip_cap(cfg)))
+    return lo, hi, GATE_WINDOW
 
 
 def cispo_gate(adv, cfg):
     """cispo's: -sg[min(r, epsilon_high)] A logp has d / d logp = -A min(r, epsilon_high)."""
     cap = math.log(cfg.epsilon_high) if cfg.epsilon_high > 0 else -math.inf
-    return torch.full_like(adv, -math.inf), torch.full_like(adv, cap), GATE_CAPPED
+    bound = dict(dtype=torch.float64, device=adv.device)
+    return torch.full(adv.shape, -math.inf, **bound), torch.full(adv.shape, cap, **bound), GATE_CAPPED
 
 
 def sapo_gate(adv, cfg):
     """sapo's: -sigmoid(tau (r - 1)) 4 / tau A has d / d logp = -A 4 s (1 - s) r, constant past the
     surrogate's own cap log1p(40 / tau)."""
-    tau = torch.where(adv > 0, adv.new_tensor(cfg.sapo_temperature_pos), adv.new_tensor(cfg.sapo_temperature_neg))
+    tau = torch.where(adv > 0, _float64(adv, cfg.sapo_temperature_pos), _float64(adv, cfg.sapo_temperature_neg))
     return tau, torch.log1p(40.0 / tau), GATE_SOFT
 
 

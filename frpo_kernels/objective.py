@@ -166,7 +166,7 @@ def fused_ratio_gate(mask, advantages, cfg: LossConfig, size: BatchSize | None =
     if q is not None:
         coef = coef * q
     lo, hi, kind = cfg.kind.gate(adv, cfg)
-    return coef, lo.to(mask.dtype), hi.to(mask.dtype), kind
+    return coef, lo, hi, kind  # lo, hi: float64 (loss_types' gates)
 
 
 def frpo_log_terms(log_ratio, mask, advantages, cfg: LossConfig, lam=None, q=None):

@@ -367,6 +367,30 @@ def test_overflowing_ratio_gives_the_float64_gradient(backend, loss_type, delta,
     assert_close(got[1], want[1], 1e-4, 1e-5)
 
 
+# 8b. A log-ratio within 3e-8 of a clip bound: the kernels compared it with the bound rounded to fp32 and kept
+# the token's gradient where torch (and the float64 spec) clip it (found by an adversarial check).
+CLIP_BOUND_CASES = {
+    # logp = -ln 2 (logits [0, 0]) and old = 2 logp in fp32: r = delta = 2 up to that rounding
+    "delta": (torch.zeros(1, 1, 2), -2 * 0.6931471824645996, dict(loss_type="dapo", delta=2.0), -1.0),
+    # log r from the fp32 logp is 6.6e-9 above log1p(epsilon_high = 0.2)
+    "epsilon_high": (torch.tensor([[[0.0, -2.9995999336242676]]]), -0.23092785477638245, dict(loss_type="grpo"), 1.0),
+}
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("case", list(CLIP_BOUND_CASES))
+def test_log_ratio_at_a_clip_bound_is_clipped_as_torch_does(backend, case):
+    backend = use_backend(backend)
+    logits, old, kwargs, advantage = CLIP_BOUND_CASES[case]
+    ids = torch.zeros(1, 1, dtype=torch.long)
+    kwargs = dict(kwargs, advantages=torch.tensor([advantage]), group_size=1, old_logps=torch.tensor([[old]]))
+    got = value_and_grad(logits, ids, None, backend=backend, **kwargs)
+    want = value_and_grad(logits, ids, None, backend="torch", **kwargs)
+    assert torch.equal(want[1], torch.zeros_like(want[1])), want[1]  # the case is one torch clips
+    assert_close(got[0], want[0], 1e-6, 1e-7)
+    assert torch.equal(got[1], want[1]), got[1]
+
+
 # 9. Rows with no completion token are not samples (the README's empty-row rule).
 EMPTY_ROW_CASES = {
     "one_row_of_a_group": [1],

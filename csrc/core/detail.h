@@ -385,14 +385,14 @@ void backward_rows_t(const LogitsView& L, const TokenInputs& tok, const Backward
 
 // coef times the gate of `kind` (logprob_kernels.h) of the log-ratio logp - old, in double; a NaN log-ratio
 // gives 0 (the row's NaN lse still makes its gradient NaN, as torch's).
-inline float ratio_gated(GateKind kind, float coef, float logp, float old, float lo, float hi) {
+inline float ratio_gated(GateKind kind, float coef, float logp, float old, double lo, double hi) {
   const double log_ratio = double(logp) - double(old);
   if (std::isnan(log_ratio)) return 0.f;
-  if (kind == kGateCapped) return float(double(coef) * std::exp(std::min(log_ratio, double(hi))));
+  if (kind == kGateCapped) return float(double(coef) * std::exp(std::min(log_ratio, hi)));
   if (log_ratio > hi || (kind == kGateWindow && log_ratio < lo)) return 0.f;
   const double ratio = std::exp(log_ratio);
   if (kind == kGateWindow) return float(double(coef) * ratio);
-  const double e = std::exp(-std::abs(double(lo) * (ratio - 1.0)));  // s (1 - s) = e / (1 + e)^2, s = sigmoid
+  const double e = std::exp(-std::abs(lo * (ratio - 1.0)));  // s (1 - s) = e / (1 + e)^2, s = sigmoid
   return float(double(coef) * 4.0 * e / ((1.0 + e) * (1.0 + e)) * ratio);
 }
 

@@ -68,8 +68,8 @@ struct FusedIn {
   const float* kl_coef = nullptr;
   const float* ref_logps = nullptr;
   const float* old_logps = nullptr;
-  const float* ratio_lo = nullptr;
-  const float* ratio_hi = nullptr;
+  const double* ratio_lo = nullptr;  // double: compared with the log-ratio in double, as torch compares the
+  const double* ratio_hi = nullptr;  // ratio with 1 + epsilon (fp32 bounds moved a clip by up to 3e-8)
   const float* entropy_coef = nullptr;
   GateKind gate_kind = kGateWindow;
 };

@@ -127,7 +127,8 @@ static void run_case(const Case& c, uint32_t seed) {
     for (int64_t v = 0; v < c.vocab; ++v) z[v] = double(logits.value(off + v) * tok.inv_temperature);
     ref[r] = reference_row(z, ids[r]);
   }
-  std::vector<float> coef(rows), kl(rows), refl(rows), dlogp(rows), dent(rows), old(rows), lo(rows), hi(rows);
+  std::vector<float> coef(rows), kl(rows), refl(rows), dlogp(rows), dent(rows), old(rows);
+  std::vector<double> lo(rows), hi(rows);  // the gate's bounds are double (FusedIn)
   for (int64_t r = 0; r < rows; ++r) {
     coef[r] = float(unif(rng) - 0.5);
     kl[r] = float(unif(rng));
@@ -136,8 +137,8 @@ static void run_case(const Case& c, uint32_t seed) {
     dent[r] = float(unif(rng) - 0.5);
     // an importance ratio exp(logp - old) within e^+-0.4 of 1, against bounds that gate about half the rows
     old[r] = maskv[r] ? float(ref[r].logp + 0.8 * (unif(rng) - 0.5)) : 0.f;
-    lo[r] = r % 4 == 0 ? -kInf : float(-0.2 * unif(rng));
-    hi[r] = r % 4 == 1 ? kInf : float(0.2 * unif(rng));
+    lo[r] = r % 4 == 0 ? -kInf : -0.2 * unif(rng);
+    hi[r] = r % 4 == 1 ? kInf : 0.2 * unif(rng);
   }
 
   // fused (or backward) gradient target

@@ -31,7 +31,7 @@ import torch
 #       forward and backward in one pass over each row, with the token's loss gradient
 #       dlogp = coef * gate + kl_coef * (1 - exp(ref_logps - logp))   (kl_coef / ref_logps may be None)
 #       known once the row's logp is known. gate = 1 without old_logps; with them (and ratio_lo/hi, all
-#       three or none) a function of the log-ratio l = logp - old_logps chosen by gate_kind (0 where l is NaN):
+#       three or none; ratio_lo/hi float64, l and the comparisons in float64) a function of the log-ratio l = logp - old_logps chosen by gate_kind (0 where l is NaN):
 #         GATE_WINDOW (0)  exp(l) where ratio_lo <= l <= ratio_hi, else 0: the clipped-ratio (GRPO-family)
 #                          losses' token gradient off-policy
 #         GATE_CAPPED (1)  exp(min(l, ratio_hi)) = min(r, e^ratio_hi) (ratio_lo unread): cispo's sg[min(r, cap)]
@@ -56,11 +56,13 @@ class RatioGate(NamedTuple):
     kind: int = GATE_WINDOW
 
 
-def gate_arguments(gate: RatioGate | None, convert=lambda t: t) -> dict:
-    """fused()'s keyword arguments for a gate (none for None), each tensor passed through convert."""
+def gate_arguments(gate: RatioGate | None, convert=lambda t: t, convert_old=None) -> dict:
+    """fused()'s keyword arguments for a gate (none for None), each tensor passed through convert (and
+    old_logps then through convert_old, if given: the float64 bounds must keep their dtype)."""
     if gate is None:
         return {}
-    return dict(old_logps=convert(gate.old_logps), ratio_lo=convert(gate.lo), ratio_hi=convert(gate.hi),
+    old = convert(gate.old_logps) if convert_old is None else convert_old(convert(gate.old_logps))
+    return dict(old_logps=old, ratio_lo=convert(gate.lo), ratio_hi=convert(gate.hi),
                 gate_kind=gate.kind)
 
 
@@ -166,9 +168,9 @@ def token_loss_gradient(logp, coef, kl_coef, ref_logps, old_logps=None, ratio_lo
                         gate_kind=GATE_WINDOW):
     """dloss/dlogp of a token in the fused path: coef (gated by the importance ratio when old_logps are
     given) plus the k3-KL derivative."""
-    if old_logps is not None:
-        inside, gate = ratio_gate(logp - old_logps, ratio_lo, ratio_hi, gate_kind)
-        coef = torch.where(inside, coef * gate, 0.0)
+    if old_logps is not None:  # in float64, as the kernels compare with the float64 bounds
+        inside, gate = ratio_gate(logp.double() - old_logps.double(), ratio_lo.double(), ratio_hi.double(), gate_kind)
+        coef = torch.where(inside, coef.double() * gate, 0.0).to(coef.dtype)
     if kl_coef is None:
         return coef
     return coef + kl_coef * (1.0 - torch.exp(ref_logps - logp))

@@ -151,11 +151,11 @@ class _Sweep:
         make = torch.empty if self.index is None else torch.zeros
         return make(self.n, *trailing, dtype=self.token_dtype, device=self.device)
 
-    def per_token(self, vector):
-        """A caller's per-token [N] tensor as the kernels take it (None stays None)."""
+    def per_token(self, vector, dtype=None):
+        """A caller's per-token [N] tensor as the kernels take it, in dtype (default: token_dtype; None stays None)."""
         if vector is None:
             return None
-        return vector.reshape(-1).to(self.token_dtype).contiguous()
+        return vector.reshape(-1).to(self.token_dtype if dtype is None else dtype).contiguous()
 
     # -- gradients ---------------------------------------------------------------------------
     def gradient_buffers(self, want_hidden, want_weight, want_bias):
@@ -334,7 +334,9 @@ def linear_fused_loss(hidden, weight, bias, ids, mask, temperature, coef, kl_coe
         raise ValueError("linear_fused_loss: kl_coef needs ref_logps")
     kl_coef = sweep.per_token(kl_coef)
     ref_logps = None if kl_coef is None else sweep.per_token(ref_logps)
-    gate = None if gate is None else RatioGate(*(sweep.per_token(t) for t in gate[:3]), gate.kind)
+    if gate is not None:  # the bounds stay float64 (loss_types' gates)
+        gate = RatioGate(sweep.per_token(gate.old_logps), sweep.per_token(gate.lo, torch.float64),
+                         sweep.per_token(gate.hi, torch.float64), gate.kind)
     entropy_coef = None if entropy_coef is None else sweep.per_token(
         entropy_coef if isinstance(entropy_coef, torch.Tensor) else torch.full(shape, float(entropy_coef),
                                                                                device=hidden.device))

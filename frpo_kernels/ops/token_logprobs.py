@@ -128,7 +128,7 @@ def fused_loss(logits, ids, mask, temperature, coef, kl_coef, ref_logps, with_en
     logp, _, entropy, grad_logits = kernels(backend).fused(
         unit_stride.detach(), ids.long(), mask, temperature, per_token(coef), per_token(kl_coef),
         per_token(ref_logps), with_entropy, overwrite_logits or copied, entropy_coef=per_token(entropy_coef),
-        **gate_arguments(gate, per_token))
+        **gate_arguments(gate, lambda t: t.contiguous(), per_token))
     if overwrite_logits and not copied:
         _mark_overwritten(logits)
     value = value_from_logp(logp)

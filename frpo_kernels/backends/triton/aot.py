@@ -71,6 +71,8 @@ def _signature(fn, spec, constexprs):
             sig[name] = "*i64"
         elif name == "mask_ptr":
             sig[name] = "*u8"
+        elif name in ("ratio_lo_ptr", "ratio_hi_ptr"):  # the gate's bounds are float64 (launch.fused)
+            sig[name] = "*fp64"
         elif name.endswith("_ptr"):
             sig[name] = "*fp32"
         elif name == "inv_temperature":

@@ -142,17 +142,18 @@ def backward_kernel(logits_ptr, stride_b, stride_t, ids_ptr, mask_ptr, lse_ptr, 
 @triton.jit
 def _ratio_gated(coef, log_ratio, lo, hi, live, GATE_KIND: tl.constexpr):
     """coef times the importance-ratio gate of GATE_KIND (fused_kernel's docstring); 0 where the log-ratio
-    is NaN (every comparison with it is false)."""
+    is NaN (every comparison with it is false). log_ratio, lo and hi are float64: the bounds rounded to fp32
+    would move a clip by up to 3e-8 from torch's."""
     if GATE_KIND == 1:
         inside = log_ratio == log_ratio
-        gate = tl.exp(tl.where(inside, tl.minimum(log_ratio, hi), 0.0))
+        gate = tl.exp(tl.where(inside, tl.minimum(log_ratio, hi), 0.0).to(tl.float32))
     else:
         inside = log_ratio <= hi
         if GATE_KIND == 0:
             inside = inside & (log_ratio >= lo)
-        gate = tl.exp(tl.where(inside, log_ratio, 0.0))
+        gate = tl.exp(tl.where(inside, log_ratio, 0.0).to(tl.float32))
         if GATE_KIND == 2:  # s (1 - s) = e / (1 + e)^2, e = exp(-|x|): no cancellation where s rounds to 1
-            e = tl.exp(-tl.abs(lo * (gate - 1.0)))
+            e = tl.exp(-tl.abs(lo.to(tl.float32) * (gate - 1.0)))
             gate = 4.0 * e / ((1.0 + e) * (1.0 + e)) * gate
     return tl.where(inside & live, coef * gate, 0.0)
 
@@ -184,7 +185,8 @@ def fused_kernel(logits_ptr, stride_b, stride_t, ids_ptr, mask_ptr, coef_ptr, kl
         logp = tl.where(live, (z_target * inv_temperature - m) - log_s, 0.0)
         dlogp = tl.load(coef_ptr + row, mask=live, other=0.0)
         if HAS_GATE:
-            dlogp = _ratio_gated(dlogp, logp - tl.load(old_ptr + row, mask=live, other=0.0),
+            old = tl.load(old_ptr + row, mask=live, other=0.0)
+            dlogp = _ratio_gated(dlogp, logp.to(tl.float64) - old.to(tl.float64),
                                  tl.load(ratio_lo_ptr + row, mask=live, other=0.0),
                                  tl.load(ratio_hi_ptr + row, mask=live, other=0.0), live, GATE_KIND)
         if HAS_KL:

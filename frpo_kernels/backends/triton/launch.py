@@ -196,7 +196,9 @@ def fused(logits, ids, mask, temperature, coef, kl_coef, ref_logps, with_entropy
     has_gate = old_logps is not None
     if has_gate != (ratio_lo is not None) or has_gate != (ratio_hi is not None):
         raise ValueError("fused: pass old_logps, ratio_lo and ratio_hi together, or none of them")
-    gate = [_per_token(t, logits, torch.float32) if has_gate else coef for t in (old_logps, ratio_lo, ratio_hi)]
+    # the bounds in float64: the kernel compares the log-ratio with them in double (torch_reference's contract)
+    gate = [_per_token(old_logps, logits, torch.float32), _per_token(ratio_lo, logits, torch.float64),
+            _per_token(ratio_hi, logits, torch.float64)] if has_gate else [coef] * 3
     has_entropy_grad = entropy_coef is not None
     entropy_coef = _per_token(entropy_coef, logits, torch.float32) if has_entropy_grad else coef
     with_entropy = bool(with_entropy) or has_entropy_grad  # the entropy term needs H; it is returned too
