@@ -31,7 +31,8 @@ import torch
 #       forward and backward in one pass over each row, with the token's loss gradient
 #       dlogp = coef * gate + kl_coef * (1 - exp(ref_logps - logp))   (kl_coef / ref_logps may be None)
 #       known once the row's logp is known. gate = 1 without old_logps; with them (and ratio_lo/hi, all
-#       three or none; ratio_lo/hi float64, l and the comparisons in float64) a function of the log-ratio l = logp - old_logps chosen by gate_kind (0 where l is NaN):
+#       three or none; the bounds float64, l and the comparisons in float64) a function of the log-ratio
+#       l = logp - old_logps chosen by gate_kind (0 where l is NaN):
 #         GATE_WINDOW (0)  exp(l) where ratio_lo <= l <= ratio_hi, else 0: the clipped-ratio (GRPO-family)
 #                          losses' token gradient off-policy
 #         GATE_CAPPED (1)  exp(min(l, ratio_hi)) = min(r, e^ratio_hi) (ratio_lo unread): cispo's sg[min(r, cap)]
