@@ -62,7 +62,8 @@ def check_temperature(temperature):
     check_number("temperature", temperature, lambda x: x > 0, "a finite number > 0")
 
 
-def check_token_tensor(name, value, shape, device, allow_none=True):
+def check_token_tensor(name, value, shape, device, allow_none=True, floating=False):
+    """floating: the values are real numbers such as log-probabilities (an integer tensor is a mistake)."""
     if value is None:
         if allow_none:
             return
@@ -73,6 +74,8 @@ def check_token_tensor(name, value, shape, device, allow_none=True):
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(value.shape)}")
     if value.device != device:
         raise ValueError(f"{name} is on {value.device} but logits are on {device}")
+    if floating and not value.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor (log-probabilities), got {value.dtype}")
 
 
 def check_finite_per_sequence(name, value, batch, device):

@@ -154,8 +154,8 @@ def group_stats(completion_mask, *, advantages=None, rewards=None, group_size=No
         raise ValueError("off-policy statistics need both old_logps and logps (the current policy's "
                          "per-token log-probs); on-policy pass neither (or logps alone, for the off-policy "
                          "mask's sampling_logps)")
-    checks.check_token_tensor("logps", logps, (batch, length), device)
-    checks.check_token_tensor("old_logps", old_logps, (batch, length), device)
+    checks.check_token_tensor("logps", logps, (batch, length), device, floating=True)
+    checks.check_token_tensor("old_logps", old_logps, (batch, length), device, floating=True)
     checks.check_ratio_and_sampling_logps(cfg, importance_sampling_ratio, sampling_logps, batch, length, device,
                                           completion_mask)
     if sampling_logps is not None and logps is None:

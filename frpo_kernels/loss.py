@@ -156,8 +156,8 @@ def _loss(make_source, check_ids, like, completion_mask, *, advantages=None, rew
         raise ValueError("pass exactly one of advantages and rewards (each of shape [B])")
     checks.check_finite_per_sequence("advantages" if rewards is None else "rewards",
                                      rewards if advantages is None else advantages, batch, device)
-    checks.check_token_tensor("old_logps", old_logps, (batch, length), device)
-    checks.check_token_tensor("ref_logps", ref_logps, (batch, length), device)
+    checks.check_token_tensor("old_logps", old_logps, (batch, length), device, floating=True)
+    checks.check_token_tensor("ref_logps", ref_logps, (batch, length), device, floating=True)
     checks.check_ratio_and_sampling_logps(cfg, importance_sampling_ratio, sampling_logps, batch, length, device,
                                           completion_mask)
     if group_stats is not None and cfg.top_entropy_quantile < 1:

@@ -38,6 +38,8 @@ CASES = [
     (dict(rewards=_DROP, advantages=torch.randn(B, 1)), ValueError, "advantages"),
     (dict(old_logps=torch.randn(B, T - 1)), ValueError, "old_logps"),
     (dict(ref_logps=torch.randn(B + 1, T), beta=0.1), ValueError, "ref_logps"),
+    (dict(old_logps=torch.zeros(B, T, dtype=torch.long)), TypeError, "old_logps must be a floating-point"),
+    (dict(ref_logps=torch.zeros(B, T, dtype=torch.int32), beta=0.1), TypeError, "ref_logps must be a floating-point"),
     (dict(advantages=torch.randn(B)), ValueError, "advantages and rewards"),
     (dict(rewards=_DROP), ValueError, "advantages and rewards"),
     (dict(group_ids=torch.tensor([0, 0, 1, 1])), ValueError, "group_size"),
