@@ -26,6 +26,7 @@ def official_frpo_loss(logp, mask, advantages, group_index, *, lam=1.0, baseline
     clipped = ratio.clamp(1 - epsilon, 1 + epsilon)
     capped = ratio if delta is None else ratio.clamp(max=delta)
     row_value = (torch.minimum(capped * weight, clipped * weight) * mask).sum(-1) / lengths  # s_i
+    unweighted = (torch.minimum(capped, clipped) * mask).sum(-1) / lengths  # o_i, the baseline's
 
     groups = group_index.unique()
     terms, offsets = [], []
@@ -37,8 +38,7 @@ def official_frpo_loss(logp, mask, advantages, group_index, *, lam=1.0, baseline
             leave_one_out = (members.sum() - members) / (n - 1)
             log_mean = n * log_mean - (n - 1) * torch.log(leave_one_out.clamp_min(1e-12)).mean()
         terms.append(log_mean)
-        if baseline:  # the unweighted o_i's group mean
-            unweighted = (torch.minimum(capped, clipped) * mask).sum(-1) / lengths
+        if baseline:
             offsets.append(unweighted[group_index == g].mean())
     value = torch.stack(terms).mean()
     if baseline:

@@ -57,13 +57,11 @@ class RatioGate(NamedTuple):
     kind: int = GATE_WINDOW
 
 
-def gate_arguments(gate: RatioGate | None, convert=lambda t: t, convert_old=None) -> dict:
-    """fused()'s keyword arguments for a gate (none for None), each tensor passed through convert (and
-    old_logps then through convert_old, if given: the float64 bounds must keep their dtype)."""
+def gate_arguments(gate: RatioGate | None, convert=lambda t: t) -> dict:
+    """fused()'s keyword arguments for a gate (none for None), each tensor passed through convert."""
     if gate is None:
         return {}
-    old = convert(gate.old_logps) if convert_old is None else convert_old(convert(gate.old_logps))
-    return dict(old_logps=old, ratio_lo=convert(gate.lo), ratio_hi=convert(gate.hi),
+    return dict(old_logps=convert(gate.old_logps), ratio_lo=convert(gate.lo), ratio_hi=convert(gate.hi),
                 gate_kind=gate.kind)
 
 

@@ -125,10 +125,12 @@ def fused_loss(logits, ids, mask, temperature, coef, kl_coef, ref_logps, with_en
 
     def per_token(t):
         return None if t is None else t.to(token_dtype).contiguous()
+    if gate is not None:  # the bounds stay float64 (loss_types' gates)
+        gate = gate._replace(old_logps=per_token(gate.old_logps))
     logp, _, entropy, grad_logits = kernels(backend).fused(
         unit_stride.detach(), ids.long(), mask, temperature, per_token(coef), per_token(kl_coef),
         per_token(ref_logps), with_entropy, overwrite_logits or copied, entropy_coef=per_token(entropy_coef),
-        **gate_arguments(gate, lambda t: t.contiguous(), per_token))
+        **gate_arguments(gate))
     if overwrite_logits and not copied:
         _mark_overwritten(logits)
     value = value_from_logp(logp)
